@@ -1,0 +1,1 @@
+//! Userspace NVMe: spec types, VFIO driver, CMB, dma-buf export, simulated controller.

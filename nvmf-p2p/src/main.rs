@@ -1,0 +1,2 @@
+//! `nvmf-p2p` — one binary, one subcommand per job.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Safe libibverbs/librdmacm wrappers and the adaptive polled engine.

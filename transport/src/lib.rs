@@ -1,0 +1,1 @@
+//! NVMe over Fabrics on RDMA: target, initiator, direct mode.
