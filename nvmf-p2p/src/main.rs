@@ -1,2 +1,54 @@
-//! `nvmf-p2p` — one binary, one subcommand per job.
-fn main() {}
+//! `nvmf-p2p` — one binary, one subcommand per job. Each subcommand lives in its own
+//! module under `cmd/` with an `Args` struct (clap) and a `run` function.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nvmf-p2p",
+    version,
+    about = "NVMe-over-RDMA data path: VFIO NVMe driver, NVMe-oF RDMA target and initiator, direct P2P mode"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `nvme=debug`. Also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Rebind a PCI device to vfio-pci (remembering its previous driver).
+    Bind(cmd::bind::BindArgs),
+    /// Give a PCI device back to its previous (or given) driver.
+    Unbind(cmd::bind::UnbindArgs),
+    /// Bring up an NVMe controller through VFIO and print what it offers.
+    Probe(cmd::probe::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Command::Bind(a) => cmd::bind::run_bind(a),
+        Command::Unbind(a) => cmd::bind::run_unbind(a),
+        Command::Probe(a) => cmd::probe::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nvmf-p2p: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
