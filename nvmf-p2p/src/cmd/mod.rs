@@ -18,6 +18,7 @@ impl CliError {
 pub type CliResult = Result<(), CliError>;
 
 /// Print `value` as pretty JSON on stdout.
+#[allow(dead_code)] // used by the subcommands as they land
 pub fn print_json<T: serde::Serialize>(value: &T) -> CliResult {
     let s = serde_json::to_string_pretty(value).map_err(|e| CliError::new(e.to_string()))?;
     println!("{s}");
