@@ -1,1 +1,3 @@
 //! Userspace NVMe: spec types, VFIO driver, CMB, dma-buf export, simulated controller.
+
+pub mod spec;
