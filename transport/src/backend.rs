@@ -1,0 +1,319 @@
+//! Namespace backends: where a namespace's blocks live.
+//!
+//! The target core calls a [`Backend`] with caller-owned buffers (the request's data
+//! buffer), so a backend never allocates per I/O. `ram` and `file` live here; a `vfio`
+//! backend (a namespace of a PCIe controller driven by the `nvme` crate) plugs in through
+//! [`BackendOpener`] without this module depending on the driver.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::config::BackendSpec;
+use crate::error::{Error, Result};
+
+/// Default logical block size of `ram` and `file` backends.
+pub const DEFAULT_BLOCK_SIZE: u32 = 512;
+
+/// Block storage behind one namespace. Methods take `&self`: a backend is shared by every
+/// poll group and must do its own synchronisation.
+pub trait Backend: Send + Sync {
+    /// Human-readable description (`ram:64MiB`, `file:/x`).
+    fn describe(&self) -> String;
+    /// Logical block size in bytes (a power of two ≥ 512).
+    fn block_size(&self) -> u32;
+    /// Number of logical blocks.
+    fn block_count(&self) -> u64;
+    /// Reads `buf.len() / block_size` blocks starting at `slba` into `buf`.
+    fn read(&self, slba: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` starting at block `slba`.
+    fn write(&self, slba: u64, buf: &[u8]) -> Result<()>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<()>;
+    /// Sets `nlb` blocks at `slba` to zero.
+    fn write_zeroes(&self, slba: u64, nlb: u64) -> Result<()>;
+    /// Deallocates (trims) `nlb` blocks at `slba`; afterwards they read as zeroes.
+    fn deallocate(&self, slba: u64, nlb: u64) -> Result<()> {
+        self.write_zeroes(slba, nlb)
+    }
+    /// Whether the backend has a volatile write cache that [`Backend::flush`] empties.
+    fn volatile_write_cache(&self) -> bool {
+        false
+    }
+}
+
+/// Checks that `nlb` blocks at `slba` fit in `backend` and that a buffer has the right size.
+pub fn check_range(backend: &dyn Backend, slba: u64, nlb: u64) -> Result<()> {
+    let blocks = backend.block_count();
+    match slba.checked_add(nlb) {
+        Some(end) if end <= blocks => Ok(()),
+        _ => Err(Error::LbaOutOfRange { slba, nlb, blocks }),
+    }
+}
+
+fn check_buf(backend: &dyn Backend, slba: u64, len: usize) -> Result<(u64, u64)> {
+    let bs = u64::from(backend.block_size());
+    if !(len as u64).is_multiple_of(bs) {
+        return Err(Error::BufferSize {
+            expected: (len as u64).div_ceil(bs) as usize * bs as usize,
+            got: len,
+        });
+    }
+    let nlb = len as u64 / bs;
+    check_range(backend, slba, nlb)?;
+    Ok((slba * bs, len as u64))
+}
+
+/// A memory-backed namespace (zero-filled at start).
+pub struct RamBackend {
+    block_size: u32,
+    data: RwLock<Box<[u8]>>,
+}
+
+impl RamBackend {
+    /// A RAM namespace of `size` bytes (a multiple of `block_size`).
+    pub fn new(size: u64, block_size: u32) -> Result<Self> {
+        if !block_size.is_power_of_two()
+            || block_size < 512
+            || !size.is_multiple_of(u64::from(block_size))
+        {
+            return Err(Error::BackendSpec {
+                spec: format!("ram:{size}"),
+                reason: "size must be a multiple of a power-of-two block size ≥ 512",
+            });
+        }
+        let len = usize::try_from(size).map_err(|_| Error::BackendSpec {
+            spec: format!("ram:{size}"),
+            reason: "size does not fit in memory",
+        })?;
+        Ok(RamBackend {
+            block_size,
+            data: RwLock::new(vec![0u8; len].into_boxed_slice()),
+        })
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, Box<[u8]>> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Box<[u8]>> {
+        self.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Backend for RamBackend {
+    fn describe(&self) -> String {
+        format!("ram:{}", self.read_lock().len())
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn block_count(&self) -> u64 {
+        self.read_lock().len() as u64 / u64::from(self.block_size)
+    }
+    fn read(&self, slba: u64, buf: &mut [u8]) -> Result<()> {
+        let (off, len) = check_buf(self, slba, buf.len())?;
+        buf.copy_from_slice(&self.read_lock()[off as usize..(off + len) as usize]);
+        Ok(())
+    }
+    fn write(&self, slba: u64, buf: &[u8]) -> Result<()> {
+        let (off, len) = check_buf(self, slba, buf.len())?;
+        self.write_lock()[off as usize..(off + len) as usize].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, slba: u64, nlb: u64) -> Result<()> {
+        check_range(self, slba, nlb)?;
+        let bs = u64::from(self.block_size);
+        self.write_lock()[(slba * bs) as usize..((slba + nlb) * bs) as usize].fill(0);
+        Ok(())
+    }
+}
+
+/// A namespace stored in a regular file or block device (pread/pwrite, fdatasync).
+pub struct FileBackend {
+    path: PathBuf,
+    file: File,
+    block_size: u32,
+    blocks: u64,
+}
+
+impl FileBackend {
+    /// Opens `path` read-write; its size (rounded down to whole blocks) is the namespace size.
+    pub fn open(path: &Path, block_size: u32) -> Result<Self> {
+        let io = |op, source| Error::BackendIo {
+            backend: format!("file:{}", path.display()),
+            op,
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        // Block devices report length 0 in metadata: seek to the end instead.
+        let len = {
+            use std::io::Seek;
+            let mut f = &file;
+            f.seek(std::io::SeekFrom::End(0))
+                .map_err(|e| io("size", e))?
+        };
+        let blocks = len / u64::from(block_size);
+        if blocks == 0 {
+            return Err(Error::BackendSpec {
+                spec: format!("file:{}", path.display()),
+                reason: "file is smaller than one block",
+            });
+        }
+        Ok(FileBackend {
+            path: path.to_owned(),
+            file,
+            block_size,
+            blocks,
+        })
+    }
+
+    fn io_err(&self, op: &'static str, source: std::io::Error) -> Error {
+        Error::BackendIo {
+            backend: self.describe(),
+            op,
+            source,
+        }
+    }
+}
+
+impl Backend for FileBackend {
+    fn describe(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn block_count(&self) -> u64 {
+        self.blocks
+    }
+    fn read(&self, slba: u64, buf: &mut [u8]) -> Result<()> {
+        let (off, _) = check_buf(self, slba, buf.len())?;
+        self.file
+            .read_exact_at(buf, off)
+            .map_err(|e| self.io_err("read", e))
+    }
+    fn write(&self, slba: u64, buf: &[u8]) -> Result<()> {
+        let (off, _) = check_buf(self, slba, buf.len())?;
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|e| self.io_err("write", e))
+    }
+    fn flush(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.io_err("flush", e))
+    }
+    fn write_zeroes(&self, slba: u64, nlb: u64) -> Result<()> {
+        check_range(self, slba, nlb)?;
+        const CHUNK: usize = 64 * 1024;
+        static ZEROES: [u8; CHUNK] = [0; CHUNK];
+        let bs = u64::from(self.block_size);
+        let (mut off, end) = (slba * bs, (slba + nlb) * bs);
+        while off < end {
+            let n = ((end - off) as usize).min(CHUNK);
+            self.file
+                .write_all_at(&ZEROES[..n], off)
+                .map_err(|e| self.io_err("write zeroes", e))?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+    fn volatile_write_cache(&self) -> bool {
+        true
+    }
+}
+
+/// Opens the `vfio:BDF:nsid` kind of backend; supplied by the binary that links the driver.
+pub type BackendOpener = dyn Fn(&str, u32) -> Result<Arc<dyn Backend>>;
+
+/// Opens a backend from its specification. `vfio` needs an opener (the `nvme` driver's
+/// glue); without one it fails with [`Error::BackendUnavailable`].
+pub fn open_backend(spec: &BackendSpec, vfio: Option<&BackendOpener>) -> Result<Arc<dyn Backend>> {
+    match spec {
+        BackendSpec::Ram { size } => Ok(Arc::new(RamBackend::new(*size, DEFAULT_BLOCK_SIZE)?)),
+        BackendSpec::File { path } => Ok(Arc::new(FileBackend::open(path, DEFAULT_BLOCK_SIZE)?)),
+        BackendSpec::Vfio { bdf, nsid } => match vfio {
+            Some(open) => open(bdf, *nsid),
+            None => Err(Error::BackendUnavailable {
+                kind: "vfio",
+                reason: "no VFIO NVMe driver opener was registered",
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(b: &dyn Backend) {
+        let bs = b.block_size() as usize;
+        let data: Vec<u8> = (0..2 * bs).map(|i| (i % 251) as u8).collect();
+        b.write(3, &data).unwrap();
+        let mut back = vec![0u8; 2 * bs];
+        b.read(3, &mut back).unwrap();
+        assert_eq!(back, data);
+        b.write_zeroes(4, 1).unwrap();
+        b.read(3, &mut back).unwrap();
+        assert_eq!(&back[..bs], &data[..bs]);
+        assert!(back[bs..].iter().all(|&x| x == 0));
+        let last = b.block_count() - 1;
+        assert!(
+            b.read(last, &mut back).is_err(),
+            "read past the end must fail"
+        );
+        assert!(matches!(
+            b.write_zeroes(last, 2),
+            Err(Error::LbaOutOfRange { .. })
+        ));
+        assert!(matches!(
+            b.read(0, &mut back[..bs - 1]),
+            Err(Error::BufferSize { .. })
+        ));
+        b.flush().unwrap();
+    }
+
+    #[test]
+    fn ram_backend() {
+        let b = RamBackend::new(1 << 20, 512).unwrap();
+        assert_eq!(b.block_count(), 2048);
+        exercise(&b);
+    }
+
+    #[test]
+    fn file_backend() {
+        let path =
+            std::env::temp_dir().join(format!("transport-file-backend-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let b = FileBackend::open(&path, 4096).unwrap();
+        assert_eq!(b.block_count(), 256);
+        exercise(&b);
+        drop(b);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn open_specs() {
+        let b = open_backend(&BackendSpec::Ram { size: 1 << 20 }, None).unwrap();
+        assert_eq!(b.block_count() * u64::from(b.block_size()), 1 << 20);
+        let v = BackendSpec::Vfio {
+            bdf: "0000:01:00.0".into(),
+            nsid: 1,
+        };
+        assert!(matches!(
+            open_backend(&v, None),
+            Err(Error::BackendUnavailable { .. })
+        ));
+        let opener = |_: &str, _: u32| -> Result<Arc<dyn Backend>> {
+            Ok(Arc::new(RamBackend::new(4096, 512)?))
+        };
+        assert_eq!(open_backend(&v, Some(&opener)).unwrap().block_count(), 8);
+    }
+}

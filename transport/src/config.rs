@@ -1,0 +1,704 @@
+//! The `serve --config target.toml` model.
+//!
+//! ```toml
+//! queue_depth = 128            # default 128
+//! max_io_queues = 16           # default 16
+//! in_capsule_data_size = 8192  # default 8192
+//! cores = [0, 1]               # one poll group per core; default: one poll group
+//! control_socket = "/run/nvmf-p2p.sock"
+//!
+//! [[listener]]
+//! trtype = "rdma"
+//! address = "192.168.100.1"
+//! port = 4420                  # default 4420
+//!
+//! [[subsystem]]
+//! nqn = "nqn.2026-11.io.nvmf-p2p:disk0"
+//! serial = "NP0001"
+//! model = "nvmf-p2p"
+//! allow_any_host = false
+//! hosts = ["nqn.2014-08.org.nvmexpress:uuid:..."]
+//! [[subsystem.namespace]]
+//! backend = "vfio:0000:01:00.0:1"   # or "file:/path", "ram:64MiB"
+//! ```
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::fabrics::DISCOVERY_NQN;
+
+/// Default control socket path.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/nvmf-p2p/control.sock";
+/// Default NVMe-oF RDMA port.
+pub const DEFAULT_PORT: u16 = 4420;
+/// Default queue depth (entries per queue).
+pub const DEFAULT_QUEUE_DEPTH: u16 = 128;
+/// Default number of I/O queues a controller may create.
+pub const DEFAULT_MAX_IO_QUEUES: u16 = 16;
+/// Default in-capsule data size in bytes.
+pub const DEFAULT_IN_CAPSULE_DATA_SIZE: u32 = 8192;
+/// Default maximum data transfer size in bytes (MDTS), also the data buffer size.
+pub const DEFAULT_MAX_IO_SIZE: u32 = 128 * 1024;
+/// Default number of data buffers per poll group.
+pub const DEFAULT_DATA_BUFFERS: u32 = 256;
+
+/// Whole target configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Entries per queue the target offers (CAP.MQES + 1, CM crqsize bound).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: u16,
+    /// Maximum I/O queues per controller.
+    #[serde(default = "default_max_io_queues")]
+    pub max_io_queues: u16,
+    /// In-capsule data size in bytes (IOCCSZ = 4 + this / 16).
+    #[serde(default = "default_icd")]
+    pub in_capsule_data_size: u32,
+    /// Maximum data transfer per command in bytes (MDTS); power of two, ≥ 4096.
+    #[serde(default = "default_max_io_size")]
+    pub max_io_size: u32,
+    /// Data buffers (each `max_io_size` bytes) per poll group.
+    #[serde(default = "default_data_buffers")]
+    pub data_buffers: u32,
+    /// CPU cores for poll groups (one poll group per entry); empty = one poll group, unpinned.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// Control socket path used by `nvmf-p2p stats` / `ctl`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Listeners; each also serves the discovery subsystem.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// NVM subsystems.
+    #[serde(default, rename = "subsystem")]
+    pub subsystems: Vec<SubsystemConfig>,
+}
+
+/// Transport type of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrType {
+    /// NVMe over RDMA (RoCE / iWARP / InfiniBand).
+    Rdma,
+}
+
+/// One listen address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Transport type.
+    pub trtype: TrType,
+    /// IP address to listen on.
+    pub address: IpAddr,
+    /// Port (trsvcid), default 4420.
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+/// One NVM subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemConfig {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Serial number (≤ 20 ASCII characters).
+    #[serde(default = "default_serial")]
+    pub serial: String,
+    /// Model number (≤ 40 ASCII characters).
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Accept any host NQN.
+    #[serde(default)]
+    pub allow_any_host: bool,
+    /// Allowed host NQNs (ignored when `allow_any_host`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Namespaces, in nsid order unless `nsid` is given.
+    #[serde(default, rename = "namespace")]
+    pub namespaces: Vec<NamespaceConfig>,
+}
+
+/// One namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Namespace id; default: position in the list + 1.
+    #[serde(default)]
+    pub nsid: Option<u32>,
+    /// Backend specification.
+    pub backend: BackendSpec,
+}
+
+/// Where a namespace's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// A namespace of a PCIe NVMe controller driven by the `nvme` crate over VFIO.
+    Vfio {
+        /// PCI address `DDDD:BB:DD.F`.
+        bdf: String,
+        /// Namespace on that controller (default 1).
+        nsid: u32,
+    },
+    /// A regular file or block device.
+    File {
+        /// Path.
+        path: PathBuf,
+    },
+    /// Memory, zero-filled.
+    Ram {
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendSpec::Vfio { bdf, nsid } => write!(f, "vfio:{bdf}:{nsid}"),
+            BackendSpec::File { path } => write!(f, "file:{}", path.display()),
+            BackendSpec::Ram { size } => write!(f, "ram:{size}"),
+        }
+    }
+}
+
+fn bad(spec: &str, reason: &'static str) -> Error {
+    Error::BackendSpec {
+        spec: spec.to_owned(),
+        reason,
+    }
+}
+
+fn valid_bdf(s: &str) -> bool {
+    // [DDDD:]BB:DD.F, hex digits.
+    let (rest, func) = match s.rsplit_once('.') {
+        Some(x) => x,
+        None => return false,
+    };
+    let parts: Vec<&str> = rest.split(':').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit());
+    let ok_parts = match parts.as_slice() {
+        [d, b, dev] => hex(d, 4) && hex(b, 2) && hex(dev, 2),
+        [b, dev] => hex(b, 2) && hex(dev, 2),
+        _ => false,
+    };
+    ok_parts && func.len() == 1 && matches!(func.as_bytes()[0], b'0'..=b'7')
+}
+
+/// Parses a size such as `4096`, `64M`, `64MiB`, `1G`, `512k` (binary multiples).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+impl FromStr for BackendSpec {
+    type Err = Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let (kind, rest) = spec.split_once(':').ok_or_else(|| {
+            bad(
+                spec,
+                "expected `vfio:BDF[:nsid]`, `file:PATH` or `ram:SIZE`",
+            )
+        })?;
+        match kind {
+            "vfio" => {
+                let (bdf, nsid) = match rest.rsplit_once(':') {
+                    Some((b, n)) if !n.contains('.') => {
+                        let nsid: u32 = n.parse().map_err(|_| bad(spec, "nsid is not a number"))?;
+                        (b, nsid)
+                    }
+                    _ => (rest, 1),
+                };
+                if !valid_bdf(bdf) {
+                    return Err(bad(spec, "PCI address must look like 0000:01:00.0"));
+                }
+                if nsid == 0 || nsid == u32::MAX {
+                    return Err(bad(spec, "nsid must be between 1 and 0xfffffffe"));
+                }
+                Ok(BackendSpec::Vfio {
+                    bdf: bdf.to_owned(),
+                    nsid,
+                })
+            }
+            "file" => {
+                if rest.is_empty() {
+                    return Err(bad(spec, "empty path"));
+                }
+                Ok(BackendSpec::File {
+                    path: PathBuf::from(rest),
+                })
+            }
+            "ram" => {
+                let size = parse_size(rest).ok_or_else(|| bad(spec, "size must be like 64MiB"))?;
+                if size == 0 || !size.is_multiple_of(4096) {
+                    return Err(bad(spec, "size must be a non-zero multiple of 4096"));
+                }
+                Ok(BackendSpec::Ram { size })
+            }
+            _ => Err(bad(spec, "unknown backend kind (vfio, file, ram)")),
+        }
+    }
+}
+
+impl Serialize for BackendSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_queue_depth() -> u16 {
+    DEFAULT_QUEUE_DEPTH
+}
+fn default_max_io_queues() -> u16 {
+    DEFAULT_MAX_IO_QUEUES
+}
+fn default_icd() -> u32 {
+    DEFAULT_IN_CAPSULE_DATA_SIZE
+}
+fn default_max_io_size() -> u32 {
+    DEFAULT_MAX_IO_SIZE
+}
+fn default_data_buffers() -> u32 {
+    DEFAULT_DATA_BUFFERS
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_serial() -> String {
+    "NVMFP2P0000000000001".to_owned()
+}
+fn default_model() -> String {
+    "nvmf-p2p".to_owned()
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            max_io_queues: DEFAULT_MAX_IO_QUEUES,
+            in_capsule_data_size: DEFAULT_IN_CAPSULE_DATA_SIZE,
+            max_io_size: DEFAULT_MAX_IO_SIZE,
+            data_buffers: DEFAULT_DATA_BUFFERS,
+            cores: Vec::new(),
+            control_socket: default_control_socket(),
+            listeners: Vec::new(),
+            subsystems: Vec::new(),
+        }
+    }
+}
+
+/// Where an invalid value sits in the source, for semantic checks after parsing.
+///
+/// Semantic checks run on a spanned shadow parse of the same text, so they can point at
+/// the line of the offending value.
+#[derive(Deserialize)]
+struct SpannedShadow {
+    #[serde(default)]
+    queue_depth: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    max_io_queues: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    in_capsule_data_size: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    max_io_size: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    data_buffers: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    subsystem: Vec<SpannedSubsystem>,
+}
+
+#[derive(Deserialize)]
+struct SpannedSubsystem {
+    nqn: Spanned<String>,
+    #[serde(default)]
+    serial: Option<Spanned<String>>,
+    #[serde(default)]
+    model: Option<Spanned<String>>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    namespace: Vec<SpannedNamespace>,
+}
+
+#[derive(Deserialize)]
+struct SpannedNamespace {
+    #[serde(default)]
+    nsid: Option<Spanned<toml::Value>>,
+    backend: Spanned<String>,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Guesses the key whose value starts at `offset`: the text before `=` on that line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[start..end];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
+
+impl TargetConfig {
+    /// Loads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `file` is used in error messages only.
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let cfg: TargetConfig = toml::from_str(text).map_err(|e| {
+            let (line, column, field_from_span) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (l, c, key_at(text, span.start))
+                }
+                None => (0, 0, None),
+            };
+            let message = e.message().trim().to_owned();
+            let field = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.contains("field"))
+                .map(str::to_owned)
+                .or(field_from_span)
+                .unwrap_or_else(|| "<document>".to_owned());
+            Error::Config {
+                file: file.to_owned(),
+                line,
+                column,
+                field,
+                message,
+            }
+        })?;
+        let shadow: SpannedShadow = toml::from_str(text).map_err(|e| Error::Config {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: "<document>".to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        cfg.validate(text, file, &shadow)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str, file: &Path, sh: &SpannedShadow) -> Result<()> {
+        let err = |span: Option<std::ops::Range<usize>>, field: String, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+            Error::Config {
+                file: file.to_owned(),
+                line,
+                column,
+                field,
+                message,
+            }
+        };
+        let sp = |v: &Option<Spanned<toml::Value>>| v.as_ref().map(|v| v.span());
+        if !(2..=4096).contains(&self.queue_depth) {
+            return Err(err(
+                sp(&sh.queue_depth),
+                "queue_depth".into(),
+                "must be between 2 and 4096".into(),
+            ));
+        }
+        if self.max_io_queues == 0 {
+            return Err(err(
+                sp(&sh.max_io_queues),
+                "max_io_queues".into(),
+                "must be ≥ 1".into(),
+            ));
+        }
+        if !self.in_capsule_data_size.is_multiple_of(16) || self.in_capsule_data_size > 64 * 1024 {
+            return Err(err(
+                sp(&sh.in_capsule_data_size),
+                "in_capsule_data_size".into(),
+                "must be a multiple of 16 and at most 65536".into(),
+            ));
+        }
+        if !self.max_io_size.is_power_of_two() || self.max_io_size < 4096 {
+            return Err(err(
+                sp(&sh.max_io_size),
+                "max_io_size".into(),
+                "must be a power of two ≥ 4096".into(),
+            ));
+        }
+        if self.data_buffers == 0 {
+            return Err(err(
+                sp(&sh.data_buffers),
+                "data_buffers".into(),
+                "must be ≥ 1".into(),
+            ));
+        }
+        let mut nqns: Vec<&str> = Vec::new();
+        for (i, (s, ss)) in self.subsystems.iter().zip(&sh.subsystem).enumerate() {
+            let at = |f: &str| format!("subsystem[{i}].{f}");
+            if let Err(m) = check_nqn(&s.nqn) {
+                return Err(err(Some(ss.nqn.span()), at("nqn"), m));
+            }
+            if s.nqn == DISCOVERY_NQN {
+                return Err(err(
+                    Some(ss.nqn.span()),
+                    at("nqn"),
+                    "the discovery NQN is reserved".into(),
+                ));
+            }
+            if nqns.contains(&s.nqn.as_str()) {
+                return Err(err(
+                    Some(ss.nqn.span()),
+                    at("nqn"),
+                    "duplicate subsystem NQN".into(),
+                ));
+            }
+            nqns.push(&s.nqn);
+            if s.serial.len() > 20 || !s.serial.is_ascii() {
+                let span = ss.serial.as_ref().map(|v| v.span());
+                return Err(err(
+                    span,
+                    at("serial"),
+                    "at most 20 ASCII characters".into(),
+                ));
+            }
+            if s.model.len() > 40 || !s.model.is_ascii() {
+                let span = ss.model.as_ref().map(|v| v.span());
+                return Err(err(span, at("model"), "at most 40 ASCII characters".into()));
+            }
+            for (j, (h, hs)) in s.hosts.iter().zip(&ss.hosts).enumerate() {
+                if let Err(m) = check_nqn(h) {
+                    return Err(err(Some(hs.span()), at(&format!("hosts[{j}]")), m));
+                }
+            }
+            if !s.allow_any_host && s.hosts.is_empty() {
+                return Err(err(
+                    Some(ss.nqn.span()),
+                    at("hosts"),
+                    "no host may connect: list hosts or set allow_any_host = true".into(),
+                ));
+            }
+            let mut ids: Vec<u32> = Vec::new();
+            for (j, (n, ns)) in s.namespaces.iter().zip(&ss.namespace).enumerate() {
+                let nsid = n.nsid.unwrap_or(j as u32 + 1);
+                let span = ns
+                    .nsid
+                    .as_ref()
+                    .map(|v| v.span())
+                    .or(Some(ns.backend.span()));
+                if nsid == 0 || nsid == u32::MAX {
+                    return Err(err(
+                        span,
+                        at(&format!("namespace[{j}].nsid")),
+                        "must be between 1 and 0xfffffffe".into(),
+                    ));
+                }
+                if ids.contains(&nsid) {
+                    return Err(err(
+                        span,
+                        at(&format!("namespace[{j}].nsid")),
+                        format!("duplicate nsid {nsid}"),
+                    ));
+                }
+                ids.push(nsid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Namespace ids in effect for a subsystem (explicit, or position + 1).
+    pub fn nsids(sub: &SubsystemConfig) -> impl Iterator<Item = (u32, &NamespaceConfig)> {
+        sub.namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.nsid.unwrap_or(i as u32 + 1), n))
+    }
+
+    /// The effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
+    }
+}
+
+/// Checks an NQN's shape: `nqn.yyyy-mm.reverse-domain:...` or the UUID form, ≤ 223 bytes.
+pub fn check_nqn(nqn: &str) -> std::result::Result<(), String> {
+    if nqn.len() > 223 {
+        return Err(format!("NQN is {} bytes, the limit is 223", nqn.len()));
+    }
+    if !nqn.is_ascii() || nqn.bytes().any(|b| b == 0 || b.is_ascii_whitespace()) {
+        return Err("NQN must be printable ASCII without spaces".into());
+    }
+    let b = nqn.as_bytes();
+    let dated = b.len() > 12
+        && nqn.starts_with("nqn.")
+        && b[4..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'-'
+        && b[9..11].iter().all(u8::is_ascii_digit)
+        && b[11] == b'.';
+    if !dated {
+        return Err("NQN must start with `nqn.yyyy-mm.`".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cores = [0]
+
+[[listener]]
+trtype = "rdma"
+address = "10.0.0.1"
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmf-p2p:disk0"
+hosts = ["nqn.2014-08.org.nvmexpress:uuid:1111"]
+[[subsystem.namespace]]
+backend = "ram:64MiB"
+[[subsystem.namespace]]
+nsid = 5
+backend = "vfio:0000:01:00.0:2"
+[[subsystem.namespace]]
+backend = "file:/tmp/disk.img"
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = TargetConfig::parse(GOOD, Path::new("t.toml")).unwrap();
+        assert_eq!(c.queue_depth, 128);
+        assert_eq!(c.in_capsule_data_size, 8192);
+        assert_eq!(c.listeners[0].port, 4420);
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        let s = &c.subsystems[0];
+        assert_eq!(s.namespaces[0].backend, BackendSpec::Ram { size: 64 << 20 });
+        assert_eq!(
+            s.namespaces[1].backend,
+            BackendSpec::Vfio {
+                bdf: "0000:01:00.0".into(),
+                nsid: 2
+            }
+        );
+        let ids: Vec<u32> = TargetConfig::nsids(s).map(|(i, _)| i).collect();
+        assert_eq!(ids, [1, 5, 3]);
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let c = TargetConfig::parse(GOOD, Path::new("t.toml")).unwrap();
+        let text = c.to_toml();
+        let again = TargetConfig::parse(&text, Path::new("printed")).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn backend_specs() {
+        assert_eq!(
+            "vfio:01:00.0".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Vfio {
+                bdf: "01:00.0".into(),
+                nsid: 1
+            }
+        );
+        assert!("vfio:0000:01:00".parse::<BackendSpec>().is_err());
+        assert!("vfio:0000:01:00.0:0".parse::<BackendSpec>().is_err());
+        assert!("ram:12".parse::<BackendSpec>().is_err());
+        assert!("ram:lots".parse::<BackendSpec>().is_err());
+        assert!("nbd:foo".parse::<BackendSpec>().is_err());
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("4k"), Some(4096));
+    }
+
+    fn config_err(text: &str) -> (usize, String, String) {
+        match TargetConfig::parse(text, Path::new("bad.toml")).unwrap_err() {
+            Error::Config {
+                file,
+                line,
+                field,
+                message,
+                ..
+            } => {
+                assert_eq!(file, Path::new("bad.toml"));
+                (line, field, message)
+            }
+            e => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn type_error_names_line_and_field() {
+        let (line, field, _) = config_err("queue_depth = 128\nmax_io_queues = \"many\"\n");
+        assert_eq!((line, field.as_str()), (2, "max_io_queues"));
+    }
+
+    #[test]
+    fn bad_backend_names_line_and_field() {
+        let text = GOOD.replace("ram:64MiB", "ram:lots");
+        let (line, field, msg) = config_err(&text);
+        assert_eq!(line, 12, "{msg}");
+        assert_eq!(field, "backend");
+        assert!(msg.contains("ram:lots"), "{msg}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let (_, field, _) = config_err("[[subsystem]]\nserial = \"x\"\n");
+        assert_eq!(field, "nqn");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_value() {
+        let text = GOOD.replace("nsid = 5", "nsid = 1");
+        let (line, field, msg) = config_err(&text);
+        assert_eq!(
+            (line, field.as_str()),
+            (14, "subsystem[0].namespace[1].nsid"),
+            "{msg}"
+        );
+        let (line, field, _) = config_err("queue_depth = 1\n");
+        assert_eq!((line, field.as_str()), (1, "queue_depth"));
+        let text = GOOD.replace("nqn.2014-08.org.nvmexpress:uuid:1111", "bogus");
+        let (line, field, _) = config_err(&text);
+        assert_eq!((line, field.as_str()), (10, "subsystem[0].hosts[0]"));
+        let text = GOOD.replace("cores", "colors");
+        let (line, field, _) = config_err(&text);
+        assert_eq!(line, 2);
+        assert_eq!(field, "colors");
+    }
+}

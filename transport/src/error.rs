@@ -1,0 +1,121 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in the transport crate, with the context needed to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration file could not be read.
+    #[error("{}: cannot read configuration: {source}", file.display())]
+    ConfigRead {
+        /// Path of the configuration file.
+        file: PathBuf,
+        /// Underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is syntactically or semantically invalid.
+    #[error("{}:{line}:{column}: field `{field}`: {message}", file.display())]
+    Config {
+        /// Path of the configuration file (or `<string>`).
+        file: PathBuf,
+        /// 1-based line of the offending value (0 when unknown).
+        line: usize,
+        /// 1-based column of the offending value (0 when unknown).
+        column: usize,
+        /// Dotted path or key name of the offending field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A namespace backend specification (`ram:SIZE`, `file:PATH`, `vfio:BDF[:nsid]`) is invalid.
+    #[error("invalid backend `{spec}`: {reason}")]
+    BackendSpec {
+        /// The specification as written.
+        spec: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A namespace backend failed to open or to perform I/O.
+    #[error("backend {backend}: {op} failed: {source}")]
+    BackendIo {
+        /// Backend description (e.g. `file:/tmp/x`).
+        backend: String,
+        /// Operation that failed.
+        op: &'static str,
+        /// Underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This kind of backend exists in the configuration model but is not available here.
+    #[error("backend kind `{kind}` is not available: {reason}")]
+    BackendUnavailable {
+        /// Backend kind (`vfio`).
+        kind: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An I/O request addressed blocks outside the namespace.
+    #[error("lba range {slba}+{nlb} outside namespace of {blocks} blocks")]
+    LbaOutOfRange {
+        /// Starting LBA.
+        slba: u64,
+        /// Number of blocks.
+        nlb: u64,
+        /// Namespace size in blocks.
+        blocks: u64,
+    },
+    /// A caller buffer does not match the requested transfer length.
+    #[error("buffer of {got} bytes where {expected} were needed")]
+    BufferSize {
+        /// Required size.
+        expected: usize,
+        /// Given size.
+        got: usize,
+    },
+    /// The transport lost or refused a connection.
+    #[error("queue {qid}: transport error: {reason}")]
+    Transport {
+        /// Queue id (0 = admin; `u16::MAX` = not yet known).
+        qid: u16,
+        /// What happened.
+        reason: String,
+    },
+    /// The RDMA CM connection request was rejected (NVMe-oF RDMA CM reject status).
+    #[error("connection rejected: RDMA CM status {status:#x}")]
+    CmReject {
+        /// NVMe-oF RDMA CM reject status (`RDMA_CM_...` values of the RDMA binding).
+        status: u16,
+    },
+    /// The initiator has no free command identifier / queue slot.
+    #[error("queue {qid}: queue full ({depth} commands outstanding)")]
+    QueueFull {
+        /// Queue id.
+        qid: u16,
+        /// Queue depth.
+        depth: u16,
+    },
+    /// A command completed with a non-zero NVMe status.
+    #[error("queue {qid}: command {cid} failed with status sct {sct:#x} sc {sc:#x}")]
+    CommandFailed {
+        /// Queue id.
+        qid: u16,
+        /// Command identifier.
+        cid: u16,
+        /// Status code type.
+        sct: u8,
+        /// Status code.
+        sc: u8,
+    },
+    /// Malformed data received from a peer.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// Why it is malformed.
+        reason: String,
+    },
+}
