@@ -100,8 +100,9 @@ pub enum CmEventKind {
     ConnectRequest(ConnectRequest),
     /// The connection is up.
     Established,
-    /// The peer (or we) disconnected; librdmacm moved the QP to ERROR, so outstanding WRs
-    /// flush.
+    /// The peer (or we) disconnected. The local QP is *not* changed by this event: call
+    /// [`Connection::disconnect`] (which moves the QP to ERROR so outstanding WRs complete
+    /// with WR_FLUSH_ERR), drain the CQ, then drop the connection.
     Disconnected,
     /// The peer rejected our connect.
     Rejected,
@@ -600,11 +601,18 @@ impl Connection {
         self.id.as_raw()
     }
 
-    /// `rdma_disconnect`: the QP goes to ERROR, both sides get DISCONNECTED.
+    /// `rdma_disconnect`: the local QP goes to ERROR (outstanding WRs flush) and both
+    /// sides get DISCONNECTED. Also the answer to a peer's DISCONNECTED; calling it twice
+    /// is harmless.
     pub fn disconnect(&self) -> Result<()> {
         // SAFETY: live id.
         if unsafe { sys::rdma_disconnect(self.id.as_raw()) } != 0 {
-            return Err(last_os_error("rdma_disconnect"));
+            let e = last_os_error("rdma_disconnect");
+            // librdmacm errors the QP before asking the kernel; the kernel answers EINVAL
+            // when the connection is already down, which is what the caller wanted.
+            if e.errno() != Some(libc::EINVAL) {
+                return Err(e);
+            }
         }
         Ok(())
     }
