@@ -1,0 +1,603 @@
+//! I/O queue pairs: one per thread, no locks and no heap allocation per command.
+
+use std::ptr;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::ctrl::Shared;
+use crate::dma::DmaBuffer;
+use crate::error::{Error, Result};
+use crate::spec::{Sqe, Status, PAGE_SIZE};
+
+/// One completed command as [`IoQueuePair::poll`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Command identifier the submit call returned.
+    pub cid: u16,
+    /// The caller's tag given at submission.
+    pub tag: u64,
+    /// NVMe status. Commands lost in a controller reset complete with
+    /// [`Status::ABORTED_SQ_DELETED`].
+    pub status: Status,
+    /// Command-specific result (CQE DW0).
+    pub dw0: u32,
+}
+
+impl Completion {
+    pub fn is_ok(&self) -> bool {
+        self.status.is_success()
+    }
+}
+
+/// Counters kept per queue pair.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueStats {
+    pub submitted: u64,
+    pub completed: u64,
+    /// Doorbell writes that reached MMIO (with shadow doorbells most are skipped).
+    pub mmio_doorbell_writes: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    Busy,
+    /// Lost in a controller reset; reported by the next poll.
+    Lost,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    state: SlotState,
+    opcode: u8,
+    timed_out: bool,
+    epoch: u32,
+    tag: u64,
+}
+
+pub(crate) struct Shadow {
+    pub sq: *mut u32,
+    pub cq: *mut u32,
+    pub sq_ev: *const u32,
+    pub cq_ev: *const u32,
+}
+
+/// An I/O submission/completion queue pair.
+///
+/// Owned by one thread (`Send`, not `Sync`). `submit*` writes the SQE and rings the tail
+/// doorbell; [`poll`](Self::poll) reaps completions and rings the CQ head doorbell once
+/// per batch. Buffers passed to a command must stay alive until its completion.
+pub struct IoQueuePair {
+    pub(crate) qid: u16,
+    depth: u16,
+    sq: *mut u8,
+    cq: *const u8,
+    sq_db: *mut u32,
+    cq_db: *mut u32,
+    shadow: Option<Shadow>,
+    sq_tail: u16,
+    cq_head: u16,
+    phase: bool,
+    slots: Box<[Slot]>,
+    free: Vec<u16>,
+    in_flight: u16,
+    lost: u16,
+    prp: DmaBuffer,
+    max_transfer: usize,
+    ns_shift: Vec<(u32, u32)>,
+    generation: u64,
+    epoch: u32,
+    epoch_start: Instant,
+    sq_in_cmb: bool,
+    stats: QueueStats,
+    // Keep the rings mapped.
+    _sq_buf: DmaBuffer,
+    _cq_buf: DmaBuffer,
+    pub(crate) shared: Arc<Shared>,
+}
+
+// SAFETY: the raw pointers point into mappings kept alive by `_sq_buf`, `_cq_buf` and
+// `shared` (registers, shadow buffers); the queue pair is used by one thread at a time.
+unsafe impl Send for IoQueuePair {}
+
+pub(crate) struct QueueParts {
+    pub qid: u16,
+    pub depth: u16,
+    pub sq_buf: DmaBuffer,
+    pub cq_buf: DmaBuffer,
+    pub sq_in_cmb: bool,
+    pub prp: DmaBuffer,
+    pub sq_db: *mut u32,
+    pub cq_db: *mut u32,
+    pub shadow: Option<Shadow>,
+    pub max_transfer: usize,
+    pub ns_shift: Vec<(u32, u32)>,
+    pub generation: u64,
+}
+
+/// EventIdx rule (virtio/NVMe shadow doorbells): ring MMIO if `event` is in [old, new).
+#[inline]
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+impl IoQueuePair {
+    pub(crate) fn from_parts(p: QueueParts, shared: Arc<Shared>) -> Self {
+        let depth = p.depth;
+        IoQueuePair {
+            qid: p.qid,
+            depth,
+            sq: p.sq_buf.as_ptr(),
+            cq: p.cq_buf.as_ptr(),
+            sq_db: p.sq_db,
+            cq_db: p.cq_db,
+            shadow: p.shadow,
+            sq_tail: 0,
+            cq_head: 0,
+            phase: true,
+            slots: vec![
+                Slot {
+                    state: SlotState::Free,
+                    opcode: 0,
+                    timed_out: false,
+                    epoch: 0,
+                    tag: 0
+                };
+                depth as usize
+            ]
+            .into_boxed_slice(),
+            free: (0..depth).rev().collect(),
+            in_flight: 0,
+            lost: 0,
+            prp: p.prp,
+            max_transfer: p.max_transfer,
+            ns_shift: p.ns_shift,
+            generation: p.generation,
+            epoch: 0,
+            epoch_start: Instant::now(),
+            sq_in_cmb: p.sq_in_cmb,
+            stats: QueueStats::default(),
+            _sq_buf: p.sq_buf,
+            _cq_buf: p.cq_buf,
+            shared,
+        }
+    }
+
+    /// Queue identifier.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    /// Number of entries; at most `depth - 1` commands can be outstanding.
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+    /// Commands submitted and not yet reported by `poll`.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+    /// Whether the SQ lives in the controller memory buffer.
+    pub fn sq_in_cmb(&self) -> bool {
+        self.sq_in_cmb
+    }
+    /// Whether shadow doorbells are in use for this queue.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
+    }
+    /// Largest transfer one command may carry, in bytes.
+    pub fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// The block size of namespace `nsid` as log2, if known.
+    pub fn lba_shift(&self, nsid: u32) -> Option<u32> {
+        self.ns_shift
+            .iter()
+            .find(|(n, _)| *n == nsid)
+            .map(|(_, s)| *s)
+    }
+
+    fn sync_generation(&mut self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g == self.generation {
+            return;
+        }
+        // The controller was reset and recreated this queue pair (empty, CQ zeroed):
+        // every outstanding command is lost.
+        self.generation = g;
+        self.sq_tail = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        for s in self.slots.iter_mut() {
+            if s.state == SlotState::Busy {
+                s.state = SlotState::Lost;
+                self.lost += 1;
+            }
+        }
+    }
+
+    /// Build PRP1/PRP2 for `buf` into `sqe`, using this slot's PRP list page if needed.
+    #[inline]
+    fn build_prps(&self, sqe: &mut Sqe, cid: u16, buf: &DmaBuffer) -> Result<()> {
+        let len = buf.len();
+        if len > self.max_transfer {
+            return Err(Error::TooLarge {
+                len,
+                max: self.max_transfer,
+            });
+        }
+        let iova = buf.iova();
+        if iova & 3 != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "data buffer IOVA {iova:#x} is not dword aligned"
+            )));
+        }
+        let page = PAGE_SIZE as u64;
+        sqe.prp1 = iova.into();
+        let first = (page - (iova & (page - 1))) as usize;
+        if len <= first {
+            sqe.prp2 = 0.into();
+            return Ok(());
+        }
+        let next = (iova & !(page - 1)) + page;
+        let rest = len - first;
+        if rest <= PAGE_SIZE {
+            sqe.prp2 = next.into();
+            return Ok(());
+        }
+        let n = rest.div_ceil(PAGE_SIZE);
+        // One list page per slot holds 512 entries; max_transfer keeps n <= 512.
+        let list = self.prp.as_ptr().wrapping_add(cid as usize * PAGE_SIZE) as *mut u64;
+        for i in 0..n {
+            // SAFETY: n <= 512 entries fit in this slot's 4 KiB list page, which the device
+            // does not read until the SQE referencing it is submitted.
+            unsafe { ptr::write_volatile(list.add(i), next + (i as u64) * page) };
+        }
+        sqe.prp2 = (self.prp.iova() + cid as u64 * page).into();
+        Ok(())
+    }
+
+    /// Submit a command. `data`, if given, is described with PRPs (its whole length);
+    /// returns the command identifier. No heap allocation, no locks.
+    #[inline]
+    pub fn submit(&mut self, mut sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
+        self.sync_generation();
+        let Some(&cid) = self.free.last() else {
+            return Err(Error::QueueFull {
+                qid: self.qid,
+                depth: self.depth,
+            });
+        };
+        // Keep one SQ entry free (full = tail + 1 == head); free slots never exceed depth-1.
+        if self.in_flight + 1 >= self.depth {
+            return Err(Error::QueueFull {
+                qid: self.qid,
+                depth: self.depth,
+            });
+        }
+        sqe.set_cid(cid);
+        if let Some(buf) = data {
+            self.build_prps(&mut sqe, cid, buf)?;
+        }
+        self.free.pop();
+        self.slots[cid as usize] = Slot {
+            state: SlotState::Busy,
+            opcode: sqe.opcode(),
+            timed_out: false,
+            epoch: self.epoch,
+            tag,
+        };
+        self.in_flight += 1;
+        self.write_sqe(&sqe);
+        self.sq_tail = if self.sq_tail + 1 == self.depth {
+            0
+        } else {
+            self.sq_tail + 1
+        };
+        self.ring_sq();
+        self.stats.submitted += 1;
+        Ok(cid)
+    }
+
+    #[inline]
+    fn write_sqe(&mut self, sqe: &Sqe) {
+        let words: [u64; 8] = zerocopy::transmute!(*sqe);
+        let dst = self.sq.wrapping_add(self.sq_tail as usize * 64) as *mut u64;
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: sq_tail < depth and the SQ ring holds depth 64-byte entries; the
+            // entry at the tail is not owned by the controller. 8-byte volatile stores
+            // suit both host memory and trapped CMB MMIO.
+            unsafe { ptr::write_volatile(dst.add(i), *w) };
+        }
+    }
+
+    #[inline]
+    fn ring_sq(&mut self) {
+        let new = self.sq_tail;
+        // Write barrier: the SQE must be visible before the doorbell.
+        fence(Ordering::Release);
+        match &self.shadow {
+            Some(sh) => {
+                // SAFETY: shadow pointers point into the controller's shadow/EventIdx
+                // pages, alive while `shared` is.
+                let old = unsafe { ptr::read_volatile(sh.sq) } as u16;
+                // SAFETY: as above.
+                unsafe { ptr::write_volatile(sh.sq, new as u32) };
+                // Full fence: the shadow store must be visible before reading EventIdx.
+                fence(Ordering::SeqCst);
+                // SAFETY: as above.
+                let ev = unsafe { ptr::read_volatile(sh.sq_ev) } as u16;
+                if need_event(ev, new, old) {
+                    // SAFETY: doorbell register inside BAR0, alive while `shared` is.
+                    unsafe { ptr::write_volatile(self.sq_db, new as u32) };
+                    self.stats.mmio_doorbell_writes += 1;
+                }
+            }
+            None => {
+                // SAFETY: doorbell register inside BAR0, alive while `shared` is.
+                unsafe { ptr::write_volatile(self.sq_db, new as u32) };
+                self.stats.mmio_doorbell_writes += 1;
+            }
+        }
+    }
+
+    #[inline]
+    fn ring_cq(&mut self) {
+        let new = self.cq_head;
+        match &self.shadow {
+            Some(sh) => {
+                // SAFETY: see ring_sq.
+                let old = unsafe { ptr::read_volatile(sh.cq) } as u16;
+                // SAFETY: see ring_sq.
+                unsafe { ptr::write_volatile(sh.cq, new as u32) };
+                fence(Ordering::SeqCst);
+                // SAFETY: see ring_sq.
+                let ev = unsafe { ptr::read_volatile(sh.cq_ev) } as u16;
+                if need_event(ev, new, old) {
+                    // SAFETY: doorbell register inside BAR0.
+                    unsafe { ptr::write_volatile(self.cq_db, new as u32) };
+                    self.stats.mmio_doorbell_writes += 1;
+                }
+            }
+            None => {
+                // SAFETY: doorbell register inside BAR0.
+                unsafe { ptr::write_volatile(self.cq_db, new as u32) };
+                self.stats.mmio_doorbell_writes += 1;
+            }
+        }
+    }
+
+    /// Reap up to `max` completions, calling `f` for each; rings the CQ head doorbell
+    /// once. Returns the number reported.
+    #[inline]
+    pub fn poll<F: FnMut(Completion)>(&mut self, max: usize, mut f: F) -> usize {
+        self.sync_generation();
+        let mut n = 0;
+        if self.lost > 0 {
+            for cid in 0..self.depth {
+                let s = &mut self.slots[cid as usize];
+                if s.state == SlotState::Lost && n < max {
+                    s.state = SlotState::Free;
+                    let tag = s.tag;
+                    self.free.push(cid);
+                    self.lost -= 1;
+                    self.in_flight -= 1;
+                    n += 1;
+                    f(Completion {
+                        cid,
+                        tag,
+                        status: Status::ABORTED_SQ_DELETED,
+                        dw0: 0,
+                    });
+                }
+            }
+        }
+        let mut reaped = false;
+        while n < max {
+            let entry = self.cq.wrapping_add(self.cq_head as usize * 16);
+            // SAFETY: cq_head < depth; the CQ ring holds depth 16-byte entries.
+            let st = unsafe { ptr::read_volatile(entry.add(14) as *const u16) };
+            if (st & 1 == 1) != self.phase {
+                break;
+            }
+            // Read barrier: the rest of the entry after its phase tag.
+            fence(Ordering::Acquire);
+            // SAFETY: same entry, aligned fields.
+            let dw0 = unsafe { ptr::read_volatile(entry as *const u32) };
+            // SAFETY: as above.
+            let cid = unsafe { ptr::read_volatile(entry.add(12) as *const u16) };
+            self.cq_head += 1;
+            if self.cq_head == self.depth {
+                self.cq_head = 0;
+                self.phase = !self.phase;
+            }
+            reaped = true;
+            let Some(s) = self.slots.get_mut(cid as usize) else {
+                continue;
+            };
+            if s.state != SlotState::Busy {
+                continue;
+            }
+            s.state = SlotState::Free;
+            let tag = s.tag;
+            self.free.push(cid);
+            self.in_flight -= 1;
+            self.stats.completed += 1;
+            n += 1;
+            f(Completion {
+                cid,
+                tag,
+                status: Status::from_field(st),
+                dw0,
+            });
+        }
+        if reaped {
+            self.ring_cq();
+        }
+        n
+    }
+
+    /// Submit one command and wait for it (nothing else may be outstanding).
+    pub fn execute(
+        &mut self,
+        sqe: Sqe,
+        data: Option<&DmaBuffer>,
+        timeout: Duration,
+    ) -> Result<Completion> {
+        if self.in_flight != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "execute on queue {} with {} commands outstanding",
+                self.qid, self.in_flight
+            )));
+        }
+        let opcode = sqe.opcode();
+        let cid = self.submit(sqe, data, 0)?;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let mut got = None;
+            self.poll(1, |c| got = Some(c));
+            if let Some(c) = got {
+                if !c.is_ok() {
+                    return Err(Error::Command {
+                        qid: self.qid,
+                        cid,
+                        opcode,
+                        status: c.status,
+                    });
+                }
+                return Ok(c);
+            }
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                if start.elapsed() > timeout {
+                    return Err(Error::Timeout {
+                        qid: self.qid,
+                        cid,
+                        opcode,
+                        after: timeout,
+                    });
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn nlb0(&self, nsid: u32, len: usize) -> Result<u16> {
+        let shift = self
+            .lba_shift(nsid)
+            .ok_or_else(|| Error::InvalidArgument(format!("namespace {nsid} is not active")))?;
+        let bs = 1usize << shift;
+        if len == 0 || !len.is_multiple_of(bs) {
+            return Err(Error::InvalidArgument(format!(
+                "length {len} is not a non-zero multiple of the block size {bs}"
+            )));
+        }
+        let nlb = len / bs;
+        if nlb > 65536 {
+            return Err(Error::TooLarge {
+                len,
+                max: self.max_transfer,
+            });
+        }
+        Ok((nlb - 1) as u16)
+    }
+
+    /// Read `buf.len()` bytes from `slba`.
+    #[inline]
+    pub fn read(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.nlb0(nsid, buf.len())?;
+        self.submit(Sqe::read(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Write `buf.len()` bytes at `slba`.
+    #[inline]
+    pub fn write(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.nlb0(nsid, buf.len())?;
+        self.submit(Sqe::write(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Flush the volatile write cache.
+    pub fn flush(&mut self, nsid: u32, tag: u64) -> Result<u16> {
+        self.submit(Sqe::flush(nsid), None, tag)
+    }
+    /// Write zeroes over `nlb` blocks (1..=65536).
+    pub fn write_zeroes(&mut self, nsid: u32, slba: u64, nlb: u32, tag: u64) -> Result<u16> {
+        if nlb == 0 || nlb > 65536 {
+            return Err(Error::InvalidArgument(format!(
+                "write zeroes of {nlb} blocks"
+            )));
+        }
+        self.submit(Sqe::write_zeroes(nsid, slba, (nlb - 1) as u16), None, tag)
+    }
+    /// Dataset Management (deallocate with `attr` = [`crate::spec::dsm::DEALLOCATE`]) over
+    /// the [`crate::spec::DsmRange`]s stored in `ranges` (1..=256 of them).
+    pub fn dataset_management(
+        &mut self,
+        nsid: u32,
+        ranges: &DmaBuffer,
+        count: usize,
+        attr: u32,
+        tag: u64,
+    ) -> Result<u16> {
+        if count == 0 || count > 256 || count * 16 > ranges.len() {
+            return Err(Error::InvalidArgument(format!("{count} DSM ranges")));
+        }
+        let r = ranges.slice(0, count * 16)?;
+        self.submit(Sqe::dsm(nsid, (count - 1) as u8, attr, 0), Some(&r), tag)
+    }
+
+    /// Advance the coarse timeout clock and return a command outstanding for longer than
+    /// `timeout` (each command is reported once). Call periodically from the owning thread.
+    pub fn check_timeouts(&mut self, timeout: Duration) -> Option<u16> {
+        let now = Instant::now();
+        if now.duration_since(self.epoch_start) >= timeout / 2 {
+            self.epoch = self.epoch.wrapping_add(1);
+            self.epoch_start = now;
+        }
+        for (cid, s) in self.slots.iter_mut().enumerate() {
+            if s.state == SlotState::Busy && !s.timed_out && self.epoch.wrapping_sub(s.epoch) >= 3 {
+                s.timed_out = true;
+                return Some(cid as u16);
+            }
+        }
+        None
+    }
+
+    /// Opcode of an outstanding command.
+    pub fn opcode_of(&self, cid: u16) -> Option<u8> {
+        self.slots
+            .get(cid as usize)
+            .filter(|s| s.state == SlotState::Busy)
+            .map(|s| s.opcode)
+    }
+    /// Whether `cid` is still outstanding.
+    pub fn is_outstanding(&self, cid: u16) -> bool {
+        self.slots
+            .get(cid as usize)
+            .is_some_and(|s| s.state != SlotState::Free)
+    }
+}
+
+impl Drop for IoQueuePair {
+    fn drop(&mut self) {
+        self.shared.release_queue(self.qid, self.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::need_event;
+
+    #[test]
+    fn event_idx_rule() {
+        // Controller asked to be told when tail passes 5.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 8, 3));
+        assert!(!need_event(9, 8, 3));
+        assert!(!need_event(2, 8, 3));
+        // Wrap-around.
+        assert!(need_event(u16::MAX, 1, u16::MAX - 1));
+    }
+}
