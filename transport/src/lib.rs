@@ -1,8 +1,23 @@
 //! NVMe over Fabrics on RDMA: target, initiator, direct mode.
+//!
+//! Layers, bottom up:
+//! - [`fabrics`]: NVMe-oF wire structures (Connect, properties, SGLs, CM private data,
+//!   discovery log) with compile-time-checked layouts; NVMe base types come from
+//!   [`nvme::spec`].
+//! - [`wire`]: the transport interface the core runs over; [`loopback`] implements it
+//!   in process for tests.
+//! - [`target`]: the target core (subsystems, controllers, request state machine).
+//! - [`backend`]: namespace storage (`ram`, `file`; `vfio` through an opener).
+//! - [`config`]: the `serve --config target.toml` model.
 
 pub mod backend;
 pub mod config;
 pub mod error;
 pub mod fabrics;
+pub mod initiator;
+pub mod loopback;
+pub mod pool;
+pub mod target;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,0 +1,470 @@
+//! Fabrics and admin commands.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvme::spec::{
+    admin_opc, build_ns_id_descriptors, cns, feat, log, nidt, oncs, set_ascii_field,
+    IdentifyController, IdentifyNamespace, LbaFormat, NsIdDescriptor, SmartLog, Sqe, Status, U128,
+    U16, U32, U64,
+};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use super::addr_family;
+use super::controller::{
+    Controller, AEC_DISCOVERY_CHANGE, AEC_NS_ATTR, AER_LIMIT, ERROR_LOG_ENTRIES, VERSION,
+};
+use super::queue::{loc, Outcome, QueueCtx};
+use crate::config::TrType;
+use crate::fabrics::{
+    connect_offset, connect_status, get_str, put_str, put_str_space, ConnectCommand, ConnectData,
+    ConnectResponse, DiscoveryLogEntry, DiscoveryLogHeader, PropertyCommand, CNTLID_DYNAMIC,
+    FCTYPE_CONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET, SUBTYPE_CURRENT_DISCOVERY,
+    SUBTYPE_NVME, TRTYPE_RDMA,
+};
+
+fn connect_err(sc: u8, in_data: bool, offset: u16) -> Outcome {
+    let mut o = Outcome::err(Status::new(nvme::spec::sct::COMMAND_SPECIFIC, sc), offset);
+    o.result = ConnectResponse::InvalidParameter { in_data, offset }.to_result();
+    o
+}
+
+fn invalid_param(in_data: bool, offset: u16) -> Outcome {
+    connect_err(connect_status::INVALID_PARAMETERS, in_data, offset)
+}
+
+/// Fabrics commands: Connect, Property Get, Property Set.
+pub(crate) fn fabrics(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome {
+    let fctype = cmd.as_bytes()[4];
+    match fctype {
+        FCTYPE_CONNECT => connect(ctx, cmd, data, now),
+        FCTYPE_PROPERTY_GET | FCTYPE_PROPERTY_SET => {
+            let Some(ctrl) = &ctx.ctrl else {
+                return Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE);
+            };
+            let Ok(p) = PropertyCommand::read_from_bytes(cmd.as_bytes()) else {
+                return Outcome::err(Status::INTERNAL_ERROR, 0);
+            };
+            let size8 = match p.attrib & 7 {
+                0 => false,
+                1 => true,
+                _ => {
+                    return Outcome::err(
+                        Status::INVALID_FIELD,
+                        crate::fabrics::property_offset::ATTRIB,
+                    )
+                }
+            };
+            if fctype == FCTYPE_PROPERTY_GET {
+                match ctrl.property_get(p.ofst.get(), size8) {
+                    Some(v) => Outcome::result(v),
+                    None => {
+                        Outcome::err(Status::INVALID_FIELD, crate::fabrics::property_offset::OFST)
+                    }
+                }
+            } else if ctrl.property_set(p.ofst.get(), size8, p.value.get()) {
+                Outcome::ok()
+            } else {
+                Outcome::err(Status::INVALID_FIELD, crate::fabrics::property_offset::OFST)
+            }
+        }
+        _ => Outcome::err(Status::INVALID_OPCODE, loc::FCTYPE),
+    }
+}
+
+fn connect(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome {
+    let (Ok(c), Ok(d)) = (
+        ConnectCommand::read_from_bytes(cmd.as_bytes()),
+        ConnectData::read_from_bytes(data),
+    ) else {
+        return Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL);
+    };
+    if c.recfmt.get() != 0 {
+        return connect_err(
+            connect_status::INCOMPATIBLE_FORMAT,
+            false,
+            connect_offset::RECFMT,
+        );
+    }
+    let qid = c.qid.get();
+    if qid != ctx.qid {
+        return invalid_param(false, connect_offset::QID);
+    }
+    let sqsize = c.sqsize.get();
+    if sqsize == 0 || sqsize >= ctx.entries || sqsize >= ctx.shared.limits.queue_depth {
+        return invalid_param(false, connect_offset::SQSIZE);
+    }
+    let Some(subnqn) = get_str(&d.subnqn) else {
+        return invalid_param(true, connect_offset::DATA_SUBNQN);
+    };
+    let Some(sub) = ctx.shared.subsystem(subnqn).cloned() else {
+        return invalid_param(true, connect_offset::DATA_SUBNQN);
+    };
+    let hostnqn = match get_str(&d.hostnqn) {
+        Some(h) if !h.is_empty() => h,
+        _ => return invalid_param(true, connect_offset::DATA_HOSTNQN),
+    };
+    if !sub.host_allowed(hostnqn) {
+        return connect_err(
+            connect_status::INVALID_HOST,
+            true,
+            connect_offset::DATA_HOSTNQN,
+        );
+    }
+    let cntlid = d.cntlid.get();
+    let ctrl = if qid == 0 {
+        if cntlid != CNTLID_DYNAMIC {
+            return invalid_param(true, connect_offset::DATA_CNTLID);
+        }
+        let Some(id) = ctx.shared.alloc_cntlid() else {
+            return connect_err(connect_status::CONTROLLER_BUSY, false, 0);
+        };
+        let kato = c.kato.get();
+        let ctrl = Arc::new(Controller::new(
+            id,
+            sub,
+            hostnqn.to_owned(),
+            d.hostid,
+            kato,
+            ctx.shared.limits,
+            now,
+        ));
+        ctx.shared.controllers().insert(id, ctrl.clone());
+        tracing::info!(cntlid = id, hostnqn, subnqn, "controller created");
+        ctrl
+    } else {
+        if sub.discovery {
+            return invalid_param(false, connect_offset::QID);
+        }
+        let found = ctx.shared.controllers().get(&cntlid).cloned();
+        let Some(ctrl) = found
+            .filter(|c| c.is_alive() && c.subsystem().nqn == sub.nqn && c.hostnqn() == hostnqn)
+        else {
+            return invalid_param(true, connect_offset::DATA_CNTLID);
+        };
+        if !ctrl.is_ready() {
+            return Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE);
+        }
+        if qid > ctrl.lock().nsq_granted {
+            return invalid_param(false, connect_offset::QID);
+        }
+        if ctrl.claim_io_queue(qid).is_err() {
+            return connect_err(connect_status::CONTROLLER_BUSY, false, connect_offset::QID);
+        }
+        ctrl
+    };
+    let id = ctrl.cntlid();
+    ctx.ctrl = Some(ctrl);
+    ctx.stats.cntlid = id;
+    Outcome::result(
+        ConnectResponse::Success {
+            cntlid: id,
+            authreq: 0,
+        }
+        .to_result(),
+    )
+}
+
+/// Admin commands on a connected, enabled controller.
+pub(crate) fn execute(
+    ctx: &mut QueueCtx,
+    ctrl: &Arc<Controller>,
+    cmd: &Sqe,
+    data: &mut [u8],
+    now: Instant,
+) -> Outcome {
+    match cmd.opcode() {
+        admin_opc::IDENTIFY => identify(ctrl, cmd, data),
+        admin_opc::GET_LOG_PAGE => get_log_page(ctx, ctrl, cmd, data),
+        admin_opc::SET_FEATURES => set_features(ctrl, cmd, now),
+        admin_opc::GET_FEATURES => get_features(ctrl, cmd),
+        admin_opc::KEEP_ALIVE => {
+            ctrl.keep_alive(now);
+            Outcome::ok()
+        }
+        admin_opc::ASYNC_EVENT_REQUEST => {
+            if ctx.aers >= AER_LIMIT {
+                return Outcome::err(
+                    Status::new(nvme::spec::sct::COMMAND_SPECIFIC, 0x05),
+                    loc::OPCODE,
+                );
+            }
+            Outcome {
+                park: true,
+                ..Outcome::ok()
+            }
+        }
+        _ => Outcome::err(Status::INVALID_OPCODE, loc::OPCODE),
+    }
+}
+
+fn copy_out(data: &mut [u8], bytes: &[u8]) -> Outcome {
+    let n = data.len().min(bytes.len());
+    data[..n].copy_from_slice(&bytes[..n]);
+    data[n..].fill(0);
+    Outcome::data(data.len())
+}
+
+fn identify(ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome {
+    let cns_v = cmd.cdw10.get() as u8;
+    let sub = ctrl.subsystem();
+    let nsid = cmd.nsid.get();
+    match cns_v {
+        cns::CONTROLLER => copy_out(data, identify_controller(ctrl).as_bytes()),
+        _ if sub.discovery => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
+        cns::NAMESPACE => {
+            if nsid == 0 || nsid == u32::MAX {
+                return Outcome::err(Status::INVALID_NAMESPACE, loc::NSID);
+            }
+            let mut id = IdentifyNamespace::new_zeroed();
+            if let Some(ns) = sub.namespace(nsid) {
+                let blocks = ns.backend.block_count();
+                id.nsze = U64::new(blocks);
+                id.ncap = U64::new(blocks);
+                id.nuse = U64::new(blocks);
+                id.nsfeat = 1 << 2; // NGUID/EUI64 never reused
+                id.nlbaf = 0;
+                id.flbas = 0;
+                id.nmic = 1; // may be shared by several controllers
+                id.dlfeat = 1 | (1 << 3); // deallocated blocks read zeroes; WZ deallocate
+                id.lbaf[0] = LbaFormat::new(ns.backend.block_size().trailing_zeros() as u8, 0);
+                id.nguid = ns.nguid;
+            }
+            copy_out(data, id.as_bytes())
+        }
+        cns::ACTIVE_NS_LIST => {
+            if nsid >= 0xffff_fffe {
+                return Outcome::err(Status::INVALID_NAMESPACE, loc::NSID);
+            }
+            let mut list = [U32::new(0); 1024];
+            for (slot, ns) in list
+                .iter_mut()
+                .zip(sub.namespaces().iter().filter(|n| n.nsid > nsid))
+            {
+                *slot = U32::new(ns.nsid);
+            }
+            copy_out(data, list.as_bytes())
+        }
+        cns::NS_ID_DESCRIPTORS => match sub.namespace(nsid) {
+            Some(ns) => {
+                let descs = [
+                    NsIdDescriptor {
+                        nidt: nidt::NGUID,
+                        nid: ns.nguid.to_vec(),
+                    },
+                    NsIdDescriptor {
+                        nidt: nidt::CSI,
+                        nid: vec![0],
+                    },
+                ];
+                copy_out(data, &build_ns_id_descriptors(&descs))
+            }
+            None => Outcome::err(Status::INVALID_NAMESPACE, loc::NSID),
+        },
+        _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
+    }
+}
+
+/// Identify Controller data for `ctrl`.
+pub(crate) fn identify_controller(ctrl: &Controller) -> IdentifyController {
+    let sub = ctrl.subsystem();
+    let lim = ctrl.limits();
+    let mut id = IdentifyController::zeroed();
+    set_ascii_field(&mut id.sn, &sub.serial);
+    set_ascii_field(&mut id.mn, &sub.model);
+    set_ascii_field(&mut id.fr, env!("CARGO_PKG_VERSION"));
+    id.rab = 6;
+    id.cmic = 1 << 1; // several controllers per subsystem
+    id.mdts = (lim.max_io_size / 4096).trailing_zeros() as u8;
+    id.cntlid = U16::new(ctrl.cntlid());
+    id.ver = U32::new(VERSION.0);
+    id.cntrltype = if sub.discovery { 2 } else { 1 };
+    id.acl = 3;
+    id.aerl = (AER_LIMIT - 1) as u8;
+    id.lpa = 1 << 2; // extended data for Get Log Page (offsets)
+    id.elpe = (ERROR_LOG_ENTRIES - 1) as u8;
+    id.kas = U16::new(10); // 100 ms units: 1 s granularity
+    id.maxcmd = U16::new(lim.queue_depth);
+    put_str(&mut id.subnqn, &sub.nqn);
+    id.sgls = U32::new(1 | (1 << 2) | (1 << 20)); // SGLs, keyed data blocks, offsets
+    id.msdbd = 1;
+    if sub.discovery {
+        id.oaes = U32::new(AEC_DISCOVERY_CHANGE);
+        return id;
+    }
+    id.oaes = U32::new(AEC_NS_ATTR);
+    id.sqes = 0x66;
+    id.cqes = 0x44;
+    id.nn = U32::new(sub.max_nsid());
+    id.oncs = U16::new(oncs::DSM | oncs::WRITE_ZEROES);
+    let vwc = sub
+        .namespaces()
+        .iter()
+        .any(|n| n.backend.volatile_write_cache());
+    id.vwc = if vwc { 1 | (3 << 1) } else { 3 << 1 };
+    id.ioccsz = U32::new((64 + lim.in_capsule_data_size) / 16);
+    id.iorcsz = U32::new(1);
+    id
+}
+
+fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome {
+    let lid = cmd.cdw10.get() as u8;
+    let rae = cmd.cdw10.get() & (1 << 15) != 0;
+    let offset = u64::from(cmd.cdw12.get()) | (u64::from(cmd.cdw13.get()) << 32);
+    if offset % 4 != 0 {
+        return Outcome::err(Status::INVALID_FIELD, loc::CDW12);
+    }
+    let sub = ctrl.subsystem();
+    // Each page is produced into a small fixed buffer except the discovery log, which is
+    // produced entry by entry straight into the data buffer.
+    let mut page = [0u8; 4096];
+    let len = match (lid, sub.discovery) {
+        (log::DISCOVERY, true) => return discovery_log(ctx, ctrl, offset, data),
+        (log::ERROR, _) => {
+            let st = ctrl.lock();
+            let mut n = 0;
+            for (i, e) in st.error_log.iter().enumerate().take(page.len() / 64) {
+                page[i * 64..(i + 1) * 64].copy_from_slice(e.as_bytes());
+                n = (i + 1) * 64;
+            }
+            n.max(64)
+        }
+        (log::SMART, false) => {
+            let mut s = SmartLog::zeroed();
+            s.temperature = U16::new(300);
+            s.avail_spare = 100;
+            s.spare_thresh = 10;
+            let st = &ctrl.stats;
+            let units = |b: u64| U128::new(u128::from(b.div_ceil(512_000)));
+            s.data_units_read = units(st.bytes_read.load(Ordering::Relaxed));
+            s.data_units_written = units(st.bytes_written.load(Ordering::Relaxed));
+            s.host_read_commands = U128::new(st.read_commands.load(Ordering::Relaxed).into());
+            s.host_write_commands = U128::new(st.write_commands.load(Ordering::Relaxed).into());
+            s.num_error_log_entries = U128::new(ctrl.lock().error_count.into());
+            page[..512].copy_from_slice(s.as_bytes());
+            512
+        }
+        (log::CHANGED_NS_LIST, false) => {
+            let mut st = ctrl.lock();
+            for (i, id) in st.changed_ns.iter().enumerate().take(1024) {
+                page[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+            }
+            if !rae {
+                st.changed_ns.clear();
+            }
+            4096
+        }
+        _ => return Outcome::err(Status::INVALID_LOG_PAGE, loc::CDW10),
+    };
+    if offset >= len as u64 && offset != 0 {
+        return Outcome::err(Status::INVALID_FIELD, loc::CDW12);
+    }
+    copy_out(data, &page[offset as usize..len])
+}
+
+fn discovery_log(ctx: &QueueCtx, ctrl: &Controller, offset: u64, data: &mut [u8]) -> Outcome {
+    let shared = &ctx.shared;
+    let host = ctrl.hostnqn();
+    let mut entries: Vec<DiscoveryLogEntry> = Vec::new();
+    for (portid, l) in shared.listeners.iter().enumerate() {
+        for sub in shared
+            .subsystems
+            .iter()
+            .filter(|s| s.discovery || s.host_allowed(host))
+        {
+            let mut e = DiscoveryLogEntry::new_zeroed();
+            e.trtype = match l.trtype {
+                TrType::Rdma => TRTYPE_RDMA,
+            };
+            e.adrfam = addr_family(&l.address);
+            e.subtype = if sub.discovery {
+                SUBTYPE_CURRENT_DISCOVERY
+            } else {
+                SUBTYPE_NVME
+            };
+            e.treq = 0; // secure channel not specified
+            e.portid = U16::new(portid as u16);
+            e.cntlid = U16::new(CNTLID_DYNAMIC);
+            e.asqsz = U16::new(32);
+            put_str_space(&mut e.trsvcid, &l.port.to_string());
+            put_str(&mut e.subnqn, &sub.nqn);
+            put_str_space(&mut e.traddr, &l.address.to_string());
+            e.tsas[0] = 1; // RDMA QP type: reliable connected
+            e.tsas[1] = 1; // provider type: not specified
+            e.tsas[2] = 1; // connection management: RDMA CM
+            entries.push(e);
+        }
+    }
+    let mut hdr = DiscoveryLogHeader::new_zeroed();
+    hdr.genctr = U64::new(shared.discovery_genctr.load(Ordering::Relaxed));
+    hdr.numrec = U64::new(entries.len() as u64);
+    let total = 1024 * (1 + entries.len());
+    // Copy the requested window [offset, offset + data.len()) of header + entries.
+    let mut pos = 0usize;
+    let want = offset as usize;
+    for chunk in std::iter::once(hdr.as_bytes()).chain(entries.iter().map(|e| e.as_bytes())) {
+        let (start, end) = (pos, pos + chunk.len());
+        pos = end;
+        let lo = want.max(start);
+        let hi = (want + data.len()).min(end);
+        if lo < hi {
+            data[lo - want..hi - want].copy_from_slice(&chunk[lo - start..hi - start]);
+        }
+    }
+    if want + data.len() > total {
+        let from = total.saturating_sub(want).min(data.len());
+        data[from..].fill(0);
+    }
+    Outcome::data(data.len())
+}
+
+fn set_features(ctrl: &Controller, cmd: &Sqe, now: Instant) -> Outcome {
+    let fid = cmd.cdw10.get() as u8;
+    let dw11 = cmd.cdw11.get();
+    let discovery = ctrl.subsystem().discovery;
+    let mut st = ctrl.lock();
+    match fid {
+        feat::NUM_QUEUES if !discovery => {
+            let (nsq, ncq) = ((dw11 & 0xffff) as u16, (dw11 >> 16) as u16);
+            if nsq == 0xffff || ncq == 0xffff {
+                return Outcome::err(Status::INVALID_FIELD, loc::CDW11);
+            }
+            let max = ctrl.limits().max_io_queues;
+            let granted = (nsq.min(ncq) + 1).min(max);
+            st.nsq_granted = granted;
+            let g = u64::from(granted - 1);
+            Outcome::result(g | (g << 16))
+        }
+        feat::KEEP_ALIVE_TIMER => {
+            st.kato = Duration::from_millis(u64::from(dw11));
+            st.last_keep_alive = now;
+            Outcome::ok()
+        }
+        feat::ASYNC_EVENT_CONFIG => {
+            st.aec = dw11;
+            Outcome::ok()
+        }
+        feat::VOLATILE_WRITE_CACHE if !discovery => {
+            st.vwc_enabled = dw11 & 1 != 0;
+            Outcome::ok()
+        }
+        _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
+    }
+}
+
+fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
+    let fid = cmd.cdw10.get() as u8;
+    let discovery = ctrl.subsystem().discovery;
+    let st = ctrl.lock();
+    match fid {
+        feat::NUM_QUEUES if !discovery => {
+            let g = u64::from(st.nsq_granted - 1);
+            Outcome::result(g | (g << 16))
+        }
+        feat::KEEP_ALIVE_TIMER => Outcome::result(st.kato.as_millis() as u64),
+        feat::ASYNC_EVENT_CONFIG => Outcome::result(u64::from(st.aec)),
+        feat::VOLATILE_WRITE_CACHE if !discovery => Outcome::result(u64::from(st.vwc_enabled)),
+        _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
+    }
+}

@@ -1,0 +1,364 @@
+//! The NVMe-oF target core: subsystems, controllers, queues, the request state machine.
+//!
+//! It runs over any [`Transport`](crate::wire::Transport): [`PollGroup`] owns the wire
+//! side of a poll group, a data-buffer pool and the queues on it; [`PollGroup::poll`]
+//! drives everything (no threads, no allocation per I/O).
+
+mod admin;
+mod controller;
+mod io;
+mod queue;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+pub use controller::{Controller, ControllerStats};
+pub use queue::{QueueStats, ReqState};
+
+use crate::backend::{open_backend, Backend, BackendOpener};
+use crate::config::{ListenerConfig, SubsystemConfig, TargetConfig};
+use crate::error::{Error, Result};
+use crate::fabrics::{validate_cm_request, CmLimits, CmReject, DISCOVERY_NQN};
+use crate::pool::BufferPool;
+use crate::wire::{Incoming, Transport, WirePollGroup};
+use queue::QueueHandler;
+use zerocopy::byteorder::little_endian::U16;
+
+/// A namespace of a subsystem.
+pub struct Namespace {
+    /// Namespace id.
+    pub nsid: u32,
+    /// Where its blocks live.
+    pub backend: Arc<dyn Backend>,
+    /// Namespace globally unique identifier.
+    pub nguid: [u8; 16],
+}
+
+/// An NVM subsystem (or the discovery subsystem).
+pub struct Subsystem {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// True for the discovery subsystem.
+    pub discovery: bool,
+    allow_any_host: bool,
+    hosts: Vec<String>,
+    namespaces: Vec<Namespace>,
+}
+
+impl Subsystem {
+    /// Whether `hostnqn` may connect.
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.allow_any_host || self.hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// The namespace with id `nsid`.
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        self.namespaces.iter().find(|n| n.nsid == nsid)
+    }
+
+    /// Namespaces in ascending nsid order.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    /// Highest namespace id (Identify Controller NN).
+    pub fn max_nsid(&self) -> u32 {
+        self.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0)
+    }
+}
+
+fn nguid_for(nqn: &str, nsid: u32) -> [u8; 16] {
+    // FNV-1a over the NQN, twice with different seeds, then the nsid: stable across runs.
+    let fnv = |seed: u64| {
+        nqn.bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    out[8..12].copy_from_slice(&(fnv(0x84222325cbf29ce4) as u32).to_be_bytes());
+    out[12..].copy_from_slice(&nsid.to_be_bytes());
+    out
+}
+
+/// Limits derived from the configuration that every queue applies.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Entries per queue (CAP.MQES + 1).
+    pub queue_depth: u16,
+    /// I/O queues per controller.
+    pub max_io_queues: u16,
+    /// In-capsule data bytes per command.
+    pub in_capsule_data_size: u32,
+    /// Maximum data transfer per command (MDTS) in bytes.
+    pub max_io_size: u32,
+}
+
+/// State shared by every poll group of one target.
+pub struct TargetShared {
+    limits: Limits,
+    data_buffers: u32,
+    subsystems: Vec<Arc<Subsystem>>,
+    listeners: Vec<ListenerConfig>,
+    controllers: Mutex<HashMap<u16, Arc<Controller>>>,
+    next_cntlid: AtomicU16,
+    discovery_genctr: AtomicU64,
+}
+
+impl TargetShared {
+    fn controllers(&self) -> MutexGuard<'_, HashMap<u16, Arc<Controller>>> {
+        self.controllers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn subsystem(&self, nqn: &str) -> Option<&Arc<Subsystem>> {
+        self.subsystems.iter().find(|s| s.nqn == nqn)
+    }
+
+    fn alloc_cntlid(&self) -> Option<u16> {
+        let ctrls = self.controllers();
+        for _ in 0..0xffef {
+            let id = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
+            let id = id % 0xffef + 1; // 1..=0xffef (0xfff0.. are reserved)
+            if !ctrls.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn remove_controller(&self, cntlid: u16) {
+        self.controllers().remove(&cntlid);
+    }
+}
+
+/// The target: subsystems, the discovery subsystem, live controllers.
+#[derive(Clone)]
+pub struct Target {
+    shared: Arc<TargetShared>,
+}
+
+impl Target {
+    /// Builds a target from its configuration, opening every namespace backend.
+    /// `vfio` opens `vfio:` backends (the driver glue); without it they fail.
+    pub fn from_config(cfg: &TargetConfig, vfio: Option<&BackendOpener>) -> Result<Self> {
+        Self::with_backends(cfg, |spec| open_backend(spec, vfio))
+    }
+
+    /// Builds a target, opening backends through `open`.
+    pub fn with_backends(
+        cfg: &TargetConfig,
+        mut open: impl FnMut(&crate::config::BackendSpec) -> Result<Arc<dyn Backend>>,
+    ) -> Result<Self> {
+        let mut subsystems = vec![Arc::new(Subsystem {
+            nqn: DISCOVERY_NQN.to_owned(),
+            serial: "NVMFP2PDISCOVERY".to_owned(),
+            model: "nvmf-p2p discovery".to_owned(),
+            discovery: true,
+            allow_any_host: true,
+            hosts: Vec::new(),
+            namespaces: Vec::new(),
+        })];
+        for sub in &cfg.subsystems {
+            subsystems.push(Arc::new(Self::subsystem(sub, &mut open)?));
+        }
+        let limits = Limits {
+            queue_depth: cfg.queue_depth,
+            max_io_queues: cfg.max_io_queues,
+            in_capsule_data_size: cfg.in_capsule_data_size,
+            max_io_size: cfg.max_io_size,
+        };
+        Ok(Target {
+            shared: Arc::new(TargetShared {
+                limits,
+                data_buffers: cfg.data_buffers,
+                subsystems,
+                listeners: cfg.listeners.clone(),
+                controllers: Mutex::new(HashMap::new()),
+                next_cntlid: AtomicU16::new(0),
+                discovery_genctr: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    fn subsystem(
+        sub: &SubsystemConfig,
+        open: &mut impl FnMut(&crate::config::BackendSpec) -> Result<Arc<dyn Backend>>,
+    ) -> Result<Subsystem> {
+        let mut namespaces = Vec::new();
+        for (nsid, ns) in TargetConfig::nsids(sub) {
+            let backend = open(&ns.backend)?;
+            namespaces.push(Namespace {
+                nsid,
+                backend,
+                nguid: nguid_for(&sub.nqn, nsid),
+            });
+        }
+        namespaces.sort_by_key(|n| n.nsid);
+        Ok(Subsystem {
+            nqn: sub.nqn.clone(),
+            serial: sub.serial.clone(),
+            model: sub.model.clone(),
+            discovery: false,
+            allow_any_host: sub.allow_any_host,
+            hosts: sub.hosts.clone(),
+            namespaces,
+        })
+    }
+
+    /// The limits every queue applies.
+    pub fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    /// All subsystems; the first is the discovery subsystem.
+    pub fn subsystems(&self) -> &[Arc<Subsystem>] {
+        &self.shared.subsystems
+    }
+
+    /// Live controllers, by controller id.
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        let mut v: Vec<_> = self.shared.controllers().values().cloned().collect();
+        v.sort_by_key(|c| c.cntlid());
+        v
+    }
+
+    /// Reports that namespace `nsid` of subsystem `nqn` changed: every controller of that
+    /// subsystem records it in its Changed Namespace List and, if enabled, raises a
+    /// Namespace Attribute Changed asynchronous event.
+    pub fn notify_namespace_changed(&self, nqn: &str, nsid: u32) {
+        for c in self.shared.controllers().values() {
+            if c.subsystem().nqn == nqn {
+                c.namespace_changed(nsid);
+            }
+        }
+    }
+
+    /// Creates a poll group on `transport` with a buffer pool sized from the configuration.
+    pub fn create_poll_group<T: Transport>(&self, transport: &mut T) -> Result<PollGroup<T>> {
+        let mut wire = transport.create_poll_group()?;
+        let mut pool = BufferPool::new(
+            self.shared.data_buffers,
+            self.shared.limits.max_io_size as usize,
+        );
+        wire.register_memory(pool.memory_mut())?;
+        Ok(PollGroup {
+            target: self.clone(),
+            wire,
+            pool,
+            queues: Vec::new(),
+        })
+    }
+}
+
+/// A poll group: the queues one core drives, with their wire state and buffer pool.
+pub struct PollGroup<T: Transport> {
+    target: Target,
+    wire: T::PollGroup,
+    pool: BufferPool,
+    queues: Vec<QueueHandler<T::Qpair>>,
+}
+
+impl<T: Transport> PollGroup<T> {
+    /// Decides on a connection request: validates the NVMe-oF CM private data, accepts
+    /// (adding the queue to this group) or rejects with the binding's status.
+    pub fn accept(&mut self, incoming: T::Incoming) -> Result<()> {
+        let lim = self.target.shared.limits;
+        let cm_limits = CmLimits {
+            max_queue_size: lim.queue_depth,
+            max_io_queues: lim.max_io_queues,
+        };
+        match validate_cm_request(incoming.private_data(), cm_limits) {
+            Ok((req, accept)) => {
+                let entries = req.hsqsize.get() + 1;
+                let mut qp = incoming.accept(&accept, entries, lim.in_capsule_data_size)?;
+                self.wire.add(&mut qp)?;
+                self.queues.push(QueueHandler::new(
+                    qp,
+                    req.qid.get(),
+                    entries,
+                    self.target.shared.clone(),
+                ));
+                Ok(())
+            }
+            Err(sts) => {
+                incoming.reject(&CmReject {
+                    recfmt: U16::new(0),
+                    sts: U16::new(sts),
+                });
+                Err(Error::CmReject { status: sts })
+            }
+        }
+    }
+
+    /// Accepts every pending connection of `transport`; returns how many were handled
+    /// (rejections included).
+    pub fn accept_pending(&mut self, transport: &mut T) -> usize {
+        let mut n = 0;
+        while let Some(inc) = transport.poll_incoming() {
+            if let Err(e) = self.accept(inc) {
+                tracing::info!(error = %e, "connection refused");
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// One pass over the wire and every queue at time `now`; returns the work done
+    /// (0 = idle, a caller may then sleep on the wire's completion channel).
+    pub fn poll_at(&mut self, now: Instant) -> usize {
+        let mut work = self.wire.poll();
+        for q in &mut self.queues {
+            work += q.poll(&mut self.pool, now);
+        }
+        let before = self.queues.len();
+        self.queues.retain(|q| !q.is_closed());
+        work + (before - self.queues.len())
+    }
+
+    /// [`PollGroup::poll_at`] with the current time.
+    pub fn poll(&mut self) -> usize {
+        self.poll_at(Instant::now())
+    }
+
+    /// Number of live queues.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Per-queue counters.
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        self.queues.iter().map(|q| q.stats()).collect()
+    }
+
+    /// Data buffers currently free in the pool.
+    pub fn free_buffers(&self) -> usize {
+        self.pool.available()
+    }
+
+    /// The target this group serves.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Disconnects every queue (shutdown); poll until [`PollGroup::queue_count`] is 0.
+    pub fn disconnect_all(&mut self) {
+        for q in &mut self.queues {
+            q.begin_teardown("shutdown");
+        }
+    }
+}
+
+/// Parses an IP address for the discovery log (family, text).
+pub(crate) fn addr_family(a: &IpAddr) -> u8 {
+    match a {
+        IpAddr::V4(_) => crate::fabrics::ADRFAM_IPV4,
+        IpAddr::V6(_) => crate::fabrics::ADRFAM_IPV6,
+    }
+}

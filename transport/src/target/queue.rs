@@ -1,0 +1,752 @@
+//! One queue (admin or I/O): preallocated requests and the per-request state machine.
+//!
+//! ```text
+//! FREE → NEW ─parse─┬─ error ──────────────────────────────────────────┐
+//!                   ├─ no data / in-capsule ─→ EXECUTING ─┬─ host→ctrl ──┤
+//!                   └─ keyed → NEED_BUFFER ─(pool)─┐      └─ ctrl→host → TRANSFER_OUT
+//!                        host→ctrl: TRANSFER_IN ←──┘            (RDMA WRITE)   │
+//!                        (RDMA READ) → EXECUTING                               ↓
+//!                                      AER: AWAIT_EVENT ─────→ COMPLETING (send CQE) → FREE
+//! ```
+//!
+//! A request waits in NEED_BUFFER while the pool is empty, and in NEED_BUFFER /
+//! TRANSFER_OUT / COMPLETING while the wire is busy: commands are never dropped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvme::spec::{admin_opc, io_opc, Cqe, Sqe, Status, U16, U32};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::controller::Controller;
+use super::{admin, io, TargetShared};
+use crate::fabrics::{
+    DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET, OPC_FABRICS,
+};
+use crate::pool::{BufIdx, BufferPool};
+use crate::wire::{Qpair, RemoteBuf, TransferDone};
+
+/// Where a request is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqState {
+    /// Unused slot.
+    Free,
+    /// Capsule received, not yet parsed.
+    New,
+    /// Waiting for a data buffer (or for the wire to take the RDMA READ).
+    NeedBuffer,
+    /// RDMA READ of host data in flight.
+    TransferIn,
+    /// Ready to execute.
+    Executing,
+    /// An Asynchronous Event Request held until an event occurs.
+    AwaitEvent,
+    /// Result data to send: RDMA WRITE posted (`posted`) or waiting for the wire.
+    TransferOut,
+    /// Response to send.
+    Completing,
+}
+
+/// Data direction of a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dir {
+    None,
+    ToCtrl,
+    FromCtrl,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Data {
+    None,
+    InCapsule { offset: usize, len: usize },
+    Pool { idx: BufIdx, len: usize },
+}
+
+/// What executing a command produced.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Outcome {
+    pub status: Status,
+    /// CQE DW0 | DW1 << 32.
+    pub result: u64,
+    /// Bytes of result data to send to the host (ctrl→host commands).
+    pub out_len: usize,
+    /// Parameter error location for the error log.
+    pub loc: u16,
+    /// Hold the request (Asynchronous Event Request).
+    pub park: bool,
+}
+
+impl Outcome {
+    pub fn ok() -> Self {
+        Outcome {
+            status: Status::SUCCESS,
+            result: 0,
+            out_len: 0,
+            loc: 0xffff,
+            park: false,
+        }
+    }
+    pub fn data(out_len: usize) -> Self {
+        Outcome {
+            out_len,
+            ..Self::ok()
+        }
+    }
+    pub fn result(result: u64) -> Self {
+        Outcome {
+            result,
+            ..Self::ok()
+        }
+    }
+    pub fn err(status: Status, loc: u16) -> Self {
+        Outcome {
+            status: status.with_dnr(),
+            loc,
+            ..Self::ok()
+        }
+    }
+}
+
+struct Request {
+    state: ReqState,
+    posted: bool,
+    cmd: Sqe,
+    icd: Box<[u8]>,
+    icd_len: usize,
+    sgl: Option<DataSgl>,
+    dir: Dir,
+    data: Data,
+    out: Outcome,
+}
+
+/// Counters of one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queue id.
+    pub qid: u16,
+    /// Controller id (0 before Connect).
+    pub cntlid: u16,
+    /// Commands received.
+    pub commands: u64,
+    /// Commands completed with an error status.
+    pub errors: u64,
+    /// Times a request waited for a data buffer.
+    pub buffer_waits: u64,
+    /// Times the wire was busy (send credits / WR slots).
+    pub wire_busy: u64,
+    /// Requests in use right now.
+    pub in_flight: u16,
+}
+
+/// Queue state other than the request array (so execution can borrow both).
+pub(crate) struct QueueCtx {
+    pub shared: Arc<TargetShared>,
+    /// Queue id from the CM request; Connect must match it.
+    pub qid: u16,
+    /// Entries (CM hsqsize + 1).
+    pub entries: u16,
+    pub ctrl: Option<Arc<Controller>>,
+    pub sqhd: u16,
+    pub aers: usize,
+    pub stats: QueueStats,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Live,
+    Draining,
+    Closed,
+}
+
+/// A queue on the wire plus its preallocated requests.
+pub(crate) struct QueueHandler<Q: Qpair> {
+    qp: Q,
+    reqs: Box<[Request]>,
+    free: Vec<u16>,
+    ctx: QueueCtx,
+    phase: Phase,
+    next_ka_check: Option<Instant>,
+}
+
+const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
+
+impl<Q: Qpair> QueueHandler<Q> {
+    pub fn new(qp: Q, qid: u16, entries: u16, shared: Arc<TargetShared>) -> Self {
+        let icd = shared.limits.in_capsule_data_size as usize;
+        let reqs = (0..entries)
+            .map(|_| Request {
+                state: ReqState::Free,
+                posted: false,
+                cmd: Sqe::default(),
+                icd: vec![0u8; icd].into_boxed_slice(),
+                icd_len: 0,
+                sgl: None,
+                dir: Dir::None,
+                data: Data::None,
+                out: Outcome::ok(),
+            })
+            .collect();
+        QueueHandler {
+            qp,
+            reqs,
+            free: (0..entries).rev().collect(),
+            ctx: QueueCtx {
+                shared,
+                qid,
+                entries,
+                ctrl: None,
+                sqhd: 0,
+                aers: 0,
+                stats: QueueStats {
+                    qid,
+                    ..Default::default()
+                },
+            },
+            phase: Phase::Live,
+            next_ka_check: None,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let mut s = self.ctx.stats;
+        s.cntlid = self.ctx.ctrl.as_ref().map_or(0, |c| c.cntlid());
+        s.in_flight = self.ctx.entries - self.free.len() as u16;
+        s
+    }
+
+    pub fn begin_teardown(&mut self, why: &str) {
+        if self.phase == Phase::Live {
+            tracing::debug!(qid = self.ctx.qid, why, "queue teardown");
+            self.qp.disconnect();
+            self.phase = Phase::Draining;
+        }
+    }
+
+    /// Drives the queue once; returns the work done.
+    pub fn poll(&mut self, pool: &mut BufferPool, now: Instant) -> usize {
+        match self.phase {
+            Phase::Closed => return 0,
+            Phase::Draining => return self.drain(pool),
+            Phase::Live => {}
+        }
+        if !self.qp.is_connected() {
+            self.begin_teardown("disconnected by host");
+            return 1 + self.drain(pool);
+        }
+        if let Some(ctrl) = &self.ctx.ctrl {
+            if !ctrl.is_alive() {
+                self.begin_teardown("controller gone");
+                return 1 + self.drain(pool);
+            }
+            if self.ctx.qid == 0 && self.next_ka_check.is_none_or(|t| now >= t) {
+                self.next_ka_check = Some(now + KA_CHECK_PERIOD);
+                if ctrl.keep_alive_expired(now) {
+                    tracing::warn!(
+                        cntlid = ctrl.cntlid(),
+                        "keep-alive timeout: controller torn down"
+                    );
+                    ctrl.lock().csts.0 |= nvme::spec::Csts::CFS;
+                    self.begin_teardown("keep-alive timeout");
+                    return 1 + self.drain(pool);
+                }
+            }
+        }
+        let mut work = 0;
+        while let Some(t) = self.qp.poll_transfer() {
+            self.transfer_done(t);
+            work += 1;
+        }
+        while let Some(&tag) = self.free.last() {
+            let req = &mut self.reqs[usize::from(tag)];
+            let mut cmd = [0u8; 64];
+            let Some(r) = self.qp.poll_capsule(&mut cmd, &mut req.icd) else {
+                break;
+            };
+            self.free.pop();
+            req.cmd = Sqe::read_from_bytes(&cmd).unwrap_or_default();
+            req.icd_len = r.icd_len;
+            req.state = ReqState::New;
+            req.posted = false;
+            req.data = Data::None;
+            self.ctx.sqhd = (self.ctx.sqhd + 1) % self.ctx.entries.max(1);
+            self.ctx.stats.commands += 1;
+            work += 1;
+        }
+        if self.free.len() < self.reqs.len() {
+            for tag in 0..self.reqs.len() {
+                work += self.advance(tag, pool, now);
+            }
+        }
+        work
+    }
+
+    fn transfer_done(&mut self, t: TransferDone) {
+        let Some(req) = self.reqs.get_mut(usize::from(t.tag)) else {
+            return;
+        };
+        match (req.state, t.ok) {
+            (ReqState::TransferIn, true) => req.state = ReqState::Executing,
+            (ReqState::TransferOut, true) => req.state = ReqState::Completing,
+            (ReqState::TransferIn | ReqState::TransferOut, false) => {
+                req.out = Outcome::err(Status::DATA_TRANSFER_ERROR, 24);
+                req.state = ReqState::Completing;
+            }
+            (s, _) => {
+                tracing::warn!(tag = t.tag, state = ?s, "transfer completion for idle request")
+            }
+        }
+    }
+
+    /// Moves request `tag` forward as far as it can go now.
+    fn advance(&mut self, tag: usize, pool: &mut BufferPool, now: Instant) -> usize {
+        let mut steps = 0;
+        loop {
+            let req = &mut self.reqs[tag];
+            let before = (req.state, req.posted);
+            match req.state {
+                ReqState::Free | ReqState::TransferIn => break,
+                ReqState::New => match parse(&self.ctx, req) {
+                    Ok(next) => req.state = next,
+                    Err(out) => {
+                        req.out = out;
+                        req.state = ReqState::Completing;
+                    }
+                },
+                ReqState::NeedBuffer => {
+                    if matches!(req.data, Data::None) {
+                        match pool.alloc() {
+                            Some(idx) => {
+                                let len = sgl_len(req.sgl) as usize;
+                                req.data = Data::Pool { idx, len };
+                            }
+                            None => {
+                                self.ctx.stats.buffer_waits += 1;
+                                break;
+                            }
+                        }
+                    }
+                    if req.dir == Dir::ToCtrl {
+                        let Data::Pool { idx, len } = req.data else {
+                            break;
+                        };
+                        let remote = remote_of(req.sgl);
+                        match self
+                            .qp
+                            .post_read(tag as u16, remote, pool.slice_mut(idx, len))
+                        {
+                            Ok(()) => req.state = ReqState::TransferIn,
+                            Err(_) => {
+                                self.ctx.stats.wire_busy += 1;
+                                break;
+                            }
+                        }
+                    } else {
+                        req.state = ReqState::Executing;
+                    }
+                }
+                ReqState::Executing => {
+                    let cmd = req.cmd;
+                    let out = {
+                        let data: &mut [u8] = match req.data {
+                            Data::None => &mut [],
+                            Data::InCapsule { offset, len } => &mut req.icd[offset..offset + len],
+                            Data::Pool { idx, len } => pool.slice_mut(idx, len),
+                        };
+                        execute(&mut self.ctx, &cmd, req.dir, data, now)
+                    };
+                    req.out = out;
+                    req.state = if out.park {
+                        self.ctx.aers += 1;
+                        ReqState::AwaitEvent
+                    } else if out.status.is_success() && req.dir == Dir::FromCtrl && out.out_len > 0
+                    {
+                        ReqState::TransferOut
+                    } else {
+                        ReqState::Completing
+                    };
+                }
+                ReqState::AwaitEvent => {
+                    let ev = self.ctx.ctrl.as_ref().and_then(|c| c.take_event());
+                    match ev {
+                        Some(dw0) => {
+                            self.ctx.aers -= 1;
+                            req.out = Outcome::result(u64::from(dw0));
+                            req.state = ReqState::Completing;
+                        }
+                        None => break,
+                    }
+                }
+                ReqState::TransferOut => {
+                    if req.posted {
+                        break;
+                    }
+                    let Data::Pool { idx, len } = req.data else {
+                        req.state = ReqState::Completing;
+                        continue;
+                    };
+                    let n = req.out.out_len.min(len);
+                    let mut remote = remote_of(req.sgl);
+                    remote.len = n as u32;
+                    match self.qp.post_write(tag as u16, remote, pool.slice(idx, n)) {
+                        Ok(()) => req.posted = true,
+                        Err(_) => {
+                            self.ctx.stats.wire_busy += 1;
+                            break;
+                        }
+                    }
+                }
+                ReqState::Completing => {
+                    if !self.complete(tag, pool) {
+                        break;
+                    }
+                }
+            }
+            if (req_state(&self.reqs[tag]), self.reqs[tag].posted) == before {
+                break;
+            }
+            steps += 1;
+        }
+        steps
+    }
+
+    /// Sends the response of request `tag`; false when the wire is busy.
+    fn complete(&mut self, tag: usize, pool: &mut BufferPool) -> bool {
+        let req = &mut self.reqs[tag];
+        let out = req.out;
+        let cid = req.cmd.cid();
+        let cqe = Cqe {
+            dw0: U32::new(out.result as u32),
+            dw1: U32::new((out.result >> 32) as u32),
+            sq_head: U16::new(self.ctx.sqhd),
+            sq_id: U16::new(self.ctx.qid),
+            cid: U16::new(cid),
+            status: U16::new(out.status.to_field_with_phase(false)),
+        };
+        let invalidate = match req.sgl {
+            Some(DataSgl::Keyed {
+                key,
+                invalidate: true,
+                ..
+            }) => Some(key),
+            _ => None,
+        };
+        if self.qp.send_response(&cqe, invalidate).is_err() {
+            self.ctx.stats.wire_busy += 1;
+            return false;
+        }
+        if !out.status.is_success() {
+            self.ctx.stats.errors += 1;
+            if let Some(ctrl) = &self.ctx.ctrl {
+                let c = &req.cmd;
+                let lba = if self.ctx.qid != 0 { c.slba() } else { 0 };
+                ctrl.log_error(self.ctx.qid, cid, out.status, out.loc, lba, c.nsid.get());
+            }
+        }
+        if let Data::Pool { idx, .. } = req.data {
+            pool.release(idx);
+        }
+        req.data = Data::None;
+        req.sgl = None;
+        req.state = ReqState::Free;
+        req.posted = false;
+        self.free.push(tag as u16);
+        true
+    }
+
+    /// Teardown: wait for posted transfers to be flushed, then free everything.
+    fn drain(&mut self, pool: &mut BufferPool) -> usize {
+        let mut work = 0;
+        while let Some(t) = self.qp.poll_transfer() {
+            if let Some(req) = self.reqs.get_mut(usize::from(t.tag)) {
+                if matches!(req.state, ReqState::TransferIn | ReqState::TransferOut) {
+                    req.state = ReqState::Completing;
+                    req.posted = false;
+                }
+            }
+            work += 1;
+        }
+        let in_wire = self.reqs.iter().any(|r| {
+            r.state == ReqState::TransferIn || (r.state == ReqState::TransferOut && r.posted)
+        });
+        if in_wire {
+            return work;
+        }
+        for (tag, req) in self.reqs.iter_mut().enumerate() {
+            if req.state != ReqState::Free {
+                if let Data::Pool { idx, .. } = req.data {
+                    pool.release(idx);
+                }
+                req.data = Data::None;
+                req.state = ReqState::Free;
+                self.free.push(tag as u16);
+            }
+        }
+        if let Some(ctrl) = self.ctx.ctrl.take() {
+            if self.ctx.qid == 0 {
+                ctrl.kill();
+                self.ctx.shared.remove_controller(ctrl.cntlid());
+            } else {
+                ctrl.release_io_queue(self.ctx.qid);
+            }
+        }
+        self.phase = Phase::Closed;
+        work + 1
+    }
+}
+
+fn req_state(r: &Request) -> ReqState {
+    r.state
+}
+
+fn sgl_len(sgl: Option<DataSgl>) -> u32 {
+    match sgl {
+        Some(DataSgl::Keyed { len, .. }) | Some(DataSgl::InCapsule { len, .. }) => len,
+        None => 0,
+    }
+}
+
+fn remote_of(sgl: Option<DataSgl>) -> RemoteBuf {
+    match sgl {
+        Some(DataSgl::Keyed { addr, len, key, .. }) => RemoteBuf { addr, len, key },
+        _ => RemoteBuf {
+            addr: 0,
+            len: 0,
+            key: 0,
+        },
+    }
+}
+
+/// Byte offsets used as parameter error locations.
+pub(crate) mod loc {
+    pub const FLAGS: u16 = 1;
+    pub const NSID: u16 = 4;
+    pub const FCTYPE: u16 = 4;
+    pub const OPCODE: u16 = 0;
+    pub const SGL: u16 = 24;
+    pub const SGL_ID: u16 = 39;
+    pub const CDW10: u16 = 40;
+    pub const CDW11: u16 = 44;
+    pub const CDW12: u16 = 48;
+}
+
+/// What a command needs, decided by opcode before anything executes.
+struct Shape {
+    dir: Dir,
+    /// Exact data length required (`Some`) or the maximum useful length (`None` + max).
+    exact: Option<u32>,
+    max: u32,
+}
+
+fn shape_none() -> Shape {
+    Shape {
+        dir: Dir::None,
+        exact: None,
+        max: 0,
+    }
+}
+
+/// Validates a new command and decides its next state (parse, then execute).
+fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
+    let cmd = &req.cmd;
+    if cmd.fuse() != 0 || cmd.psdt() != 1 {
+        return Err(Outcome::err(Status::INVALID_FIELD, loc::FLAGS));
+    }
+    let opc = cmd.opcode();
+    let fctype = cmd.as_bytes()[4];
+    let shape = match &ctx.ctrl {
+        None => {
+            if opc != OPC_FABRICS || fctype != FCTYPE_CONNECT {
+                return Err(Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE));
+            }
+            Shape {
+                dir: Dir::ToCtrl,
+                exact: Some(1024),
+                max: 1024,
+            }
+        }
+        Some(ctrl) => {
+            if opc == OPC_FABRICS {
+                match fctype {
+                    FCTYPE_PROPERTY_GET | FCTYPE_PROPERTY_SET if ctx.qid == 0 => shape_none(),
+                    FCTYPE_CONNECT => {
+                        return Err(Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::FCTYPE))
+                    }
+                    _ => return Err(Outcome::err(Status::INVALID_OPCODE, loc::FCTYPE)),
+                }
+            } else if !ctrl.is_ready() {
+                return Err(Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE));
+            } else if ctx.qid == 0 {
+                admin_shape(ctrl, cmd)?
+            } else {
+                io_shape(ctrl, cmd)?
+            }
+        }
+    };
+    req.dir = shape.dir;
+    req.sgl = None;
+    if shape.dir == Dir::None {
+        return Ok(ReqState::Executing);
+    }
+    let mdts = ctx.shared.limits.max_io_size;
+    let desc = SglDescriptor::read_from_bytes(&cmd.as_bytes()[24..40]).unwrap_or_default();
+    let sgl = desc
+        .decode()
+        .map_err(|_| Outcome::err(Status::SGL_DESCRIPTOR_TYPE_INVALID, loc::SGL_ID))?;
+    let len = sgl_len(Some(sgl));
+    if len > mdts {
+        return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL));
+    }
+    match shape.exact {
+        Some(n) if len != n => return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL)),
+        None if shape.max > 0 && len > shape.max => {
+            // More room than needed: move only what the command produces.
+        }
+        _ => {}
+    }
+    let sgl = match sgl {
+        DataSgl::Keyed {
+            addr,
+            len,
+            key,
+            invalidate,
+        } if shape.exact.is_none() => DataSgl::Keyed {
+            addr,
+            len: len.min(shape.max.max(1)),
+            key,
+            invalidate,
+        },
+        s => s,
+    };
+    req.sgl = Some(sgl);
+    match sgl {
+        DataSgl::InCapsule { offset, len } => {
+            if shape.dir != Dir::ToCtrl {
+                return Err(Outcome::err(Status::INVALID_FIELD, loc::SGL_ID));
+            }
+            let cap = req.icd.len();
+            if offset > req.icd_len.min(cap) as u64 {
+                return Err(Outcome::err(Status::SGL_OFFSET_INVALID, loc::SGL));
+            }
+            let end = offset + u64::from(len);
+            if req.icd_len > cap || end > req.icd_len as u64 {
+                return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL));
+            }
+            req.data = Data::InCapsule {
+                offset: offset as usize,
+                len: len as usize,
+            };
+            Ok(ReqState::Executing)
+        }
+        DataSgl::Keyed { len: 0, .. } => Ok(ReqState::Executing),
+        DataSgl::Keyed { .. } => Ok(ReqState::NeedBuffer),
+    }
+}
+
+fn admin_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
+    let discovery = ctrl.subsystem().discovery;
+    let from = |max: u32| Shape {
+        dir: Dir::FromCtrl,
+        exact: None,
+        max,
+    };
+    Ok(match cmd.opcode() {
+        admin_opc::IDENTIFY => from(4096),
+        admin_opc::GET_LOG_PAGE => {
+            let numd = (cmd.cdw10.get() >> 16) | ((cmd.cdw11.get() & 0xffff) << 16);
+            from((numd + 1).saturating_mul(4))
+        }
+        admin_opc::SET_FEATURES | admin_opc::GET_FEATURES => shape_none(),
+        admin_opc::KEEP_ALIVE | admin_opc::ASYNC_EVENT_REQUEST => shape_none(),
+        _ if discovery => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
+        _ => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
+    })
+}
+
+fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
+    let opc = cmd.opcode();
+    if !matches!(
+        opc,
+        io_opc::READ
+            | io_opc::WRITE
+            | io_opc::FLUSH
+            | io_opc::WRITE_ZEROES
+            | io_opc::DATASET_MANAGEMENT
+    ) {
+        return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE));
+    }
+    let nsid = cmd.nsid.get();
+    let sub = ctrl.subsystem();
+    if opc == io_opc::FLUSH && nsid == u32::MAX {
+        return Ok(shape_none());
+    }
+    let Some(ns) = sub.namespace(nsid) else {
+        return Err(Outcome::err(Status::INVALID_NAMESPACE, loc::NSID));
+    };
+    let bs = ns.backend.block_size();
+    Ok(match opc {
+        io_opc::READ | io_opc::WRITE => {
+            let nlb = u32::from(cmd.nlb0()) + 1;
+            let len = nlb.saturating_mul(bs);
+            let dir = if opc == io_opc::READ {
+                Dir::FromCtrl
+            } else {
+                Dir::ToCtrl
+            };
+            // The LBA range is checked before the SGL length so that a bad range reports
+            // LBA Out of Range whatever the descriptor says.
+            let end = cmd.slba().checked_add(u64::from(nlb));
+            if end.is_none_or(|e| e > ns.backend.block_count()) {
+                return Err(Outcome::err(Status::LBA_OUT_OF_RANGE, loc::CDW10));
+            }
+            Shape {
+                dir,
+                exact: Some(len),
+                max: len,
+            }
+        }
+        io_opc::DATASET_MANAGEMENT => {
+            let len = ((cmd.cdw10.get() & 0xff) + 1) * 16;
+            Shape {
+                dir: Dir::ToCtrl,
+                exact: Some(len),
+                max: len,
+            }
+        }
+        _ => shape_none(),
+    })
+}
+
+fn execute(ctx: &mut QueueCtx, cmd: &Sqe, dir: Dir, data: &mut [u8], now: Instant) -> Outcome {
+    if cmd.opcode() == OPC_FABRICS {
+        return admin::fabrics(ctx, cmd, data, now);
+    }
+    let Some(ctrl) = ctx.ctrl.clone() else {
+        return Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE);
+    };
+    let out = if ctx.qid == 0 {
+        admin::execute(ctx, &ctrl, cmd, data, now)
+    } else {
+        io::execute(&ctrl, cmd, data)
+    };
+    if out.status.is_success() && ctx.qid != 0 {
+        let n = data.len() as u64;
+        match cmd.opcode() {
+            io_opc::READ => {
+                ctrl.stats.read_commands.fetch_add(1, Ordering::Relaxed);
+                ctrl.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            }
+            io_opc::WRITE => {
+                ctrl.stats.write_commands.fetch_add(1, Ordering::Relaxed);
+                ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+    let _ = dir;
+    out
+}

@@ -1,0 +1,112 @@
+//! The transport interface: what the NVMe-oF core needs from a wire.
+//!
+//! "The core owns the NVMe protocol, the transport owns the wire." A transport (RDMA, or
+//! the in-process [`loopback`](crate::loopback)) delivers command capsules, moves data
+//! between host memory and the core's buffers (RDMA READ/WRITE of keyed SGLs) and sends
+//! response capsules. It knows nothing about NVMe commands; the core knows nothing about
+//! verbs. Modelled on SPDK's `spdk_nvmf_transport_ops` and Linux `nvmet_fabrics_ops`.
+//!
+//! Ownership rule for data transfers: a buffer passed to [`Qpair::post_read`] or
+//! [`Qpair::post_write`] lies in memory the poll group registered through
+//! [`WirePollGroup::register_memory`], and the core does not touch it until the
+//! matching [`TransferDone`] comes back from [`Qpair::poll_transfer`] (also after
+//! [`Qpair::disconnect`]: a transport must report every posted transfer, flushed ones
+//! with `ok = false`).
+
+use nvme::spec::Cqe;
+
+use crate::error::Result;
+use crate::fabrics::{CmAccept, CmReject};
+
+/// A remote (host) memory region named by a keyed SGL descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteBuf {
+    /// Host virtual / bus address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Remote key.
+    pub key: u32,
+}
+
+/// The transport has no room right now (send credits, work-request slots); retry later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Busy;
+
+/// A finished data transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferDone {
+    /// The tag given when posting (the request slot).
+    pub tag: u16,
+    /// False when the transfer failed or was flushed by a disconnect.
+    pub ok: bool,
+}
+
+/// A received command capsule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes of in-capsule data that arrived after the 64-byte command. May exceed the
+    /// buffer given to [`Qpair::poll_capsule`]; only what fits was copied.
+    pub icd_len: usize,
+}
+
+/// One queue pair (one NVMe-oF queue, admin or I/O) on the wire.
+pub trait Qpair {
+    /// Takes the next received command capsule: the 64-byte command into `cmd`, in-capsule
+    /// data into `icd`. Returns `None` when nothing is pending.
+    fn poll_capsule(&mut self, cmd: &mut [u8; 64], icd: &mut [u8]) -> Option<Received>;
+    /// Starts an RDMA READ of `remote` into `local` (host → target data).
+    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy>;
+    /// Starts an RDMA WRITE of `local` to `remote` (target → host data).
+    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &[u8]) -> Result<(), Busy>;
+    /// Takes the next finished transfer.
+    fn poll_transfer(&mut self) -> Option<TransferDone>;
+    /// Sends a response capsule; `invalidate` asks the host's key to be invalidated
+    /// (RDMA SEND with invalidate).
+    fn send_response(&mut self, cqe: &Cqe, invalidate: Option<u32>) -> Result<(), Busy>;
+    /// Whether the connection is still up.
+    fn is_connected(&self) -> bool;
+    /// Starts tearing the connection down (QP to error; posted transfers get flushed).
+    fn disconnect(&mut self);
+}
+
+/// A connection request waiting for the core's decision.
+pub trait Incoming {
+    /// The queue pair type an accepted connection becomes.
+    type Qpair: Qpair;
+    /// The NVMe-oF private data of the request (see [`crate::fabrics::CmRequest`]).
+    fn private_data(&self) -> &[u8];
+    /// Accepts with `accept` as private data; the queue gets `entries` receive slots of
+    /// 64 + `icd_size` bytes.
+    fn accept(self, accept: &CmAccept, entries: u16, icd_size: u32) -> Result<Self::Qpair>;
+    /// Rejects with `reject` as private data.
+    fn reject(self, reject: &CmReject);
+}
+
+/// Per-core wire state: shared completion queue, shared receive queue, registered memory.
+pub trait WirePollGroup {
+    /// Queue pairs this group drives.
+    type Qpair: Qpair;
+    /// Registers the core's data-buffer memory (the pool) with the wire (an MR).
+    fn register_memory(&mut self, region: &mut [u8]) -> Result<()>;
+    /// Moves `qp` onto this group (shared CQ/SRQ).
+    fn add(&mut self, qp: &mut Self::Qpair) -> Result<()>;
+    /// Processes wire events (shared CQ); returns how many were handled.
+    fn poll(&mut self) -> usize;
+}
+
+/// A fabric transport: listens, yields incoming connections, creates poll groups.
+pub trait Transport {
+    /// Queue pairs.
+    type Qpair: Qpair;
+    /// Connection requests.
+    type Incoming: Incoming<Qpair = Self::Qpair>;
+    /// Per-core wire state.
+    type PollGroup: WirePollGroup<Qpair = Self::Qpair>;
+    /// Transport name (`rdma`, `loopback`).
+    fn name(&self) -> &'static str;
+    /// Next pending connection request.
+    fn poll_incoming(&mut self) -> Option<Self::Incoming>;
+    /// Creates the wire side of a poll group.
+    fn create_poll_group(&mut self) -> Result<Self::PollGroup>;
+}

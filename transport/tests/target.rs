@@ -1,0 +1,811 @@
+//! The whole target driven over the loopback transport.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvme::spec::{
+    cns, feat, log, nidt, parse_ns_id_descriptors, reg, Cap, DsmRange, ErrorLogEntry,
+    IdentifyController, IdentifyNamespace, SmartLog, Status, U32,
+};
+use transport::fabrics::{
+    cm_reject, connect_status, ConnectResponse, DiscoveryLogEntry, DiscoveryLogHeader,
+    SglDescriptor, CNTLID_DYNAMIC, DISCOVERY_NQN,
+};
+use transport::initiator::{cm_request, cmd};
+use transport::loopback::LinkState;
+use zerocopy::{FromBytes, IntoBytes};
+
+fn connect_status_of(sc: u8) -> Status {
+    Status::new(nvme::spec::sct::COMMAND_SPECIFIC, sc)
+}
+
+#[test]
+fn admin_connect_properties_identify() {
+    let mut rig = Rig::default_rig();
+    let mut q = rig.open(0, 32);
+    // Before Connect, nothing but Connect is accepted.
+    let c = rig.exec(&mut q, cmd::keep_alive(), &[]);
+    assert_status(&c, Status::COMMAND_SEQUENCE_ERROR);
+    let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 31, 0);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let ConnectResponse::Success { cntlid, .. } =
+        ConnectResponse::from_result(cmd::result64(&c), true)
+    else {
+        unreachable!()
+    };
+    assert!((1..0xfff0).contains(&cntlid));
+    assert_eq!(c.sq_id.get(), 0);
+    // The Connect data came over "RDMA READ".
+    assert_eq!(q.wire().rdma_ops().0, 1);
+    // Admin commands need CC.EN first.
+    let r = q.wire().register(4096);
+    let c = rig.exec(&mut q, cmd::identify(cns::CONTROLLER, 0, keyed(r)), &[]);
+    assert_status(&c, Status::COMMAND_SEQUENCE_ERROR);
+
+    let cap = Cap(cmd::result64(
+        &rig.exec(&mut q, cmd::property_get(reg::CAP as u32, true), &[])
+            .cqe,
+    ));
+    assert_eq!(cap.mqes(), 31);
+    assert_eq!(cap.css() & 1, 1);
+    let vs = rig
+        .exec(&mut q, cmd::property_get(reg::VS as u32, false), &[])
+        .cqe
+        .dw0
+        .get();
+    assert_eq!(vs, 0x0001_0300);
+    // CAP is 8 bytes: a 4-byte read of it is invalid, as is an unknown offset.
+    let c = rig.exec(&mut q, cmd::property_get(reg::CAP as u32, false), &[]);
+    assert_status(&c, Status::INVALID_FIELD);
+    let c = rig.exec(&mut q, cmd::property_get(0x400, false), &[]);
+    assert_status(&c, Status::INVALID_FIELD);
+    rig.enable(&mut q);
+
+    let c = rig.exec(&mut q, cmd::identify(cns::CONTROLLER, 0, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let id = IdentifyController::read_from_bytes(&q.wire().read_region(r)).unwrap();
+    assert_eq!(id.cntlid.get(), cntlid);
+    assert_eq!(id.serial(), "SN123");
+    assert_eq!(id.model(), "loopback test");
+    assert_eq!(id.subsystem_nqn(), SUBNQN);
+    assert_eq!(id.mdts, 5); // 128 KiB in 4 KiB pages
+    assert_eq!(id.sgls.get() & 0b101, 0b101, "SGLs + keyed SGL data blocks");
+    assert_ne!(
+        id.sgls.get() & (1 << 20),
+        0,
+        "SGL offsets (in-capsule data)"
+    );
+    assert_eq!(id.ioccsz.get(), (64 + 8192) / 16);
+    assert_eq!(id.iorcsz.get(), 1);
+    assert_eq!(id.msdbd, 1);
+    assert_eq!(id.nn.get(), 1);
+    assert_eq!(id.cntrltype, 1);
+
+    let c = rig.exec(&mut q, cmd::identify(cns::NAMESPACE, 1, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let ns = IdentifyNamespace::read_from_bytes(&q.wire().read_region(r)).unwrap();
+    assert_eq!(ns.nsze.get(), 4 << 20 >> 9);
+    assert_eq!(ns.block_size(), 512);
+
+    let c = rig.exec(&mut q, cmd::identify(cns::ACTIVE_NS_LIST, 0, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let list = q.wire().read_region(r);
+    assert_eq!(&list[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+
+    let c = rig.exec(
+        &mut q,
+        cmd::identify(cns::NS_ID_DESCRIPTORS, 1, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let descs = parse_ns_id_descriptors(&q.wire().read_region(r));
+    assert_eq!(descs[0].nidt, nidt::NGUID);
+    assert_eq!(descs[0].nid, ns.nguid.to_vec());
+
+    let c = rig.exec(
+        &mut q,
+        cmd::identify(cns::NAMESPACE, 0xffff_ffff, keyed(r)),
+        &[],
+    );
+    assert_status(&c, Status::INVALID_NAMESPACE);
+    let c = rig.exec(&mut q, cmd::identify(0x55, 0, keyed(r)), &[]);
+    assert_status(&c, Status::INVALID_FIELD);
+
+    // Shutdown notification completes.
+    let cc = 1 | (6 << 16) | (4 << 20) | (1 << 14);
+    rig.exec(&mut q, cmd::property_set(reg::CC as u32, cc), &[]);
+    let csts = rig
+        .exec(&mut q, cmd::property_get(reg::CSTS as u32, false), &[])
+        .cqe
+        .dw0
+        .get();
+    assert_eq!((csts >> 2) & 3, 2, "SHST complete");
+}
+
+#[test]
+fn io_write_read_keyed_and_in_capsule() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    let c = rig.exec(&mut admin, cmd::set_num_queues(2), &[]);
+    assert_eq!(c.cqe.dw0.get(), 1 | (1 << 16));
+    let mut io = rig.io(1, cntlid);
+
+    // In-capsule write of 8 blocks (4 KiB).
+    let a = pattern(4096, 1);
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 0, 8, SglDescriptor::in_capsule(0, 4096)),
+        &a,
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(c.cqe.sq_id.get(), 1);
+    // Keyed write of 128 KiB (MDTS) via RDMA READ.
+    let b = pattern(128 * 1024, 7);
+    let wr = io.wire().register(b.len() as u32);
+    io.wire().write_region(wr, 0, &b);
+    let c = rig.exec(&mut io, cmd::write(1, 8, 256, keyed(wr)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    // Read both back in one keyed read (RDMA WRITE to host).
+    let rd = io.wire().register(4096 + b.len() as u32);
+    let c = rig.exec(
+        &mut io,
+        cmd::read(1, 0, 8, SglDescriptor::keyed(rd.addr, 4096, rd.key, false)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let c = rig.exec(
+        &mut io,
+        cmd::read(
+            1,
+            8,
+            256,
+            SglDescriptor::keyed(rd.addr + 4096, b.len() as u32, rd.key, false),
+        ),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let back = io.wire().read_region(rd);
+    assert_eq!(&back[..4096], &a[..]);
+    assert_eq!(&back[4096..], &b[..]);
+    let (reads, writes) = io.wire().rdma_ops();
+    assert_eq!((reads, writes), (1, 2));
+
+    // Flush, Write Zeroes, Dataset Management deallocate.
+    assert_eq!(
+        rig.exec(&mut io, cmd::flush(1), &[]).status(),
+        Status::SUCCESS
+    );
+    assert_eq!(
+        rig.exec(&mut io, cmd::flush(0xffff_ffff), &[]).status(),
+        Status::SUCCESS
+    );
+    assert_eq!(
+        rig.exec(&mut io, cmd::write_zeroes(1, 0, 4), &[]).status(),
+        Status::SUCCESS
+    );
+    let range = DsmRange::new(8, 8);
+    let c = rig.exec(
+        &mut io,
+        cmd::deallocate(1, 1, SglDescriptor::in_capsule(0, 16)),
+        range.as_bytes(),
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let small = io.wire().register(16 * 512);
+    let c = rig.exec(&mut io, cmd::read(1, 0, 16, keyed(small)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let back = io.wire().read_region(small);
+    assert!(back[..2048].iter().all(|&x| x == 0), "write zeroes");
+    assert_eq!(&back[2048..4096], &a[2048..4096]);
+    assert!(back[4096..].iter().all(|&x| x == 0), "deallocated");
+
+    // SMART counts the I/O; the invalidate flag travels back with the response.
+    let inv = io.wire().register(512);
+    io.submit(
+        cmd::read(1, 0, 1, SglDescriptor::keyed(inv.addr, 512, inv.key, true)),
+        &[],
+        0,
+    )
+    .unwrap();
+    rig.pump();
+    let (cqe, key) = io.wire().recv().expect("response");
+    assert_eq!(cqe.status(), Status::SUCCESS);
+    assert_eq!(key, Some(inv.key));
+
+    let lr = admin.wire().register(512);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::SMART, 0xffff_ffff, 512, 0, keyed(lr)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let smart = SmartLog::read_from_bytes(&admin.wire().read_region(lr)).unwrap();
+    assert_eq!(smart.host_write_commands.get(), 2);
+    assert_eq!(smart.host_read_commands.get(), 4);
+    let s = rig.group.queue_stats();
+    assert!(s
+        .iter()
+        .any(|q| q.qid == 1 && q.cntlid == cntlid && q.errors == 0));
+}
+
+#[test]
+fn malformed_commands_get_exact_status_and_queue_lives() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let buf = io.wire().register(256 * 1024);
+    let ok_read = |rig: &mut Rig, io: &mut HostQ| {
+        let c = rig.exec(
+            io,
+            cmd::read(1, 0, 1, SglDescriptor::keyed(buf.addr, 512, buf.key, false)),
+            &[],
+        );
+        assert_eq!(c.status(), Status::SUCCESS, "queue must keep working");
+    };
+
+    // Unknown opcodes.
+    let mut s = cmd::flush(1);
+    s.cdw0 = U32::new((s.cdw0.get() & !0xff) | 0x7e);
+    let c = rig.exec(&mut io, s, &[]);
+    assert_status(&c, Status::INVALID_OPCODE);
+    assert!(c.status().dnr());
+    let mut s = cmd::keep_alive();
+    s.cdw0 = U32::new((s.cdw0.get() & !0xff) | 0xc5);
+    assert_status(&rig.exec(&mut admin, s, &[]), Status::INVALID_OPCODE);
+    ok_read(&mut rig, &mut io);
+
+    // Bad SGL type (segment descriptor, 0x20) and a bit-bucket (0x10).
+    for id in [0x20u8, 0x10, 0x4e] {
+        let mut d = SglDescriptor::keyed(buf.addr, 512, buf.key, false);
+        d.id = id;
+        let c = rig.exec(&mut io, cmd::read(1, 0, 1, d), &[]);
+        assert_status(&c, Status::SGL_DESCRIPTOR_TYPE_INVALID);
+    }
+    // SGL longer than MDTS (128 KiB).
+    let c = rig.exec(
+        &mut io,
+        cmd::read(
+            1,
+            0,
+            1,
+            SglDescriptor::keyed(buf.addr, 128 * 1024 + 512, buf.key, false),
+        ),
+        &[],
+    );
+    assert_status(&c, Status::SGL_DATA_LENGTH_INVALID);
+    // Keyed length that does not match NLB.
+    let c = rig.exec(
+        &mut io,
+        cmd::read(1, 0, 2, SglDescriptor::keyed(buf.addr, 512, buf.key, false)),
+        &[],
+    );
+    assert_status(&c, Status::SGL_DATA_LENGTH_INVALID);
+    // In-capsule length mismatch: descriptor says 4096, 512 bytes arrived.
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 0, 8, SglDescriptor::in_capsule(0, 4096)),
+        &[0u8; 512],
+    );
+    assert_status(&c, Status::SGL_DATA_LENGTH_INVALID);
+    // In-capsule offset beyond the data.
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 0, 1, SglDescriptor::in_capsule(1024, 512)),
+        &[0u8; 512],
+    );
+    assert_status(&c, Status::SGL_OFFSET_INVALID);
+    // In-capsule data bigger than the queue's in-capsule size.
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 0, 32, SglDescriptor::in_capsule(0, 16384)),
+        &vec![0u8; 16384],
+    );
+    assert_status(&c, Status::SGL_DATA_LENGTH_INVALID);
+    // In-capsule descriptor on a read.
+    let c = rig.exec(
+        &mut io,
+        cmd::read(1, 0, 1, SglDescriptor::in_capsule(0, 512)),
+        &[],
+    );
+    assert_status(&c, Status::INVALID_FIELD);
+    ok_read(&mut rig, &mut io);
+
+    // LBA out of range (last block + 1, and wrap-around).
+    let blocks = (4u64 << 20) / 512;
+    let c = rig.exec(
+        &mut io,
+        cmd::read(
+            1,
+            blocks - 1,
+            2,
+            SglDescriptor::keyed(buf.addr, 1024, buf.key, false),
+        ),
+        &[],
+    );
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    let c = rig.exec(
+        &mut io,
+        cmd::read(
+            1,
+            u64::MAX,
+            1,
+            SglDescriptor::keyed(buf.addr, 512, buf.key, false),
+        ),
+        &[],
+    );
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    let c = rig.exec(&mut io, cmd::write_zeroes(1, blocks, 1), &[]);
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    let range = DsmRange::new(blocks - 1, 2);
+    let c = rig.exec(
+        &mut io,
+        cmd::deallocate(1, 1, SglDescriptor::in_capsule(0, 16)),
+        range.as_bytes(),
+    );
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    // Invalid namespace ids.
+    for nsid in [0u32, 2, 0xffff_fffe] {
+        let c = rig.exec(
+            &mut io,
+            cmd::read(
+                nsid,
+                0,
+                1,
+                SglDescriptor::keyed(buf.addr, 512, buf.key, false),
+            ),
+            &[],
+        );
+        assert_status(&c, Status::INVALID_NAMESPACE);
+    }
+    // PRP instead of SGL, fused command.
+    let mut s = cmd::read(1, 0, 1, SglDescriptor::keyed(buf.addr, 512, buf.key, false));
+    s.set_psdt(0);
+    assert_status(&rig.exec(&mut io, s, &[]), Status::INVALID_FIELD);
+    let mut s = cmd::flush(1);
+    s.cdw0 = U32::new(s.cdw0.get() | (1 << 8));
+    assert_status(&rig.exec(&mut io, s, &[]), Status::INVALID_FIELD);
+    // Fabrics commands other than Connect on an I/O queue; Connect again on a live queue.
+    assert_status(
+        &rig.exec(&mut io, cmd::property_get(0, true), &[]),
+        Status::INVALID_OPCODE,
+    );
+    let c = rig.connect_icd(&mut io, SUBNQN, HOSTNQN, cntlid, 31);
+    assert!(c.status().same_code(Status::COMMAND_SEQUENCE_ERROR));
+    // Unknown key: the RDMA READ fails → Data Transfer Error.
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 0, 1, SglDescriptor::keyed(0xdead_0000, 512, 0x77, false)),
+        &[],
+    );
+    assert_status(&c, Status::DATA_TRANSFER_ERROR);
+    ok_read(&mut rig, &mut io);
+
+    // The error log has the failures, newest first, with the error location.
+    let lr = admin.wire().register(4096);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::ERROR, 0, 4096, 0, keyed(lr)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let page = admin.wire().read_region(lr);
+    let e0 = ErrorLogEntry::read_from_bytes(&page[..64]).unwrap();
+    let e1 = ErrorLogEntry::read_from_bytes(&page[64..128]).unwrap();
+    assert!(e0.error_count.get() > e1.error_count.get());
+    assert_eq!(e0.sqid.get(), 1);
+    assert!(Status::from_field(e0.status.get()).same_code(Status::DATA_TRANSFER_ERROR));
+    // An unknown log page.
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(0x7f, 0, 512, 0, keyed(lr)),
+        &[],
+    );
+    assert_status(&c, Status::INVALID_LOG_PAGE);
+    // Unsupported feature.
+    assert_status(
+        &rig.exec(&mut admin, cmd::get_features(0x7d), &[]),
+        Status::INVALID_FIELD,
+    );
+    assert_eq!(rig.group.queue_count(), 2, "no connection was dropped");
+}
+
+#[test]
+fn connect_errors() {
+    let mut rig = Rig::default_rig();
+    let check = |c: &nvme::spec::Cqe, sc: u8, in_data: bool, offset: u16| {
+        assert!(
+            c.status().same_code(connect_status_of(sc)),
+            "got {} want sc {sc:#x}",
+            c.status()
+        );
+        assert_eq!(
+            ConnectResponse::from_result(cmd::result64(c), false),
+            ConnectResponse::InvalidParameter { in_data, offset },
+        );
+    };
+    let mut q = rig.open(0, 32);
+    let c = rig.connect_keyed(&mut q, SUBNQN, OTHER_HOST, CNTLID_DYNAMIC, 31, 0);
+    check(&c, connect_status::INVALID_HOST, true, 512);
+    let c = rig.connect_keyed(
+        &mut q,
+        "nqn.2026-11.io.nvmf-p2p:nope",
+        HOSTNQN,
+        CNTLID_DYNAMIC,
+        31,
+        0,
+    );
+    check(&c, connect_status::INVALID_PARAMETERS, true, 256);
+    let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, 5, 31, 0);
+    check(&c, connect_status::INVALID_PARAMETERS, true, 16);
+    let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 0, 0);
+    check(&c, connect_status::INVALID_PARAMETERS, false, 44);
+    let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 32, 0);
+    check(&c, connect_status::INVALID_PARAMETERS, false, 44);
+    // The queue lives on and a correct Connect still works.
+    let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 31, 0);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let cntlid = c.dw0.get() as u16;
+
+    // An I/O queue before the controller is enabled.
+    let mut io = rig.open(1, 32);
+    let c = rig.connect_icd(&mut io, SUBNQN, HOSTNQN, cntlid, 31);
+    assert!(c.status().same_code(Status::COMMAND_SEQUENCE_ERROR));
+    rig.enable(&mut q);
+    // Connect data of the wrong size.
+    let data = cmd::connect_data([1; 16], cntlid, SUBNQN, HOSTNQN);
+    let c = rig.exec(
+        &mut io,
+        cmd::connect(1, 31, 0, SglDescriptor::in_capsule(0, 512)),
+        &data.as_bytes()[..512],
+    );
+    assert!(c.status().same_code(Status::SGL_DATA_LENGTH_INVALID));
+    // Wrong controller id, another host's NQN, qid different from the CM's.
+    let c = rig.connect_icd(&mut io, SUBNQN, HOSTNQN, cntlid + 1, 31);
+    check(&c, connect_status::INVALID_PARAMETERS, true, 16);
+    let c = rig.exec(
+        &mut io,
+        cmd::connect(2, 31, 0, SglDescriptor::in_capsule(0, 1024)),
+        data.as_bytes(),
+    );
+    check(&c.cqe, connect_status::INVALID_PARAMETERS, false, 42);
+    assert_eq!(
+        rig.connect_icd(&mut io, SUBNQN, HOSTNQN, cntlid, 31)
+            .status(),
+        Status::SUCCESS
+    );
+    // The same qid twice → controller busy.
+    let mut dup = rig.open(1, 32);
+    let c = rig.connect_icd(&mut dup, SUBNQN, HOSTNQN, cntlid, 31);
+    assert!(c
+        .status()
+        .same_code(connect_status_of(connect_status::CONTROLLER_BUSY)));
+    // More queues than granted by Set Features.
+    let c = rig.exec(&mut q, cmd::set_num_queues(2), &[]);
+    assert_eq!(c.cqe.dw0.get(), 1 | (1 << 16));
+    let mut q3 = rig.open(3, 32);
+    let c = rig.connect_icd(&mut q3, SUBNQN, HOSTNQN, cntlid, 31);
+    check(&c, connect_status::INVALID_PARAMETERS, false, 42);
+
+    // CM-level rejects.
+    for (req, sts) in [
+        (cm_request(5, 32), cm_reject::INVALID_QID),
+        (cm_request(1, 33), cm_reject::INVALID_HSQSIZE),
+        (cm_request(1, 1), cm_reject::INVALID_HSQSIZE),
+    ] {
+        let h = rig.connector.connect(&req);
+        rig.pump();
+        assert_eq!(h.state(), LinkState::Rejected(sts));
+    }
+    let h = rig.connector.connect_raw(&[0u8; 3]);
+    rig.pump();
+    assert_eq!(h.state(), LinkState::Rejected(cm_reject::INVALID_LENGTH));
+}
+
+#[test]
+fn keep_alive_timeout_tears_controller_down() {
+    let mut rig = Rig::default_rig();
+    let t0 = Instant::now();
+    rig.frozen = Some(t0);
+    let (mut admin, cntlid) = rig.admin(500);
+    let io = rig.io(1, cntlid);
+    assert_eq!(rig.target.controllers().len(), 1);
+    // Get Features reports the timer; a Keep Alive at t0+400ms restarts it.
+    let c = rig.exec(&mut admin, cmd::get_features(feat::KEEP_ALIVE_TIMER), &[]);
+    assert_eq!(c.cqe.dw0.get(), 500);
+    rig.frozen = Some(t0 + Duration::from_millis(400));
+    assert_eq!(
+        rig.exec(&mut admin, cmd::keep_alive(), &[]).status(),
+        Status::SUCCESS
+    );
+    rig.frozen = Some(t0 + Duration::from_millis(800));
+    rig.pump();
+    assert_eq!(rig.group.queue_count(), 2, "timer was restarted at 400 ms");
+    rig.frozen = Some(t0 + Duration::from_millis(950));
+    rig.pump();
+    assert_eq!(rig.group.queue_count(), 0, "admin and I/O queues torn down");
+    assert!(rig.target.controllers().is_empty());
+    assert_eq!(admin.wire().state(), LinkState::Closed);
+    assert_eq!(io.wire().state(), LinkState::Closed);
+    assert_eq!(rig.group.free_buffers(), 16);
+}
+
+#[test]
+fn host_disconnect_frees_controller_and_queues() {
+    let mut rig = Rig::default_rig();
+    let (admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    // An I/O in flight when the host goes away.
+    let r = io.wire().register(4096);
+    io.submit(cmd::read(1, 0, 8, keyed(r)), &[], 0).unwrap();
+    admin.wire().disconnect();
+    rig.pump();
+    assert_eq!(rig.group.queue_count(), 0);
+    assert!(rig.target.controllers().is_empty());
+    assert_eq!(rig.group.free_buffers(), 16);
+}
+
+#[test]
+fn async_event_request_held_until_namespace_change() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, _) = rig.admin(0);
+    let c = rig.exec(
+        &mut admin,
+        cmd::set_features(feat::ASYNC_EVENT_CONFIG, 1 << 8),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    for i in 0..4 {
+        admin.submit(cmd::async_event_request(), &[], i).unwrap();
+    }
+    rig.pump();
+    assert!(admin.poll_one().is_none(), "AERs are held");
+    // A fifth exceeds AERL.
+    let c = rig.exec(&mut admin, cmd::async_event_request(), &[]);
+    assert!(c.status().same_code(connect_status_of(0x05)));
+    // Other admin commands still flow while AERs are held.
+    assert_eq!(
+        rig.exec(&mut admin, cmd::keep_alive(), &[]).status(),
+        Status::SUCCESS
+    );
+    rig.target.notify_namespace_changed(SUBNQN, 1);
+    let c = rig.wait(&mut admin);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(
+        c.cqe.dw0.get(),
+        0x0004_0002,
+        "notice / ns attribute changed / log 04h"
+    );
+    rig.pump();
+    assert!(admin.poll_one().is_none(), "one event, one completion");
+    let r = admin.wire().register(4096);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::CHANGED_NS_LIST, 0, 4096, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(&admin.wire().read_region(r)[..8], &[1, 0, 0, 0, 0, 0, 0, 0]);
+    // Reading without RAE cleared it.
+    rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::CHANGED_NS_LIST, 0, 4096, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(&admin.wire().read_region(r)[..4], &[0, 0, 0, 0]);
+}
+
+#[test]
+fn features_get_set() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, _) = rig.admin(0);
+    let c = rig.exec(&mut admin, cmd::set_num_queues(64), &[]);
+    assert_eq!(
+        c.cqe.dw0.get(),
+        3 | (3 << 16),
+        "capped at max_io_queues = 4"
+    );
+    assert_eq!(
+        rig.exec(&mut admin, cmd::get_features(feat::NUM_QUEUES), &[])
+            .cqe
+            .dw0
+            .get(),
+        3 | (3 << 16)
+    );
+    rig.exec(
+        &mut admin,
+        cmd::set_features(feat::VOLATILE_WRITE_CACHE, 1),
+        &[],
+    );
+    assert_eq!(
+        rig.exec(
+            &mut admin,
+            cmd::get_features(feat::VOLATILE_WRITE_CACHE),
+            &[]
+        )
+        .cqe
+        .dw0
+        .get(),
+        1
+    );
+    rig.exec(
+        &mut admin,
+        cmd::set_features(feat::ASYNC_EVENT_CONFIG, 0x100),
+        &[],
+    );
+    assert_eq!(
+        rig.exec(&mut admin, cmd::get_features(feat::ASYNC_EVENT_CONFIG), &[])
+            .cqe
+            .dw0
+            .get(),
+        0x100
+    );
+    rig.exec(
+        &mut admin,
+        cmd::set_features(feat::KEEP_ALIVE_TIMER, 120_000),
+        &[],
+    );
+    assert_eq!(
+        rig.exec(&mut admin, cmd::get_features(feat::KEEP_ALIVE_TIMER), &[])
+            .cqe
+            .dw0
+            .get(),
+        120_000
+    );
+}
+
+#[test]
+fn discovery_log_page() {
+    let mut rig = Rig::default_rig();
+    let mut q = rig.open(0, 32);
+    let c = rig.connect_keyed(&mut q, DISCOVERY_NQN, HOSTNQN, CNTLID_DYNAMIC, 31, 0);
+    assert_eq!(c.status(), Status::SUCCESS);
+    rig.enable(&mut q);
+    let r = q.wire().register(4096);
+    let c = rig.exec(&mut q, cmd::identify(cns::CONTROLLER, 0, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let id = IdentifyController::read_from_bytes(&q.wire().read_region(r)).unwrap();
+    assert_eq!(id.cntrltype, 2);
+    assert_eq!(id.subsystem_nqn(), DISCOVERY_NQN);
+    // Header first (as nvme-cli does), then the whole page.
+    let c = rig.exec(
+        &mut q,
+        cmd::get_log_page(
+            log::DISCOVERY,
+            0,
+            1024,
+            0,
+            SglDescriptor::keyed(r.addr, 1024, r.key, false),
+        ),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let hdr = DiscoveryLogHeader::read_from_bytes(&q.wire().read_region(r)[..1024]).unwrap();
+    assert_eq!(
+        hdr.numrec.get(),
+        2,
+        "discovery + the one subsystem this host may see"
+    );
+    let c = rig.exec(
+        &mut q,
+        cmd::get_log_page(
+            log::DISCOVERY,
+            0,
+            3072,
+            0,
+            SglDescriptor::keyed(r.addr, 3072, r.key, false),
+        ),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let page = q.wire().read_region(r);
+    let e = DiscoveryLogEntry::read_from_bytes(&page[2048..3072]).unwrap();
+    assert_eq!(e.trtype, 1);
+    assert_eq!(e.adrfam, 1);
+    assert_eq!(e.subtype, 2);
+    assert_eq!(transport::fabrics::get_str(&e.subnqn), Some(SUBNQN));
+    assert_eq!(std::str::from_utf8(&e.trsvcid[..4]).unwrap(), "4420");
+    assert_eq!(std::str::from_utf8(&e.traddr[..8]).unwrap(), "10.0.0.1");
+    // Offset read of the second entry alone.
+    let c = rig.exec(
+        &mut q,
+        cmd::get_log_page(
+            log::DISCOVERY,
+            0,
+            1024,
+            2048,
+            SglDescriptor::keyed(r.addr, 1024, r.key, false),
+        ),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(&q.wire().read_region(r)[..1024], e.as_bytes());
+    // No I/O queues on the discovery controller; no NVM log pages.
+    let c = rig.exec(
+        &mut q,
+        cmd::get_log_page(log::SMART, 0, 512, 0, keyed(r)),
+        &[],
+    );
+    assert_status(&c, Status::INVALID_LOG_PAGE);
+    let cntlid = rig.target.controllers()[0].cntlid();
+    let mut io = rig.open(1, 32);
+    let data = cmd::connect_data([1; 16], cntlid, DISCOVERY_NQN, HOSTNQN);
+    let c = rig.exec(
+        &mut io,
+        cmd::connect(1, 31, 0, SglDescriptor::in_capsule(0, 1024)),
+        data.as_bytes(),
+    );
+    assert!(c
+        .status()
+        .same_code(connect_status_of(connect_status::INVALID_PARAMETERS)));
+}
+
+#[test]
+fn backpressure_when_buffers_and_send_credits_run_out() {
+    let cfg = config("");
+    let mut cfg = cfg;
+    cfg.data_buffers = 1;
+    let mut rig = Rig::new(&cfg);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let n = 8u64;
+    let regions: Vec<_> = (0..n)
+        .map(|i| {
+            let r = io.wire().register(4096);
+            io.wire().write_region(r, 0, &pattern(4096, i as u8));
+            r
+        })
+        .collect();
+    for (i, r) in regions.iter().enumerate() {
+        io.submit(cmd::write(1, i as u64 * 8, 8, keyed(*r)), &[], i as u64)
+            .unwrap();
+    }
+    let mut done = 0;
+    for _ in 0..100 {
+        rig.pump();
+        while let Some(c) = io.poll_one() {
+            assert_eq!(c.status(), Status::SUCCESS);
+            done += 1;
+        }
+        if done == n {
+            break;
+        }
+    }
+    assert_eq!(done, n);
+    let stats = rig.group.queue_stats();
+    let q1 = stats.iter().find(|s| s.qid == 1).unwrap();
+    assert!(q1.buffer_waits > 0, "requests waited for the single buffer");
+    assert_eq!(rig.group.free_buffers(), 1);
+
+    // Send credits: only one response may be outstanding at the host at a time.
+    io.wire().set_send_credits(1);
+    let rd = io.wire().register(4096 * n as u32);
+    for i in 0..n {
+        let d = SglDescriptor::keyed(rd.addr + i * 4096, 4096, rd.key, false);
+        io.submit(cmd::read(1, i * 8, 8, d), &[], i).unwrap();
+    }
+    let mut done = 0;
+    for _ in 0..100 {
+        rig.pump();
+        if let Some(c) = io.poll_one() {
+            assert_eq!(c.status(), Status::SUCCESS);
+            done += 1;
+        }
+        assert!(io.poll_one().is_none(), "more responses than credits");
+        if done == n {
+            break;
+        }
+    }
+    assert_eq!(done, n);
+    let back = io.wire().read_region(rd);
+    for i in 0..n as usize {
+        assert_eq!(&back[i * 4096..(i + 1) * 4096], &pattern(4096, i as u8)[..]);
+    }
+    let q1 = rig
+        .group
+        .queue_stats()
+        .into_iter()
+        .find(|s| s.qid == 1)
+        .unwrap();
+    assert!(q1.wire_busy > 0);
+}
