@@ -61,6 +61,8 @@ pub struct Controller {
     hostid: [u8; 16],
     limits: Limits,
     alive: AtomicBool,
+    /// Mirror of CSTS.RDY, read on every command without taking the lock.
+    ready: AtomicBool,
     state: Mutex<CtrlState>,
     /// Counters.
     pub stats: ControllerStats,
@@ -82,6 +84,7 @@ impl Controller {
             hostid,
             limits,
             alive: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
             state: Mutex::new(CtrlState {
                 cc: Cc(0),
                 csts: Csts(0),
@@ -137,9 +140,17 @@ impl Controller {
         self.alive.store(false, Ordering::Release);
     }
 
+    /// Marks the controller fatally failed (CSTS.CFS), e.g. on keep-alive expiry.
+    pub(crate) fn fail(&self) {
+        let mut st = self.lock();
+        st.csts.0 |= Csts::CFS;
+        st.csts.0 &= !Csts::RDY;
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Whether CSTS.RDY is set (I/O and most admin commands are allowed).
     pub fn is_ready(&self) -> bool {
-        self.lock().csts.rdy() == 1
+        self.ready.load(Ordering::Acquire)
     }
 
     pub(crate) fn limits(&self) -> Limits {
@@ -189,6 +200,7 @@ impl Controller {
             // Reset: back to the disabled state; I/O queues stay connected (fabrics).
             st.csts = Csts(0);
         }
+        self.ready.store(st.csts.rdy() == 1, Ordering::Release);
         if new.shn() != 0 && old.shn() == 0 {
             drop(st);
             for ns in self.subsys.namespaces() {

@@ -250,7 +250,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                         cntlid = ctrl.cntlid(),
                         "keep-alive timeout: controller torn down"
                     );
-                    ctrl.lock().csts.0 |= nvme::spec::Csts::CFS;
+                    ctrl.fail();
                     self.begin_teardown("keep-alive timeout");
                     return 1 + self.drain(pool);
                 }
@@ -357,7 +357,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                             Data::InCapsule { offset, len } => &mut req.icd[offset..offset + len],
                             Data::Pool { idx, len } => pool.slice_mut(idx, len),
                         };
-                        execute(&mut self.ctx, &cmd, req.dir, data, now)
+                        execute(&mut self.ctx, &cmd, data, now)
                     };
                     req.out = out;
                     req.state = if out.park {
@@ -581,7 +581,7 @@ fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
             } else if !ctrl.is_ready() {
                 return Err(Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE));
             } else if ctx.qid == 0 {
-                admin_shape(ctrl, cmd)?
+                admin_shape(cmd)?
             } else {
                 io_shape(ctrl, cmd)?
             }
@@ -601,13 +601,11 @@ fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
     if len > mdts {
         return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL));
     }
-    match shape.exact {
-        Some(n) if len != n => return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL)),
-        None if shape.max > 0 && len > shape.max => {
-            // More room than needed: move only what the command produces.
-        }
-        _ => {}
+    if shape.exact.is_some_and(|n| n != len) {
+        return Err(Outcome::err(Status::SGL_DATA_LENGTH_INVALID, loc::SGL));
     }
+    // Commands that produce a bounded amount of data (Identify, log pages) move at most
+    // that much, whatever room the host offered.
     let sgl = match sgl {
         DataSgl::Keyed {
             addr,
@@ -616,7 +614,7 @@ fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
             invalidate,
         } if shape.exact.is_none() => DataSgl::Keyed {
             addr,
-            len: len.min(shape.max.max(1)),
+            len: len.min(shape.max),
             key,
             invalidate,
         },
@@ -647,8 +645,7 @@ fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
     }
 }
 
-fn admin_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
-    let discovery = ctrl.subsystem().discovery;
+fn admin_shape(cmd: &Sqe) -> Result<Shape, Outcome> {
     let from = |max: u32| Shape {
         dir: Dir::FromCtrl,
         exact: None,
@@ -662,7 +659,6 @@ fn admin_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
         }
         admin_opc::SET_FEATURES | admin_opc::GET_FEATURES => shape_none(),
         admin_opc::KEEP_ALIVE | admin_opc::ASYNC_EVENT_REQUEST => shape_none(),
-        _ if discovery => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
         _ => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
     })
 }
@@ -721,7 +717,7 @@ fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
     })
 }
 
-fn execute(ctx: &mut QueueCtx, cmd: &Sqe, dir: Dir, data: &mut [u8], now: Instant) -> Outcome {
+fn execute(ctx: &mut QueueCtx, cmd: &Sqe, data: &mut [u8], now: Instant) -> Outcome {
     if cmd.opcode() == OPC_FABRICS {
         return admin::fabrics(ctx, cmd, data, now);
     }
@@ -747,6 +743,5 @@ fn execute(ctx: &mut QueueCtx, cmd: &Sqe, dir: Dir, data: &mut [u8], now: Instan
             _ => {}
         }
     }
-    let _ = dir;
     out
 }
