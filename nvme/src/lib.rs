@@ -9,9 +9,11 @@
 pub mod ctrl;
 pub mod dma;
 pub mod error;
+pub mod pci;
 pub mod queue;
 pub mod sim;
 pub mod spec;
+pub mod vfio;
 
 pub use ctrl::{
     CmbInfo, Controller, ControllerInfo, ControllerOptions, LbaFormatInfo, NamespaceInfo,
