@@ -215,19 +215,8 @@ pub struct LoopbackIncoming {
 }
 
 impl Incoming for LoopbackIncoming {
-    type Qpair = LoopbackQpair;
-
     fn private_data(&self) -> &[u8] {
         &self.private_data
-    }
-
-    fn accept(self, accept: &CmAccept, entries: u16, icd_size: u32) -> Result<LoopbackQpair> {
-        let mut l = lock(&self.link);
-        l.state = LinkState::Established(*accept);
-        l.entries = entries;
-        l.icd_size = icd_size;
-        drop(l);
-        Ok(LoopbackQpair { link: self.link })
     }
 
     fn reject(self, reject: &CmReject) {
@@ -323,13 +312,27 @@ pub struct LoopbackPollGroup;
 
 impl WirePollGroup for LoopbackPollGroup {
     type Qpair = LoopbackQpair;
+    type Incoming = LoopbackIncoming;
 
-    fn register_memory(&mut self, _region: &mut [u8]) -> Result<()> {
+    unsafe fn register_memory(&mut self, _base: *mut u8, _len: usize) -> Result<()> {
         Ok(())
     }
 
-    fn add(&mut self, _qp: &mut LoopbackQpair) -> Result<()> {
-        Ok(())
+    fn accept(
+        &mut self,
+        incoming: LoopbackIncoming,
+        accept: &CmAccept,
+        entries: u16,
+        icd_size: u32,
+    ) -> Result<LoopbackQpair> {
+        let mut l = lock(&incoming.link);
+        l.state = LinkState::Established(*accept);
+        l.entries = entries;
+        l.icd_size = icd_size;
+        drop(l);
+        Ok(LoopbackQpair {
+            link: incoming.link,
+        })
     }
 
     fn poll(&mut self) -> usize {

@@ -1,25 +1,53 @@
 //! Preallocated data buffers of a poll group.
+//!
+//! The pool is one page-aligned allocation so the wire can register it once (one MR) and,
+//! later, the VFIO driver can map it for device DMA. Because a NIC or a device writes
+//! into it behind Rust's back, the pool never holds a Rust reference to its memory: it
+//! keeps a raw pointer and hands out a slice only for a buffer its caller owns (a
+//! [`BufIdx`] from [`BufferPool::alloc`]), and the core only slices a buffer while no
+//! transfer on it is in flight (the request state machine guarantees it).
 
-/// Fixed-size data buffers carved from one allocation, so the wire can register the
-/// whole pool once (one MR). Allocation is a pop from a free list: no heap traffic per I/O.
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+
+/// Alignment of the pool and of each buffer (buffers are multiples of it).
+pub const POOL_ALIGN: usize = 4096;
+
+/// Fixed-size data buffers carved from one allocation; allocation is a pop from a free
+/// list: no heap traffic per I/O.
 pub struct BufferPool {
-    mem: Box<[u8]>,
+    base: NonNull<u8>,
+    layout: Layout,
     chunk: usize,
+    count: usize,
     free: Vec<u32>,
+    owned: Vec<bool>,
 }
+
+// SAFETY: the pool exclusively owns its allocation; moving it between threads moves that
+// ownership (no thread-local state).
+unsafe impl Send for BufferPool {}
 
 /// Index of a buffer in its pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufIdx(u32);
 
 impl BufferPool {
-    /// `count` buffers of `chunk` bytes each.
+    /// `count` buffers of `chunk` bytes each (`chunk` rounded up to [`POOL_ALIGN`]).
     pub fn new(count: u32, chunk: usize) -> Self {
-        let mem = vec![0u8; count as usize * chunk].into_boxed_slice();
+        let chunk = chunk.max(1).next_multiple_of(POOL_ALIGN);
+        let len = (count as usize * chunk).max(POOL_ALIGN);
+        let layout = Layout::from_size_align(len, POOL_ALIGN).expect("pool layout");
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         BufferPool {
-            mem,
+            base,
+            layout,
             chunk,
+            count: count as usize,
             free: (0..count).rev().collect(),
+            owned: vec![false; count as usize],
         }
     }
 
@@ -35,39 +63,63 @@ impl BufferPool {
 
     /// Total buffers.
     pub fn capacity(&self) -> usize {
-        self.mem.len().checked_div(self.chunk).unwrap_or(0)
+        self.count
     }
 
     /// Takes a buffer, or `None` when all are in use (the caller waits: backpressure).
     pub fn alloc(&mut self) -> Option<BufIdx> {
-        self.free.pop().map(BufIdx)
+        let i = self.free.pop()?;
+        self.owned[i as usize] = true;
+        Some(BufIdx(i))
     }
 
     /// Returns a buffer.
     pub fn release(&mut self, idx: BufIdx) {
-        debug_assert!(
-            !self.free.contains(&idx.0),
-            "double free of buffer {}",
-            idx.0
-        );
+        let slot = &mut self.owned[idx.0 as usize];
+        assert!(*slot, "buffer {} released twice", idx.0);
+        *slot = false;
         self.free.push(idx.0);
     }
 
-    /// The first `len` bytes of buffer `idx`.
+    fn range(&self, idx: BufIdx, len: usize) -> (*mut u8, usize) {
+        let i = idx.0 as usize;
+        assert!(
+            i < self.count && self.owned[i],
+            "buffer {i} is not allocated"
+        );
+        // Pointer arithmetic inside the allocation: i < count, offset ≤ len of the layout.
+        (
+            self.base.as_ptr().wrapping_add(i * self.chunk),
+            len.min(self.chunk),
+        )
+    }
+
+    /// The first `len` bytes of buffer `idx` (which must be allocated).
     pub fn slice(&self, idx: BufIdx, len: usize) -> &[u8] {
-        let start = idx.0 as usize * self.chunk;
-        &self.mem[start..start + len.min(self.chunk)]
+        let (p, n) = self.range(idx, len);
+        // SAFETY: [p, p+n) lies in our allocation, in a buffer the caller owns through
+        // `idx`; no transfer is in flight on it (the core's state machine), so nothing
+        // else writes it while the shared borrow of `self` lasts.
+        unsafe { std::slice::from_raw_parts(p, n) }
     }
 
     /// The first `len` bytes of buffer `idx`, writable.
     pub fn slice_mut(&mut self, idx: BufIdx, len: usize) -> &mut [u8] {
-        let start = idx.0 as usize * self.chunk;
-        &mut self.mem[start..start + len.min(self.chunk)]
+        let (p, n) = self.range(idx, len);
+        // SAFETY: as in `slice`, and `&mut self` makes this the only slice of the pool.
+        unsafe { std::slice::from_raw_parts_mut(p, n) }
     }
 
-    /// The whole pool memory (to register it with the wire).
-    pub fn memory_mut(&mut self) -> &mut [u8] {
-        &mut self.mem
+    /// Base address and length of the whole pool, to register it with a wire (an MR).
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.base.as_ptr(), self.layout.size())
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { dealloc(self.base.as_ptr(), self.layout) }
     }
 }
 
@@ -88,5 +140,17 @@ mod tests {
         assert_eq!(p.available(), 1);
         assert_eq!(p.capacity(), 2);
         assert_eq!(p.alloc(), Some(a));
+        let (base, len) = p.region();
+        assert_eq!(base as usize % POOL_ALIGN, 0);
+        assert_eq!(len, 8192);
+    }
+
+    #[test]
+    #[should_panic(expected = "released twice")]
+    fn double_release_panics() {
+        let mut p = BufferPool::new(1, 512);
+        let a = p.alloc().unwrap();
+        p.release(a);
+        p.release(a);
     }
 }

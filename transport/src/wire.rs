@@ -72,13 +72,8 @@ pub trait Qpair {
 
 /// A connection request waiting for the core's decision.
 pub trait Incoming {
-    /// The queue pair type an accepted connection becomes.
-    type Qpair: Qpair;
     /// The NVMe-oF private data of the request (see [`crate::fabrics::CmRequest`]).
     fn private_data(&self) -> &[u8];
-    /// Accepts with `accept` as private data; the queue gets `entries` receive slots of
-    /// 64 + `icd_size` bytes.
-    fn accept(self, accept: &CmAccept, entries: u16, icd_size: u32) -> Result<Self::Qpair>;
     /// Rejects with `reject` as private data.
     fn reject(self, reject: &CmReject);
 }
@@ -87,10 +82,27 @@ pub trait Incoming {
 pub trait WirePollGroup {
     /// Queue pairs this group drives.
     type Qpair: Qpair;
+    /// Connection requests it can accept.
+    type Incoming: Incoming;
+
     /// Registers the core's data-buffer memory (the pool) with the wire (an MR).
-    fn register_memory(&mut self, region: &mut [u8]) -> Result<()>;
-    /// Moves `qp` onto this group (shared CQ/SRQ).
-    fn add(&mut self, qp: &mut Self::Qpair) -> Result<()>;
+    ///
+    /// # Safety
+    /// `[base, base + len)` must stay allocated until this poll group is dropped, and
+    /// the caller touches a part of it only while no transfer posted on that part is in
+    /// flight (see the module documentation).
+    unsafe fn register_memory(&mut self, base: *mut u8, len: usize) -> Result<()>;
+
+    /// Accepts `incoming` into this group (its QP on this group's CQ/SRQ) with `accept`
+    /// as private data; the queue gets `entries` receive slots of 64 + `icd_size` bytes.
+    fn accept(
+        &mut self,
+        incoming: Self::Incoming,
+        accept: &CmAccept,
+        entries: u16,
+        icd_size: u32,
+    ) -> Result<Self::Qpair>;
+
     /// Processes wire events (shared CQ); returns how many were handled.
     fn poll(&mut self) -> usize;
 }
@@ -100,9 +112,9 @@ pub trait Transport {
     /// Queue pairs.
     type Qpair: Qpair;
     /// Connection requests.
-    type Incoming: Incoming<Qpair = Self::Qpair>;
+    type Incoming: Incoming;
     /// Per-core wire state.
-    type PollGroup: WirePollGroup<Qpair = Self::Qpair>;
+    type PollGroup: WirePollGroup<Qpair = Self::Qpair, Incoming = Self::Incoming>;
     /// Transport name (`rdma`, `loopback`).
     fn name(&self) -> &'static str;
     /// Next pending connection request.

@@ -243,26 +243,33 @@ impl Target {
     /// Creates a poll group on `transport` with a buffer pool sized from the configuration.
     pub fn create_poll_group<T: Transport>(&self, transport: &mut T) -> Result<PollGroup<T>> {
         let mut wire = transport.create_poll_group()?;
-        let mut pool = BufferPool::new(
+        let pool = BufferPool::new(
             self.shared.data_buffers,
             self.shared.limits.max_io_size as usize,
         );
-        wire.register_memory(pool.memory_mut())?;
+        let (base, len) = pool.region();
+        // SAFETY: the pool is owned by the PollGroup next to `wire` and declared after
+        // it, so it outlives the registration; the core slices a buffer only while no
+        // transfer on it is in flight (request state machine).
+        unsafe { wire.register_memory(base, len)? };
         Ok(PollGroup {
             target: self.clone(),
+            queues: Vec::new(),
             wire,
             pool,
-            queues: Vec::new(),
         })
     }
 }
 
 /// A poll group: the queues one core drives, with their wire state and buffer pool.
+///
+/// Field order is drop order: queues (QPs) first, then the wire (CQ, MR), then the pool
+/// the MR covers.
 pub struct PollGroup<T: Transport> {
     target: Target,
+    queues: Vec<QueueHandler<T::Qpair>>,
     wire: T::PollGroup,
     pool: BufferPool,
-    queues: Vec<QueueHandler<T::Qpair>>,
 }
 
 impl<T: Transport> PollGroup<T> {
@@ -277,8 +284,9 @@ impl<T: Transport> PollGroup<T> {
         match validate_cm_request(incoming.private_data(), cm_limits) {
             Ok((req, accept)) => {
                 let entries = req.hsqsize.get() + 1;
-                let mut qp = incoming.accept(&accept, entries, lim.in_capsule_data_size)?;
-                self.wire.add(&mut qp)?;
+                let qp = self
+                    .wire
+                    .accept(incoming, &accept, entries, lim.in_capsule_data_size)?;
                 self.queues.push(QueueHandler::new(
                     qp,
                     req.qid.get(),
