@@ -91,7 +91,7 @@ fn write_verify(
                     c.status
                 );
                 let b = (c.tag >> 32) as usize;
-                let i = (c.tag & 0xffff_ffff) as u64;
+                let i = c.tag & 0xffff_ffff;
                 if !write {
                     let slba = i * per;
                     let nblk = per.min(blocks - slba) as usize;
