@@ -110,6 +110,15 @@ pub enum Error {
         /// Status code.
         sc: u8,
     },
+    /// An RDMA verbs or RDMA CM operation failed.
+    #[error("rdma: {op}: {source}")]
+    Rdma {
+        /// What was being done.
+        op: &'static str,
+        /// The rdma crate's error.
+        #[source]
+        source: rdma::Error,
+    },
     /// Malformed data received from a peer.
     #[error("malformed {what}: {reason}")]
     Malformed {

@@ -9,6 +9,7 @@
 //! - [`target`]: the target core (subsystems, controllers, request state machine).
 //! - [`backend`]: namespace storage (`ram`, `file`; `vfio` through an opener).
 //! - [`config`]: the `serve --config target.toml` model.
+//! - [`rdma`]: the NVMe-oF RDMA binding of [`wire`] over the `rdma` crate, and `serve`.
 
 pub mod backend;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod fabrics;
 pub mod initiator;
 pub mod loopback;
 pub mod pool;
+pub mod rdma;
 pub mod target;
 pub mod wire;
 

@@ -240,6 +240,17 @@ impl Target {
         }
     }
 
+    /// Flushes every namespace (shutdown).
+    pub fn flush_all(&self) {
+        for sub in self.subsystems() {
+            for ns in sub.namespaces() {
+                if let Err(e) = ns.backend.flush() {
+                    tracing::warn!(error = %e, nqn = %sub.nqn, nsid = ns.nsid, "flush");
+                }
+            }
+        }
+    }
+
     /// Creates a poll group on `transport` with a buffer pool sized from the configuration.
     pub fn create_poll_group<T: Transport>(&self, transport: &mut T) -> Result<PollGroup<T>> {
         let mut wire = transport.create_poll_group()?;
@@ -348,6 +359,11 @@ impl<T: Transport> PollGroup<T> {
     /// Data buffers currently free in the pool.
     pub fn free_buffers(&self) -> usize {
         self.pool.available()
+    }
+
+    /// The wire side of this group.
+    pub fn wire(&self) -> &T::PollGroup {
+        &self.wire
     }
 
     /// The target this group serves.

@@ -1,0 +1,186 @@
+//! `serve`: the target on RDMA, one poll group per configured core.
+//!
+//! The calling thread owns the transport (RDMA CM) and poll group 0; groups 1.. run on
+//! their own threads and receive new connections round-robin over a channel. Every group
+//! busy-polls while work flows and, after `idle_spell` without work, arms its CQ and
+//! sleeps in poll(2) on the CQ channel (and, for group 0, the CM channel) for at most
+//! `max_sleep` — so an idle target costs no CPU.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{unbounded, Receiver, Sender};
+
+use super::{RdmaIncoming, RdmaTransport};
+use crate::config::TargetConfig;
+use crate::error::Result;
+use crate::target::{PollGroup, Target};
+
+/// Tuning of the serve loop.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Idle time after which a group arms its CQ and sleeps.
+    pub idle_spell: Duration,
+    /// Longest sleep (keep-alive checks and the stop flag run at least this often).
+    pub max_sleep: Duration,
+    /// How long shutdown waits for queues to drain.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            idle_spell: Duration::from_micros(200),
+            max_sleep: Duration::from_millis(10),
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Serves `target` on the configuration's RDMA listeners until `stop` is set, then
+/// disconnects every queue, drains, and flushes the namespaces.
+pub fn serve(
+    target: &Target,
+    cfg: &TargetConfig,
+    stop: &AtomicBool,
+    opts: ServeOptions,
+) -> Result<()> {
+    let addrs: Vec<SocketAddr> = cfg
+        .listeners
+        .iter()
+        .map(|l| SocketAddr::new(l.address, l.port))
+        .collect();
+    let mut transport = RdmaTransport::listen(&addrs)?;
+    let groups = cfg.cores.len().max(1);
+    let mut others = Vec::new();
+    for _ in 1..groups {
+        others.push(target.create_poll_group(&mut transport)?);
+    }
+    let mut group0 = target.create_poll_group(&mut transport)?;
+    std::thread::scope(|s| {
+        let mut senders: Vec<Sender<RdmaIncoming>> = Vec::new();
+        for (i, group) in others.into_iter().enumerate() {
+            let (tx, rx) = unbounded();
+            senders.push(tx);
+            let core = cfg.cores.get(i + 1).copied();
+            s.spawn(move || run_group(group, Some(rx), stop, core, opts));
+        }
+        if let Some(&c) = cfg.cores.first() {
+            pin(c);
+        }
+        let mut next = 0usize;
+        let mut last_work = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let mut work = 0;
+            while let Some(inc) = crate::wire::Transport::poll_incoming(&mut transport) {
+                work += 1;
+                let target_group = next % groups;
+                next += 1;
+                if target_group == 0 {
+                    accept(&mut group0, inc);
+                } else if let Err(e) = senders[target_group - 1].send(inc) {
+                    accept(&mut group0, e.into_inner());
+                }
+            }
+            work += group0.poll();
+            idle(&group0, work, &mut last_work, &[transport.event_fd()], opts);
+        }
+        drain(&mut group0, opts);
+        drop(senders);
+    });
+    target.flush_all();
+    Ok(())
+}
+
+fn pin(core: usize) {
+    if let Err(e) = rdma::engine::pin_to_cpu(core) {
+        tracing::warn!(core, error = %e, "cannot pin poll group");
+    }
+}
+
+fn accept(group: &mut PollGroup<RdmaTransport>, inc: RdmaIncoming) {
+    if let Err(e) = group.accept(inc) {
+        tracing::info!(error = %e, "connection refused");
+    }
+}
+
+fn run_group(
+    mut group: PollGroup<RdmaTransport>,
+    inbox: Option<Receiver<RdmaIncoming>>,
+    stop: &AtomicBool,
+    core: Option<usize>,
+    opts: ServeOptions,
+) {
+    if let Some(c) = core {
+        pin(c);
+    }
+    let mut last_work = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut work = 0;
+        if let Some(rx) = &inbox {
+            while let Ok(inc) = rx.try_recv() {
+                accept(&mut group, inc);
+                work += 1;
+            }
+        }
+        work += group.poll();
+        idle(&group, work, &mut last_work, &[], opts);
+    }
+    drain(&mut group, opts);
+}
+
+/// Sleeps when the group has been idle for `idle_spell`.
+fn idle(
+    group: &PollGroup<RdmaTransport>,
+    work: usize,
+    last_work: &mut Instant,
+    extra_fds: &[std::os::fd::RawFd],
+    opts: ServeOptions,
+) {
+    let now = Instant::now();
+    if work > 0 {
+        *last_work = now;
+        return;
+    }
+    if now.duration_since(*last_work) < opts.idle_spell {
+        return;
+    }
+    let wire = group.wire();
+    if let Err(e) = wire.arm() {
+        tracing::warn!(error = %e, "arm CQ");
+        return;
+    }
+    // Completions that raced the arm are found by the next poll; a short sleep bounds
+    // the cost of that race.
+    let mut fds = [libc::pollfd {
+        fd: wire.wake_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }; 2];
+    let mut n = 1;
+    if let Some(&fd) = extra_fds.first() {
+        fds[1].fd = fd;
+        n = 2;
+    }
+    let timeout = i32::try_from(opts.max_sleep.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `fds` is a valid array of `n` pollfd structures that outlives the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout) };
+    if r < 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "poll");
+    }
+}
+
+fn drain(group: &mut PollGroup<RdmaTransport>, opts: ServeOptions) {
+    group.disconnect_all();
+    let deadline = Instant::now() + opts.drain_timeout;
+    while group.queue_count() > 0 && Instant::now() < deadline {
+        group.poll();
+    }
+    if group.queue_count() > 0 {
+        tracing::warn!(
+            queues = group.queue_count(),
+            "queues still draining at shutdown"
+        );
+    }
+}
