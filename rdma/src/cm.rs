@@ -74,10 +74,13 @@ impl CmIdInner {
         self.id.as_ptr() as usize
     }
 
-    fn context(&self) -> Option<Arc<Context>> {
-        // SAFETY: live id; `verbs` is set once bound/resolved and points to a context
-        // librdmacm keeps open for the life of the process.
-        NonNull::new(unsafe { (*self.as_raw()).verbs }).map(|c| unsafe { Context::borrowed(c) })
+    /// The id's device context; it holds this id (and so librdmacm's device reference).
+    fn context(self: &Arc<Self>) -> Option<Arc<Context>> {
+        // SAFETY: live id; `verbs` is set once the id is bound or resolved.
+        let verbs = NonNull::new(unsafe { (*self.as_raw()).verbs })?;
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(self) as _;
+        // SAFETY: `verbs` is this id's context and `keep` is this id.
+        Some(unsafe { Context::borrowed(verbs, keep) })
     }
 }
 
@@ -454,7 +457,8 @@ impl Listener {
         self.addr
     }
 
-    /// The device context (None when bound to the wildcard address).
+    /// The device context (None when bound to the wildcard address). It keeps the
+    /// listening id alive while it lives.
     pub fn context(&self) -> Option<Arc<Context>> {
         self.id.context()
     }
@@ -484,7 +488,8 @@ impl ConnectRequest {
         &self.private_data
     }
 
-    /// The device context the connection arrives on.
+    /// The device context the connection arrives on (it keeps this id alive while it
+    /// lives; prefer a context from [`context_for`] for long-lived resources).
     pub fn context(&self) -> Option<Arc<Context>> {
         self.id.context()
     }

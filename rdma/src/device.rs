@@ -33,10 +33,15 @@ pub fn device_names() -> Result<Vec<String>> {
 /// An open device context (`ibv_context`).
 ///
 /// Either opened by this crate ([`Context::open`], closed on drop) or borrowed from
-/// librdmacm, which keeps its contexts open for the life of the process.
+/// librdmacm ([`crate::cm::context_for`] and the CM objects' `context()`), in which case it
+/// holds a CM id bound to the device for as long as it lives. PDs, CQs and SRQs for RDMA
+/// CM connections must be created on a borrowed context of the same device.
 pub struct Context {
     ctx: NonNull<sys::ibv_context>,
     owned: bool,
+    // For borrowed contexts: a CM id bound to the device, so librdmacm's reference on the
+    // device cannot drop to zero while this context is in use.
+    _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: libibverbs contexts are thread-safe; the pointer is only used through verbs.
@@ -80,7 +85,13 @@ impl Context {
                 // SAFETY: `dev` is a live entry of the list, which is still allocated.
                 let ctx = unsafe { sys::ibv_open_device(dev) };
                 NonNull::new(ctx)
-                    .map(|ctx| Arc::new(Context { ctx, owned: true }))
+                    .map(|ctx| {
+                        Arc::new(Context {
+                            ctx,
+                            owned: true,
+                            _keep: None,
+                        })
+                    })
                     .ok_or_else(|| last_os_error("ibv_open_device"))
             }
         };
@@ -92,10 +103,17 @@ impl Context {
     /// Wraps a context owned by librdmacm (from `rdma_cm_id::verbs`).
     ///
     /// # Safety
-    /// `ctx` must be a live context that stays open for the life of the process, as
-    /// librdmacm's device contexts do.
-    pub(crate) unsafe fn borrowed(ctx: NonNull<sys::ibv_context>) -> Arc<Context> {
-        Arc::new(Context { ctx, owned: false })
+    /// `ctx` must be the `verbs` context of the CM id `keep`, which keeps librdmacm's
+    /// device (and so the context) open while this value lives.
+    pub(crate) unsafe fn borrowed(
+        ctx: NonNull<sys::ibv_context>,
+        keep: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Arc<Context> {
+        Arc::new(Context {
+            ctx,
+            owned: false,
+            _keep: Some(keep),
+        })
     }
 
     /// The raw context, for calls into `rdma_sys`.
