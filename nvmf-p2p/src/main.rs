@@ -2,6 +2,8 @@
 //! module under `cmd/` with an `Args` struct (clap) and a `run` function.
 
 mod cmd;
+mod control;
+mod vfio_backend;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,12 @@ enum Command {
     Unbind(cmd::bind::UnbindArgs),
     /// Bring up an NVMe controller through VFIO and print what it offers.
     Probe(cmd::probe::Args),
+    /// Run the NVMe-oF RDMA target described by a TOML configuration.
+    Serve(cmd::serve::Args),
+    /// Counters of a running target, from its control socket.
+    Stats(cmd::stats::StatsArgs),
+    /// Control commands to a running target (e.g. `ctl reset-device`).
+    Ctl(cmd::stats::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +51,9 @@ fn main() -> ExitCode {
         Command::Bind(a) => cmd::bind::run_bind(a),
         Command::Unbind(a) => cmd::bind::run_unbind(a),
         Command::Probe(a) => cmd::probe::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Stats(a) => cmd::stats::run_stats(a),
+        Command::Ctl(a) => cmd::stats::run_ctl(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

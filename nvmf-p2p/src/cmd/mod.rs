@@ -3,6 +3,8 @@
 
 pub mod bind;
 pub mod probe;
+pub mod serve;
+pub mod stats;
 
 /// An error a subcommand reports to the user: one sentence, printed after `nvmf-p2p: `.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +20,6 @@ impl CliError {
 pub type CliResult = Result<(), CliError>;
 
 /// Print `value` as pretty JSON on stdout.
-#[allow(dead_code)] // used by the subcommands as they land
 pub fn print_json<T: serde::Serialize>(value: &T) -> CliResult {
     let s = serde_json::to_string_pretty(value).map_err(|e| CliError::new(e.to_string()))?;
     println!("{s}");

@@ -1,0 +1,128 @@
+//! `nvmf-p2p serve --config target.toml [--print-config]` — the NVMe-oF RDMA target.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::json;
+use transport::config::TargetConfig;
+use transport::rdma::{serve, ServeOptions};
+use transport::target::Target;
+
+use super::{CliError, CliResult};
+use crate::control::{self, Request};
+use crate::vfio_backend::VfioOpener;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Target configuration (TOML): subsystems, namespaces, listeners.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Print the configuration with every default filled in, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+pub fn run(a: Args) -> CliResult {
+    let cfg = TargetConfig::load(&a.config).map_err(|e| CliError(e.to_string()))?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    if cfg.listeners.is_empty() {
+        return Err(CliError::new(format!(
+            "{}: no [[listener]]: add one with the RDMA address to serve on",
+            a.config.display()
+        )));
+    }
+    let opener = Arc::new(VfioOpener::default());
+    let max_io = cfg.max_io_size as usize;
+    let open = {
+        let opener = opener.clone();
+        move |bdf: &str, nsid: u32| opener.open(bdf, nsid, max_io)
+    };
+    let target =
+        Arc::new(Target::from_config(&cfg, Some(&open)).map_err(|e| CliError(e.to_string()))?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| CliError::new(format!("cannot install the signal handler: {e}")))?;
+    }
+
+    let handler: control::Handler = {
+        let target = target.clone();
+        let opener = opener.clone();
+        Arc::new(move |req| match req {
+            Request::Stats => Ok(stats(&target)),
+            Request::ResetDevice => {
+                let devs = opener.devices();
+                if devs.is_empty() {
+                    return Err("no vfio: namespace in this target: nothing to reset".into());
+                }
+                let mut done = Vec::new();
+                for (bdf, dev) in devs {
+                    dev.controller()
+                        .reset_device()
+                        .map_err(|e| format!("reset of {bdf} failed: {e}"))?;
+                    done.push(bdf);
+                }
+                Ok(json!({ "reset": done }))
+            }
+        })
+    };
+    let _control = control::Server::start(&cfg.control_socket, handler).map_err(CliError)?;
+    for l in &cfg.listeners {
+        tracing::info!(address = %l.address, port = l.port, "listening");
+    }
+    eprintln!(
+        "nvmf-p2p: serving {} subsystem(s) on {}; control socket {}",
+        cfg.subsystems.len(),
+        cfg.listeners
+            .iter()
+            .map(|l| format!("{}:{}", l.address, l.port))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.control_socket.display()
+    );
+    serve(&target, &cfg, &stop, ServeOptions::default()).map_err(|e| CliError(e.to_string()))?;
+    if stop.load(Ordering::Relaxed) {
+        eprintln!("nvmf-p2p: stopped (queues drained, namespaces flushed)");
+    }
+    Ok(())
+}
+
+/// The `stats` reply: subsystems with their namespaces, and live controllers.
+fn stats(target: &Target) -> serde_json::Value {
+    let subsystems: Vec<_> = target
+        .subsystems()
+        .iter()
+        .map(|s| {
+            let namespaces: Vec<_> = s
+                .namespaces()
+                .iter()
+                .map(|ns| {
+                    json!({
+                        "nsid": ns.nsid,
+                        "backend": ns.backend.describe(),
+                        "block_size": ns.backend.block_size(),
+                        "blocks": ns.backend.block_count(),
+                    })
+                })
+                .collect();
+            json!({ "nqn": s.nqn, "namespaces": namespaces })
+        })
+        .collect();
+    let controllers: Vec<_> = target
+        .controllers()
+        .iter()
+        .map(|c| {
+            json!({
+                "cntlid": c.cntlid(),
+                "subnqn": c.subsystem().nqn,
+                "hostnqn": c.hostnqn(),
+                "ready": c.is_ready(),
+            })
+        })
+        .collect();
+    json!({ "subsystems": subsystems, "controllers": controllers })
+}

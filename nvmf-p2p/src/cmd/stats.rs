@@ -1,0 +1,88 @@
+//! `nvmf-p2p stats [--socket PATH] [--json]` and `nvmf-p2p ctl COMMAND` — clients of the
+//! control socket of a running `nvmf-p2p serve`.
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::{print_json, CliError, CliResult};
+use crate::control::{self, Request};
+
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// Control socket of the target (the `control_socket` of its config).
+    #[arg(long, default_value = transport::config::DEFAULT_CONTROL_SOCKET)]
+    pub socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct CtlArgs {
+    /// Control socket of the target (the `control_socket` of its config).
+    #[arg(long, default_value = transport::config::DEFAULT_CONTROL_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+#[derive(clap::Subcommand)]
+pub enum CtlCommand {
+    /// Device-level reset (FLR) of the VFIO-backed controllers; I/O resumes afterwards.
+    ResetDevice,
+}
+
+pub fn run_stats(a: StatsArgs) -> CliResult {
+    let v = control::request(&a.socket, &Request::Stats).map_err(CliError)?;
+    if a.json {
+        return print_json(&v);
+    }
+    print_text(&v, 0);
+    Ok(())
+}
+
+pub fn run_ctl(a: CtlArgs) -> CliResult {
+    let req = match a.cmd {
+        CtlCommand::ResetDevice => Request::ResetDevice,
+    };
+    let v = control::request(&a.socket, &req).map_err(CliError)?;
+    print_text(&v, 0);
+    Ok(())
+}
+
+/// Indented `key: value` text of a JSON reply; arrays of objects become numbered blocks.
+fn print_text(v: &Value, indent: usize) {
+    let pad = "  ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                match val {
+                    Value::Object(_) | Value::Array(_) => {
+                        println!("{pad}{k}:");
+                        print_text(val, indent + 1);
+                    }
+                    _ => println!("{pad}{k}: {}", scalar(val)),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        println!("{pad}[{i}]");
+                        print_text(item, indent + 1);
+                    }
+                    _ => println!("{pad}- {}", scalar(item)),
+                }
+            }
+        }
+        other => println!("{pad}{}", scalar(other)),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
