@@ -816,3 +816,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    /// On a host without RDMA (the build machine) the CM entry points fail with one clear
+    /// error, never a panic; with a device present this only checks they do not panic.
+    #[test]
+    fn cm_without_device_is_a_clear_error() {
+        if crate::device::device_names().unwrap().is_empty() {
+            let e = EventChannel::new()
+                .err()
+                .expect("event channel without RDMA");
+            assert!(e.to_string().contains("rdma link add"), "{e}");
+            let e = context_for("127.0.0.1".parse().unwrap())
+                .err()
+                .expect("context without RDMA");
+            assert!(e.to_string().contains("rdma link add"), "{e}");
+        } else {
+            let _ = context_for("127.0.0.1".parse().unwrap());
+        }
+    }
+}
