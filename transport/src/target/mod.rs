@@ -88,6 +88,29 @@ fn nguid_for(nqn: &str, nsid: u32) -> [u8; 16] {
     out
 }
 
+/// Counters of one controller at one moment.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ControllerSnapshot {
+    /// Controller id.
+    pub cntlid: u16,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Host NQN.
+    pub hostnqn: String,
+    /// CSTS.RDY.
+    pub ready: bool,
+    /// Read commands completed.
+    pub read_commands: u64,
+    /// Write commands completed.
+    pub write_commands: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Commands failed.
+    pub errors: u64,
+}
+
 /// Limits derived from the configuration that every queue applies.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -227,6 +250,27 @@ impl Target {
         let mut v: Vec<_> = self.shared.controllers().values().cloned().collect();
         v.sort_by_key(|c| c.cntlid());
         v
+    }
+
+    /// A snapshot of every live controller's counters (for `nvmf-p2p stats`).
+    pub fn controller_stats(&self) -> Vec<ControllerSnapshot> {
+        self.controllers()
+            .iter()
+            .map(|c| {
+                let s = &c.stats;
+                ControllerSnapshot {
+                    cntlid: c.cntlid(),
+                    subnqn: c.subsystem().nqn.clone(),
+                    hostnqn: c.hostnqn().to_owned(),
+                    ready: c.is_ready(),
+                    read_commands: s.read_commands.load(Ordering::Relaxed),
+                    write_commands: s.write_commands.load(Ordering::Relaxed),
+                    bytes_read: s.bytes_read.load(Ordering::Relaxed),
+                    bytes_written: s.bytes_written.load(Ordering::Relaxed),
+                    errors: s.errors.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// Reports that namespace `nsid` of subsystem `nqn` changed: every controller of that

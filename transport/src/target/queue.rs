@@ -121,7 +121,7 @@ struct Request {
 }
 
 /// Counters of one queue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
     /// Queue id.
     pub qid: u16,
@@ -440,6 +440,15 @@ impl<Q: Qpair> QueueHandler<Q> {
             return false;
         }
         if !out.status.is_success() {
+            tracing::debug!(
+                qid = self.ctx.qid,
+                cid,
+                opcode = req.cmd.opcode(),
+                cdw10 = req.cmd.cdw10.get(),
+                status = %out.status,
+                loc = out.loc,
+                "command failed"
+            );
             self.ctx.stats.errors += 1;
             if let Some(ctrl) = &self.ctx.ctrl {
                 let c = &req.cmd;
