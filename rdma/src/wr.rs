@@ -227,7 +227,18 @@ impl fmt::Debug for WorkCompletion {
 
 /// Up to `N` send WRs (one SGE each), posted as one chain.
 ///
-/// `'a` ties the batch to payloads of inline sends, which the NIC copies at post time.
+/// `'a` ties the batch to payloads of inline sends, which the NIC copies at post time, so
+/// a payload cannot be freed while a batch that names it may still be posted:
+///
+/// ```compile_fail
+/// let mut batch = rdma::SendBatch::<1>::new();
+/// {
+///     let payload = vec![1u8, 2, 3];
+///     batch.send_inline(0, &payload, rdma::SendFlags::SIGNALED).unwrap();
+/// } // `payload` dropped here while `batch` still points at it: does not compile
+/// assert_eq!(batch.len(), 1);
+/// ```
+#[must_use = "a batch does nothing until posted"]
 pub struct SendBatch<'a, const N: usize> {
     wrs: [sys::ibv_send_wr; N],
     sges: [sys::ibv_sge; N],
@@ -432,6 +443,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
 }
 
 /// Up to `N` receive WRs (one SGE each), posted as one chain to a QP or an SRQ.
+#[must_use = "a batch does nothing until posted"]
 pub struct RecvBatch<const N: usize> {
     wrs: [sys::ibv_recv_wr; N],
     sges: [sys::ibv_sge; N],

@@ -689,3 +689,71 @@ fn engine_sleeps_when_idle_and_wakes_on_traffic() {
     h.stop();
     t.join().unwrap().unwrap();
 }
+
+#[test]
+fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
+    use rdma::{QueuePair, RemoteQp};
+    let r = res();
+    let c = cq(&r, false);
+    let init = QpInit::new(&c);
+    let a = QueuePair::new_rc(&r.pd, &init).unwrap();
+    let b = QueuePair::new_rc(&r.pd, &init).unwrap();
+    assert_eq!(a.state().unwrap(), rdma::sys::ibv_qp_state::IBV_QPS_RESET);
+    let gid = r.ctx.query_gid(1, 0).unwrap();
+    let mtu = rdma::sys::ibv_mtu::IBV_MTU_1024;
+    for (me, peer, psn) in [(&a, &b, 100u32), (&b, &a, 200u32)] {
+        me.to_init(1, Access::ALL).unwrap();
+        let remote = RemoteQp {
+            qp_num: peer.qp_num(),
+            psn: if psn == 100 { 200 } else { 100 },
+            gid,
+            lid: 0,
+        };
+        me.to_rtr(1, 0, mtu, &remote).unwrap();
+        me.to_rts(psn).unwrap();
+        assert_eq!(me.state().unwrap(), rdma::sys::ibv_qp_state::IBV_QPS_RTS);
+    }
+    let buf = RegisteredBuffer::new(&r.pd, 4096, Access::ALL).unwrap();
+    let mut rb = RecvBatch::<2>::new();
+    rb.recv(1, Some(buf.mr().sge(0, 64).unwrap()))
+        .unwrap()
+        .recv(2, Some(buf.mr().sge(64, 64).unwrap()))
+        .unwrap();
+    b.post_recv(&mut rb).unwrap();
+    buf.write(2048, b"no cm needed").unwrap();
+    let mut sb = SendBatch::<2>::new();
+    sb.send_inline(10, b"no cm needed", SendFlags::SIGNALED)
+        .unwrap()
+        .write(
+            11,
+            buf.mr().sge(2048, 12).unwrap(),
+            buf.mr().remote(1024),
+            SendFlags::SIGNALED,
+        )
+        .unwrap();
+    a.post_send(&mut sb).unwrap();
+    let wcs = wait_wcs(&c, 3);
+    let mut got = [0u8; 12];
+    buf.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"no cm needed");
+    buf.read(1024, &mut got).unwrap();
+    assert_eq!(&got, b"no cm needed");
+    assert!(wcs
+        .iter()
+        .any(|w| w.wr_id() == 1 && w.opcode().name() == "RECV"));
+
+    // Teardown step one: ERROR flushes the RECV still posted.
+    b.to_error().unwrap();
+    let deadline = Instant::now() + T;
+    let mut wcs = [WorkCompletion::default(); 4];
+    loop {
+        assert!(Instant::now() < deadline, "no flush completion");
+        let n = c.poll(&mut wcs).unwrap();
+        if n > 0 {
+            assert_eq!(wcs[0].wr_id(), 2);
+            let e = wcs[0].result().unwrap_err();
+            assert!(e.to_string().contains("WR_FLUSH_ERR"), "{e}");
+            break;
+        }
+    }
+}
