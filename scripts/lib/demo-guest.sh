@@ -8,6 +8,7 @@ SECS=${1:-20}
 BIN=$NVMF_P2P_ROOT/target/release/nvmf-p2p
 OUT=$NVMF_P2P_SCRATCH/demo; mkdir -p "$OUT"
 NQN=nqn.2026-11.io.nvmf-p2p:demo
+SOCK=/run/nvmf-p2p/demo.sock   # guest-local: 9p (the shared tree) cannot hold sockets
 HZ=$(clk_tck)
 say() { echo "[demo $(cut -d' ' -f1 /proc/uptime)s] $*"; }
 
@@ -35,7 +36,7 @@ run_jobs() {
 ours() {
   nvme_rebind vfio-pci || return 1
   cat > "$OUT/target.toml" <<TOML
-control_socket = "$OUT/control.sock"
+control_socket = "$SOCK"
 
 [[listener]]
 trtype = "rdma"
@@ -51,7 +52,7 @@ backend = "vfio:$NVMF_P2P_BDF"
 TOML
   "$BIN" serve --config "$OUT/target.toml" > "$OUT/serve.log" 2>&1 &
   local pid=$! dev
-  for _ in $(seq 100); do [ -S "$OUT/control.sock" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 600); do [ -S "$SOCK" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
   if ! kill -0 $pid 2>/dev/null; then say "nvmf-p2p serve exited: $(tail -3 "$OUT/serve.log")"; return 1; fi
   local t0; t0=$(awk '{print $14+$15}' /proc/$pid/stat)
   if dev=$(kconnect "$NQN"); then

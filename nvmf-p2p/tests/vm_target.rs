@@ -1,0 +1,337 @@
+//! VM tests of `nvmf-p2p serve` with the real Linux initiator, nvme-cli and fio over
+//! soft-RoCE. Run inside the testbed (scripts/test does): the NVMe is on vfio-pci,
+//! `NVMF_P2P_ADDR` is the rxe address, `NVMF_P2P_SCRATCH` a writable directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run inside scripts/testbed"))
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+fn sh_ok(cmd: &str, args: &[&str]) -> String {
+    let out = sh(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `nvmf-p2p serve`; SIGTERM on drop, and the exit must be clean.
+struct Serve {
+    child: Option<Child>,
+    log: PathBuf,
+    sock: PathBuf,
+}
+
+impl Serve {
+    fn start(name: &str, port: u16, subsystems: &str) -> Serve {
+        let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
+        let sock = PathBuf::from(format!("/run/nvmf-p2p/{name}.sock"));
+        let cfg = scratch.join(format!("{name}.toml"));
+        let text = format!(
+            "control_socket = \"{}\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {port}\n\n{subsystems}",
+            sock.display(),
+            env("NVMF_P2P_ADDR")
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let log = scratch.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(["--log", "info", "serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn nvmf-p2p serve");
+        let mut s = Serve {
+            child: Some(child),
+            log,
+            sock,
+        };
+        let t0 = Instant::now();
+        while !s.sock.exists() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("serve exited early ({st}):\n{}", s.log_text());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "serve did not come up:\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The control socket comes up before the RDMA listener: wait until discovery answers.
+        let port = port.to_string();
+        loop {
+            let d = sh(
+                "nvme",
+                &[
+                    "discover",
+                    "-t",
+                    "rdma",
+                    "-a",
+                    &env("NVMF_P2P_ADDR"),
+                    "-s",
+                    &port,
+                ],
+            );
+            if d.status.success() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "discovery never answered:\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        s
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let out = sh_ok(
+            BIN,
+            &["stats", "--json", "--socket", self.sock.to_str().unwrap()],
+        );
+        serde_json::from_str(&out).expect("stats --json is JSON")
+    }
+
+    fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        // SIGTERM: drain, disconnect, flush, exit 0
+        sh_ok("kill", &["-TERM", &child.id().to_string()]);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "serve exited with {st}:\n{}", self.log_text());
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "serve ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn hostnqn() -> String {
+    sh_ok("nvme", &["gen-hostnqn"]).trim().to_string()
+}
+
+/// The kernel initiator's block device for `nqn` (waits for it to appear).
+fn blockdev_of(nqn: &str) -> String {
+    let t0 = Instant::now();
+    loop {
+        for dir in ["/sys/class/nvme-subsystem", "/sys/class/nvme"] {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                let sub = std::fs::read_to_string(p.join("subsysnqn")).unwrap_or_default();
+                if sub.trim() != nqn {
+                    continue;
+                }
+                for n in std::fs::read_dir(&p).unwrap().flatten() {
+                    let name = n.file_name().to_string_lossy().into_owned();
+                    let is_ns = name.starts_with("nvme")
+                        && name[4..].split_once('n').is_some_and(|(a, b)| {
+                            !a.is_empty()
+                                && a.bytes().all(|c| c.is_ascii_digit())
+                                && !b.is_empty()
+                                && b.bytes().all(|c| c.is_ascii_digit())
+                        });
+                    if is_ns && Path::new(&format!("/dev/{name}")).exists() {
+                        return format!("/dev/{name}");
+                    }
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no namespace of {nqn} appeared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn connect(nqn: &str, port: u16, host: &str) -> Output {
+    let port = port.to_string();
+    sh(
+        "nvme",
+        &[
+            "connect",
+            "-t",
+            "rdma",
+            "-n",
+            nqn,
+            "-a",
+            &env("NVMF_P2P_ADDR"),
+            "-s",
+            &port,
+            "-q",
+            host,
+        ],
+    )
+}
+
+fn disconnect(nqn: &str) {
+    sh_ok("nvme", &["disconnect", "-n", nqn]);
+}
+
+/// fio randwrite over `size` with crc32c checksums, then its verify phase reads every
+/// block back (random order) and checks it.
+fn fio_verify(dev: &str, bs: &str, qd: u32, size: &str) {
+    let args = [
+        "--name=v".to_string(),
+        format!("--filename={dev}"),
+        "--rw=randwrite".into(),
+        format!("--bs={bs}"),
+        format!("--iodepth={qd}"),
+        "--ioengine=libaio".into(),
+        "--direct=1".into(),
+        format!("--size={size}"),
+        "--verify=crc32c".into(),
+        "--verify_fatal=1".into(),
+        "--do_verify=1".into(),
+    ];
+    let out = Command::new("fio").args(&args).output().expect("run fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio bs={bs} qd={qd} on {dev} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn subsystem(nqn: &str, backend: &str, hosts: Option<&str>) -> String {
+    let access = match hosts {
+        None => "allow_any_host = true".to_string(),
+        Some(h) => format!("allow_any_host = false\nhosts = [\"{h}\"]"),
+    };
+    format!(
+        "[[subsystem]]\nnqn = \"{nqn}\"\nserial = \"NVMFP2PTEST\"\n{access}\n[[subsystem.namespace]]\nbackend = \"{backend}\"\n\n"
+    )
+}
+
+#[test]
+fn kernel_initiator_nvme_cli_and_fio_on_every_backend() {
+    let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
+    let file = scratch.join("ns-file.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let bdf = env("NVMF_P2P_BDF");
+    let subs = [
+        ("nqn.2026-11.io.nvmf-p2p:vm-ram", "ram:32MiB".to_string()),
+        (
+            "nqn.2026-11.io.nvmf-p2p:vm-file",
+            format!("file:{}", file.display()),
+        ),
+        ("nqn.2026-11.io.nvmf-p2p:vm-vfio", format!("vfio:{bdf}")),
+    ];
+    let cfg: String = subs.iter().map(|(n, b)| subsystem(n, b, None)).collect();
+    let serve = Serve::start("backends", 4420, &cfg);
+    let host = hostnqn();
+    let addr = env("NVMF_P2P_ADDR");
+
+    let disc = sh_ok(
+        "nvme",
+        &[
+            "discover", "-t", "rdma", "-a", &addr, "-s", "4420", "-q", &host,
+        ],
+    );
+    for (nqn, _) in &subs {
+        assert!(disc.contains(nqn), "discovery log lacks {nqn}:\n{disc}");
+    }
+
+    for (nqn, backend) in &subs {
+        let c = connect(nqn, 4420, &host);
+        assert!(
+            c.status.success(),
+            "connect {nqn}: {}",
+            String::from_utf8_lossy(&c.stderr)
+        );
+        let dev = blockdev_of(nqn);
+        let idc = sh_ok("nvme", &["id-ctrl", &dev]);
+        assert!(idc.contains("NVMFP2PTEST"), "id-ctrl serial:\n{idc}");
+        assert!(idc.contains(nqn), "id-ctrl subnqn:\n{idc}");
+        let idns = sh_ok("nvme", &["id-ns", &dev]);
+        assert!(idns.contains("nsze"), "id-ns:\n{idns}");
+        sh_ok("nvme", &["smart-log", &dev]);
+        sh_ok("nvme", &["error-log", &dev]);
+        let kato = sh_ok("nvme", &["get-feature", &dev, "-f", "0xf"]);
+        assert!(
+            kato.contains("Keep Alive Timer"),
+            "get-feature 0xf:\n{kato}"
+        );
+        let subsys = sh_ok("nvme", &["list-subsys"]);
+        assert!(subsys.contains(nqn), "list-subsys:\n{subsys}");
+        if backend.starts_with("vfio:") {
+            // the whole (64 MiB) namespace, small and large blocks
+            fio_verify(&dev, "4k", 32, "64M");
+            fio_verify(&dev, "128k", 1, "64M");
+        } else {
+            fio_verify(&dev, "4k", 32, "4M");
+        }
+        disconnect(nqn);
+    }
+    let stats = serve.stats();
+    assert_eq!(
+        stats["subsystems"].as_array().map(|a| a.len()),
+        Some(4),
+        "{stats}"
+    );
+    serve.stop();
+}
+
+#[test]
+fn unknown_host_is_rejected_and_reconnect_works() {
+    let allowed = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000a110";
+    let nqn = "nqn.2026-11.io.nvmf-p2p:vm-acl";
+    let serve = Serve::start("acl", 4421, &subsystem(nqn, "ram:16MiB", Some(allowed)));
+    let stranger = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000bad00";
+    let c = connect(nqn, 4421, stranger);
+    assert!(!c.status.success(), "a host not on the list connected");
+    for round in 0..2 {
+        let c = connect(nqn, 4421, allowed);
+        assert!(
+            c.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&c.stderr)
+        );
+        let dev = blockdev_of(nqn);
+        fio_verify(&dev, "4k", 8, "1M");
+        disconnect(nqn);
+    }
+    serve.stop();
+}
