@@ -24,6 +24,9 @@ use crate::wr::WorkCompletion;
 
 /// Completions fetched per `ibv_poll_cq` call.
 pub const POLL_BATCH: usize = 32;
+/// Most `ibv_poll_cq` calls per source per iteration, so a busy CQ cannot starve the
+/// others, the CM channel or the inbox.
+pub const MAX_BATCHES_PER_SOURCE: usize = 4;
 
 /// Something that yields completions and can wake a sleeping engine through an fd.
 /// Implemented by [`CompletionQueue`]; tests implement it with fakes.
@@ -328,7 +331,7 @@ impl<M: Send> Engine<M> {
         let c = &self.handle.shared.counters;
         let mut work = 0;
         for (i, src) in self.sources.iter().enumerate() {
-            loop {
+            for _ in 0..MAX_BATCHES_PER_SOURCE {
                 let n = src.poll(&mut self.wcs)?;
                 for wc in &self.wcs[..n] {
                     handler.on_completion(i, wc);
@@ -574,6 +577,24 @@ mod tests {
         assert_eq!(e.poll_once(&mut h).unwrap(), 0);
         let c = e.counters();
         assert_eq!((c.polls, c.idle_polls, c.completions), (2, 1, 41));
+    }
+
+    #[test]
+    fn busy_source_cannot_starve_the_next() {
+        let a = FakeCq::new();
+        let b = FakeCq::new();
+        let mut e = Engine::<u32>::new(EngineConfig::default()).unwrap();
+        e.add_source(a.clone()).unwrap();
+        e.add_source(b.clone()).unwrap();
+        for i in 0..200 {
+            a.complete(i);
+        }
+        b.complete(1000);
+        let mut h = Collect::default();
+        let cap = POLL_BATCH * MAX_BATCHES_PER_SOURCE;
+        assert_eq!(e.poll_once(&mut h).unwrap(), cap + 1);
+        assert_eq!(h.seen.last(), Some(&(1, 1000)));
+        assert_eq!(e.poll_once(&mut h).unwrap(), 200 - cap);
     }
 
     fn thread_cpu() -> Duration {
