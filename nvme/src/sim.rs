@@ -42,6 +42,8 @@ pub struct SimConfig {
     pub dstrd: u8,
     /// CAP.TO (500 ms units).
     pub timeout_units: u8,
+    /// Never sleep when idle: spin, then yield (for benchmarks; costs a core).
+    pub busy_poll: bool,
 }
 
 impl Default for SimConfig {
@@ -56,6 +58,7 @@ impl Default for SimConfig {
             cmb_bytes: 1 << 20,
             dstrd: 0,
             timeout_units: 2,
+            busy_poll: false,
         }
     }
 }
@@ -500,6 +503,13 @@ impl Engine {
             }
             if work {
                 idle = 0;
+            } else if self.s.cfg.busy_poll {
+                idle = idle.saturating_add(1);
+                if idle > 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             } else {
                 idle = idle.saturating_add(1);
                 if idle == 2000 {
