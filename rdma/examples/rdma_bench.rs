@@ -7,8 +7,9 @@
 //! - `send_lat`: SEND/RECV ping-pong, inline, half round trip (like `ib_send_lat`);
 //! - `write_lat`: RDMA WRITE ping-pong polling memory, half round trip (like `ib_write_lat`).
 //!
-//! Usage: `rdma_bench [ADDR] [--iters-bw N] [--iters-lat N] [--spin]`; ADDR defaults to
-//! `$NVMF_P2P_ADDR`; `--spin` busy-polls without yielding (perftest's behaviour). Prints one `key=value` line per measurement. Prints, never asserts.
+//! Usage: `rdma_bench [ADDR] [--iters-bw N] [--iters-lat N] [--spin] [--only TEST SIZE ITERS]`;
+//! ADDR defaults to `$NVMF_P2P_ADDR`; `--spin` busy-polls without yielding (perftest's
+//! behaviour); `--only` runs one measurement. Prints one `key=value` line per measurement. Prints, never asserts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -299,6 +300,7 @@ fn run() -> rdma::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut addr = std::env::var("NVMF_P2P_ADDR").ok();
     let (mut iters_bw, mut iters_lat) = (5000usize, 1000usize);
+    let mut only: Option<(String, usize, usize)> = None;
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> rdma::Result<usize> {
             args.next()
@@ -309,6 +311,21 @@ fn run() -> rdma::Result<()> {
             "--iters-bw" => iters_bw = num("--iters-bw")?,
             "--iters-lat" => iters_lat = num("--iters-lat")?,
             "--spin" => YIELD.store(false, std::sync::atomic::Ordering::Relaxed),
+            "--only" => {
+                // --only TEST SIZE ITERS: one measurement (scripts/bench-rdma interleaves
+                // these with perftest runs).
+                let test = args
+                    .next()
+                    .ok_or_else(|| rdma::Error::InvalidArgument("--only needs a test".into()))?;
+                let mut num = |what: &str| -> rdma::Result<usize> {
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| rdma::Error::InvalidArgument(format!("--only needs {what}")))
+                };
+                let size = num("a size")?;
+                let iters = num("an iteration count")?;
+                only = Some((test, size, iters));
+            }
             other => addr = Some(other.to_owned()),
         }
     }
@@ -324,9 +341,19 @@ fn run() -> rdma::Result<()> {
     } else {
         "spin"
     };
-    println!("device={} addr={ip} idle={mode}", ctx.name());
+    eprintln!("device={} addr={ip} idle={mode}", ctx.name());
     let src = RegisteredBuffer::new(&pd, 64 << 10, Access::LOCAL_WRITE)?;
     let dst = RegisteredBuffer::new(&pd, 64 << 10, Access::ALL)?;
+    if let Some((test, size, iters)) = only {
+        return match test.as_str() {
+            "write_bw" if size <= 64 << 10 => write_bw(&p, &src, &dst, size, iters),
+            "send_lat" if size <= 4096 => send_lat(&p, size, iters),
+            "write_lat" if size <= 2048 => write_lat(&p, size, iters),
+            _ => Err(rdma::Error::InvalidArgument(format!(
+                "unknown test {test} or size {size} too large"
+            ))),
+        };
+    }
     for size in [8usize, 4096, 65536] {
         write_bw(&p, &src, &dst, size, iters_bw)?;
     }

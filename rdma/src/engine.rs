@@ -240,6 +240,7 @@ pub struct Engine<M> {
 
 const EVENTFD_TOKEN: u64 = u64::MAX;
 const CM_TOKEN_BASE: u64 = 1 << 32;
+const EXTRA_TOKEN_BASE: u64 = 2 << 32;
 
 impl<M: Send> Engine<M> {
     /// An engine with no sources yet.
@@ -319,6 +320,13 @@ impl<M: Send> Engine<M> {
         self.epoll_add(ch.fd(), CM_TOKEN_BASE + idx as u64)?;
         self.cm.push(ch.clone());
         Ok(idx)
+    }
+
+    /// Adds any fd (a control socket, an NVMe interrupt eventfd, ...) whose readability
+    /// must wake a sleeping engine. The engine does not read it: [`Handler::poll`] must
+    /// consume the readiness, or the engine keeps waking up.
+    pub fn add_wake_fd(&mut self, fd: RawFd) -> Result<()> {
+        self.epoll_add(fd, EXTRA_TOKEN_BASE + fd as u64)
     }
 
     /// The counters.
@@ -417,7 +425,7 @@ impl<M: Send> Engine<M> {
             } else if token < CM_TOKEN_BASE {
                 self.sources[token as usize].drain_wakeups()?;
             }
-            // CM fds: events are read by the next poll_once.
+            // CM fds: events are read by the next poll_once; extra fds by Handler::poll.
         }
         Ok(0)
     }
@@ -595,6 +603,69 @@ mod tests {
         assert_eq!(e.poll_once(&mut h).unwrap(), cap + 1);
         assert_eq!(h.seen.last(), Some(&(1, 1000)));
         assert_eq!(e.poll_once(&mut h).unwrap(), 200 - cap);
+    }
+
+    /// Reads a pipe in `poll`, so the engine sleeps until the pipe has data.
+    struct PipeReader {
+        fd: RawFd,
+        got: Vec<u8>,
+    }
+
+    impl Handler for PipeReader {
+        type Msg = ();
+        fn on_completion(&mut self, _source: usize, _wc: &WorkCompletion) {}
+        fn poll(&mut self) -> usize {
+            let mut b = [0u8; 16];
+            // SAFETY: reading into a local buffer from our non-blocking pipe.
+            let n = unsafe { libc::read(self.fd, b.as_mut_ptr().cast(), b.len()) };
+            if n > 0 {
+                self.got.extend_from_slice(&b[..n as usize]);
+                n as usize
+            } else {
+                0
+            }
+        }
+    }
+
+    #[test]
+    fn extra_wake_fd_wakes_a_sleeping_engine() {
+        let mut fds = [0; 2];
+        // SAFETY: valid out-array of two fds.
+        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
+        assert_eq!(ret, 0);
+        let mut e = Engine::<()>::new(EngineConfig {
+            idle_spell: Duration::from_millis(1),
+            max_sleep: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .unwrap();
+        e.add_wake_fd(fds[0]).unwrap();
+        let h = e.handle();
+        let rfd = fds[0];
+        let t = std::thread::spawn(move || {
+            let mut r = PipeReader {
+                fd: rfd,
+                got: Vec::new(),
+            };
+            e.run(&mut r).unwrap();
+            r.got
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let before = h.counters();
+        assert!(before.sleeps >= 1, "{before:?}");
+        // SAFETY: writing 3 bytes to our pipe.
+        let n = unsafe { libc::write(fds[1], b"abc".as_ptr().cast(), 3) };
+        assert_eq!(n, 3);
+        std::thread::sleep(Duration::from_millis(200));
+        let after = h.counters();
+        assert!(after.wakeups > before.wakeups, "{before:?} -> {after:?}");
+        h.stop();
+        assert_eq!(t.join().unwrap(), b"abc");
+        // SAFETY: closing our pipe fds once.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 
     fn thread_cpu() -> Duration {
