@@ -190,6 +190,49 @@ pub mod cmd {
     }
 }
 
+/// Waits (spinning on the wire) for the next completion of `q`, up to `timeout`.
+pub fn wait<W: HostWire>(q: &mut InitiatorQueue<W>, timeout: Duration) -> Result<Completion> {
+    let start = Instant::now();
+    loop {
+        if let Some(c) = q.poll_one() {
+            return Ok(c);
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Transport {
+                qid: q.qid(),
+                reason: format!("no response within {timeout:?}"),
+            });
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Submits `sqe` and waits for its completion; a non-success status is an error.
+pub fn execute<W: HostWire>(
+    q: &mut InitiatorQueue<W>,
+    sqe: Sqe,
+    icd: &[u8],
+    timeout: Duration,
+) -> Result<Completion> {
+    let cid = q.submit(sqe, icd, 0)?;
+    loop {
+        let c = wait(q, timeout)?;
+        if c.cid != cid {
+            continue;
+        }
+        let st = c.status();
+        if !st.is_success() {
+            return Err(Error::CommandFailed {
+                qid: q.qid(),
+                cid,
+                sct: st.sct(),
+                sc: st.sc(),
+            });
+        }
+        return Ok(c);
+    }
+}
+
 /// A finished command.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {

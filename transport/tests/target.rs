@@ -112,6 +112,14 @@ fn admin_connect_properties_identify() {
     assert_status(&c, Status::INVALID_NAMESPACE);
     let c = rig.exec(&mut q, cmd::identify(0x55, 0, keyed(r)), &[]);
     assert_status(&c, Status::INVALID_FIELD);
+    // CSI-specific identify (the Linux host asks when NS descriptors carry a CSI).
+    let c = rig.exec(&mut q, cmd::identify(0x05, 1, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let c = rig.exec(&mut q, cmd::identify(0x06, 0, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let mut s = cmd::identify(0x05, 1, keyed(r));
+    s.cdw11 = U32::new(2 << 24); // zoned command set: not supported
+    assert_status(&rig.exec(&mut q, s, &[]), Status::INVALID_FIELD);
 
     // Shutdown notification completes.
     let cc = 1 | (6 << 16) | (4 << 20) | (1 << 14);

@@ -18,6 +18,7 @@
 //! Not yet here (see the crate report): SRQ per poll group, send-with-invalidate, the
 //! `rdma::Engine` as the idle sleeper, registration of VFIO DMA memory as the pool.
 
+mod host;
 mod serve;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +35,7 @@ use rdma::{
 };
 use zerocopy::IntoBytes;
 
+pub use host::RdmaHost;
 pub use serve::{serve, ServeOptions};
 
 use crate::error::{Error, Result};

@@ -199,6 +199,11 @@ pub(crate) fn execute(
     }
 }
 
+/// Identify CNS 05h: I/O command set specific Identify Namespace.
+const CNS_CSI_NAMESPACE: u8 = 0x05;
+/// Identify CNS 06h: I/O command set specific Identify Controller.
+const CNS_CSI_CONTROLLER: u8 = 0x06;
+
 fn copy_out(data: &mut [u8], bytes: &[u8]) -> Outcome {
     let n = data.len().min(bytes.len());
     data[..n].copy_from_slice(&bytes[..n]);
@@ -262,6 +267,14 @@ fn identify(ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome {
             }
             None => Outcome::err(Status::INVALID_NAMESPACE, loc::NSID),
         },
+        // I/O Command Set specific Identify Namespace / Controller for the NVM command set
+        // (CSI 0): every field we could report is zero (no PI, no extended LBA formats).
+        CNS_CSI_NAMESPACE | CNS_CSI_CONTROLLER if cmd.cdw11.get() >> 24 == 0 => {
+            if cns_v == CNS_CSI_NAMESPACE && sub.namespace(nsid).is_none() {
+                return Outcome::err(Status::INVALID_NAMESPACE, loc::NSID);
+            }
+            copy_out(data, &[0u8; 4096])
+        }
         _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
     }
 }

@@ -1,0 +1,225 @@
+//! The initiator's end of an NVMe-oF/RDMA queue: connect with CM private data, send
+//! command capsules from a registered ring, receive 16-byte responses into another.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvme::spec::Cqe;
+use rdma::cm::{Connection, Connector};
+use rdma::{
+    Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, SendBatch,
+    SendFlags, WorkCompletion,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::rdma_err;
+use crate::error::{Error, Result};
+use crate::fabrics::CmAccept;
+use crate::initiator::{cm_request, HostWire};
+
+const KIND_SEND: u64 = 1 << 32;
+const KIND_RECV: u64 = 2 << 32;
+
+/// One host queue over RDMA.
+///
+/// Field order is drop order: the connection (QP, CM id) before the rings it covered.
+pub struct RdmaHost {
+    conn: Connection,
+    cq: Arc<CompletionQueue>,
+    pd: Arc<ProtectionDomain>,
+    send_ring: RegisteredBuffer,
+    recv_ring: RegisteredBuffer,
+    send_stride: usize,
+    send_free: Vec<u16>,
+    responses: VecDeque<Cqe>,
+    wcs: Box<[WorkCompletion; 32]>,
+    qid: u16,
+    entries: u16,
+    crqsize: u16,
+}
+
+impl RdmaHost {
+    /// Connects queue `qid` with `entries` entries to `dst`; capsules may carry up to
+    /// `icd_max` bytes of in-capsule data.
+    pub fn connect(
+        dst: SocketAddr,
+        qid: u16,
+        entries: u16,
+        icd_max: u32,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let conn_err = |reason: String| Error::Transport { qid, reason };
+        let connector = Connector::resolve(dst, timeout).map_err(rdma_err("resolve"))?;
+        let ctx = connector
+            .context()
+            .ok_or_else(|| conn_err("no RDMA device for the route".into()))?;
+        let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
+        let slots = u32::from(entries) + 1;
+        let cq = CompletionQueue::new(&ctx, 2 * slots + 8, None).map_err(rdma_err("create CQ"))?;
+        let mut init = QpInit::new(&cq);
+        init.max_send_wr = slots;
+        init.max_recv_wr = slots;
+        init.max_inline_data = 64;
+        let send_stride = 64 + icd_max as usize;
+        let send_ring =
+            RegisteredBuffer::new(&pd, send_stride * usize::from(entries), Access::LOCAL_WRITE)
+                .map_err(rdma_err("send ring"))?;
+        let recv_ring = RegisteredBuffer::new(&pd, 16 * slots as usize, Access::LOCAL_WRITE)
+            .map_err(rdma_err("recv ring"))?;
+        let req = cm_request(qid, entries);
+        let conn = connector
+            .connect(&pd, &init, req.as_bytes(), timeout)
+            .map_err(|e| match e {
+                rdma::Error::Rejected {
+                    ref private_data, ..
+                } if private_data.len() >= 4 => Error::CmReject {
+                    status: u16::from_le_bytes([private_data[2], private_data[3]]),
+                },
+                e => Error::Rdma {
+                    op: "connect",
+                    source: e,
+                },
+            })?;
+        let accept = CmAccept::read_from_prefix(conn.peer_private_data())
+            .map(|(a, _)| a)
+            .ok();
+        let crqsize = accept.map_or(entries, |a| a.crqsize.get());
+        let host = RdmaHost {
+            conn,
+            cq,
+            pd,
+            send_ring,
+            recv_ring,
+            send_stride,
+            send_free: (0..entries).rev().collect(),
+            responses: VecDeque::with_capacity(slots as usize),
+            wcs: Box::new([WorkCompletion::default(); 32]),
+            qid,
+            entries,
+            crqsize,
+        };
+        for i in 0..slots as u16 {
+            host.post_recv(i)?;
+        }
+        Ok(host)
+    }
+
+    /// The protection domain (register data buffers on it).
+    pub fn pd(&self) -> &Arc<ProtectionDomain> {
+        &self.pd
+    }
+
+    /// Queue size the target accepted (CM crqsize).
+    pub fn accepted_queue_size(&self) -> u16 {
+        self.crqsize
+    }
+
+    /// Registers `len` bytes the target may RDMA READ and WRITE (data buffers).
+    pub fn register(&self, len: usize) -> Result<RegisteredBuffer> {
+        RegisteredBuffer::new(&self.pd, len, Access::ALL).map_err(rdma_err("data buffer"))
+    }
+
+    fn post_recv(&self, i: u16) -> Result<()> {
+        let sge = self
+            .recv_ring
+            .mr()
+            .sge(usize::from(i) * 16, 16)
+            .map_err(rdma_err("recv sge"))?;
+        let mut b = RecvBatch::<1>::new();
+        b.recv(KIND_RECV | u64::from(i), Some(sge))
+            .map_err(rdma_err("recv"))?;
+        self.conn
+            .qp()
+            .post_recv(&mut b)
+            .map_err(rdma_err("post recv"))
+    }
+
+    fn poll_cq(&mut self) -> Result<()> {
+        let n = self
+            .cq
+            .poll(&mut self.wcs[..])
+            .map_err(rdma_err("poll CQ"))?;
+        for i in 0..n {
+            let wc = self.wcs[i];
+            let id = wc.wr_id();
+            if !wc.is_ok() {
+                return Err(Error::Transport {
+                    qid: self.qid,
+                    reason: format!("work completion: {}", wc.status()),
+                });
+            }
+            let idx = id as u16;
+            if id & KIND_RECV != 0 {
+                let mut raw = [0u8; 16];
+                self.recv_ring
+                    .read(usize::from(idx) * 16, &mut raw)
+                    .map_err(rdma_err("read response"))?;
+                self.post_recv(idx)?;
+                self.responses
+                    .push_back(Cqe::read_from_bytes(&raw).unwrap_or_default());
+            } else if id & KIND_SEND != 0 {
+                self.send_free.push(idx);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HostWire for RdmaHost {
+    fn send_capsule(&mut self, cmd: &[u8; 64], icd: &[u8]) -> Result<()> {
+        if self.send_free.is_empty() {
+            self.poll_cq()?;
+        }
+        let Some(slot) = self.send_free.pop() else {
+            return Err(Error::QueueFull {
+                qid: self.qid,
+                depth: self.entries,
+            });
+        };
+        if 64 + icd.len() > self.send_stride {
+            self.send_free.push(slot);
+            return Err(Error::Transport {
+                qid: self.qid,
+                reason: format!("{} bytes of in-capsule data do not fit", icd.len()),
+            });
+        }
+        let off = usize::from(slot) * self.send_stride;
+        self.send_ring
+            .write(off, cmd)
+            .map_err(rdma_err("capsule"))?;
+        self.send_ring
+            .write(off + 64, icd)
+            .map_err(rdma_err("capsule"))?;
+        let sge = self
+            .send_ring
+            .mr()
+            .sge(off, 64 + icd.len())
+            .map_err(rdma_err("send sge"))?;
+        let mut b = SendBatch::<1>::new();
+        b.send(KIND_SEND | u64::from(slot), Some(sge), SendFlags::SIGNALED)
+            .map_err(rdma_err("send"))?;
+        self.conn
+            .qp()
+            .post_send(&mut b)
+            .map_err(rdma_err("post send"))
+    }
+
+    fn recv_response(&mut self) -> Option<Cqe> {
+        if self.responses.is_empty() {
+            if let Err(e) = self.poll_cq() {
+                tracing::warn!(error = %e, qid = self.qid, "host queue");
+            }
+        }
+        self.responses.pop_front()
+    }
+}
+
+impl Drop for RdmaHost {
+    fn drop(&mut self) {
+        let _ = self.conn.disconnect();
+        // Flushed completions reference only the rings, which outlive the QP (field order).
+        let _ = self.poll_cq();
+    }
+}
