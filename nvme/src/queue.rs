@@ -86,6 +86,8 @@ pub struct IoQueuePair {
     prp: DmaBuffer,
     max_transfer: usize,
     ns_shift: Vec<(u32, u32)>,
+    /// (nsid, lba shift) of the first namespace, for the fast path.
+    ns0: (u32, u32),
     generation: u64,
     epoch: u32,
     epoch_start: Instant,
@@ -114,6 +116,32 @@ pub(crate) struct QueueParts {
     pub max_transfer: usize,
     pub ns_shift: Vec<(u32, u32)>,
     pub generation: u64,
+}
+
+#[cold]
+fn inactive_namespace(nsid: u32) -> Error {
+    Error::InvalidArgument(format!("namespace {nsid} is not active"))
+}
+
+#[cold]
+fn bad_length(len: usize, shift: u32, max: usize) -> Error {
+    if len >> shift > 65536 {
+        return Error::TooLarge { len, max };
+    }
+    Error::InvalidArgument(format!(
+        "length {len} is not a non-zero multiple of the block size {}",
+        1usize << shift
+    ))
+}
+
+#[cold]
+fn too_large(len: usize, max: usize) -> Error {
+    Error::TooLarge { len, max }
+}
+
+#[cold]
+fn misaligned(iova: u64) -> Error {
+    Error::InvalidArgument(format!("data buffer IOVA {iova:#x} is not dword aligned"))
 }
 
 /// EventIdx rule (virtio/NVMe shadow doorbells): ring MMIO if `event` is in [old, new).
@@ -152,6 +180,7 @@ impl IoQueuePair {
             lost: 0,
             prp: p.prp,
             max_transfer: p.max_transfer,
+            ns0: p.ns_shift.first().copied().unwrap_or((0, 9)),
             ns_shift: p.ns_shift,
             generation: p.generation,
             epoch: 0,
@@ -224,16 +253,11 @@ impl IoQueuePair {
     fn build_prps(&self, sqe: &mut Sqe, cid: u16, buf: &DmaBuffer) -> Result<()> {
         let len = buf.len();
         if len > self.max_transfer {
-            return Err(Error::TooLarge {
-                len,
-                max: self.max_transfer,
-            });
+            return Err(too_large(len, self.max_transfer));
         }
         let iova = buf.iova();
         if iova & 3 != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "data buffer IOVA {iova:#x} is not dword aligned"
-            )));
+            return Err(misaligned(iova));
         }
         let page = PAGE_SIZE as u64;
         sqe.prp1 = iova.into();
@@ -486,22 +510,21 @@ impl IoQueuePair {
         }
     }
 
+    /// 0-based block count for a transfer of `len` bytes on `nsid`.
+    #[inline]
     fn nlb0(&self, nsid: u32, len: usize) -> Result<u16> {
-        let shift = self
-            .lba_shift(nsid)
-            .ok_or_else(|| Error::InvalidArgument(format!("namespace {nsid} is not active")))?;
-        let bs = 1usize << shift;
-        if len == 0 || !len.is_multiple_of(bs) {
-            return Err(Error::InvalidArgument(format!(
-                "length {len} is not a non-zero multiple of the block size {bs}"
-            )));
-        }
-        let nlb = len / bs;
-        if nlb > 65536 {
-            return Err(Error::TooLarge {
-                len,
-                max: self.max_transfer,
-            });
+        // Fast path: the first namespace (the common single-namespace case).
+        let shift = if nsid == self.ns0.0 {
+            self.ns0.1
+        } else {
+            match self.lba_shift(nsid) {
+                Some(s) => s,
+                None => return Err(inactive_namespace(nsid)),
+            }
+        };
+        let nlb = len >> shift;
+        if len & ((1usize << shift) - 1) != 0 || nlb == 0 || nlb > 65536 {
+            return Err(bad_length(len, shift, self.max_transfer));
         }
         Ok((nlb - 1) as u16)
     }

@@ -342,9 +342,10 @@ impl Simulator {
     pub fn faults(&self) -> &Faults {
         &self.shared.faults
     }
-    /// Commands processed so far (admin + I/O).
+    /// Commands fetched and processed so far (admin + I/O); a completed command's CQE is
+    /// in its CQ by the time it is counted.
     pub fn commands_processed(&self) -> u64 {
-        self.shared.commands.load(Ordering::Relaxed)
+        self.shared.commands.load(Ordering::Acquire)
     }
     /// Read namespace bytes directly (for tests).
     pub fn namespace_bytes(&self, off: usize, len: usize) -> Vec<u8> {
@@ -581,7 +582,6 @@ impl Engine {
                 self.sqs[qid] = Some(sq);
                 budget -= 1;
                 work = true;
-                self.s.commands.fetch_add(1, Ordering::Relaxed);
                 let sqe = Sqe::read_from_bytes(&raw).unwrap_or_default();
                 let out = if !ok {
                     Outcome::Done(Status::DATA_TRANSFER_ERROR, 0)
@@ -593,6 +593,9 @@ impl Engine {
                 if let Outcome::Done(st, dw0) = out {
                     self.post(qid as u16, sqe.cid(), st, dw0);
                 }
+                // Counted after the completion is posted, so a waiter seeing the count can
+                // reap the CQE.
+                self.s.commands.fetch_add(1, Ordering::Release);
             }
         }
         work
