@@ -797,6 +797,80 @@ impl Controller {
         Ok(IoQueuePair::from_parts(parts, s.clone()))
     }
 
+    /// Byte offsets in BAR0 of queue `qid`'s SQ tail and CQ head doorbells (CAP.DSTRD).
+    pub fn doorbell_offsets(&self, qid: u16) -> (u64, u64) {
+        let d = self.shared.cap.dstrd();
+        (
+            spec::sq_tail_doorbell(qid, d) as u64,
+            spec::cq_head_doorbell(qid, d) as u64,
+        )
+    }
+
+    /// Create an I/O SQ/CQ pair on rings the caller owns and fills (direct mode: a remote
+    /// host writes SQEs and doorbells). `sq` must hold `depth` 64-byte entries and `cq`
+    /// `depth` 16-byte entries, both page aligned; the CQ is zeroed here. The queues are
+    /// recreated after a controller reset (check [`RawQueuePair::generation`]) and deleted
+    /// on drop.
+    ///
+    /// With shadow doorbells in use, the controller takes SQ tails from the shadow buffer,
+    /// so a doorbell written straight to MMIO (e.g. by RDMA into the exported doorbell
+    /// page) is not seen: open the controller with `shadow_doorbells: false` for that.
+    pub fn create_raw_queue_pair(
+        &self,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        depth: u16,
+    ) -> Result<RawQueuePair> {
+        let s = &self.shared;
+        let max = (s.cap.mqes() as u32 + 1).min(65535) as u16;
+        if depth < 2
+            || depth > max
+            || sq.len() < depth as usize * 64
+            || cq.len() < depth as usize * 16
+        {
+            return Err(Error::InvalidArgument(format!(
+                "raw queue of depth {depth} (max {max}) on rings of {} / {} bytes",
+                sq.len(),
+                cq.len()
+            )));
+        }
+        if !sq.iova().is_multiple_of(PAGE_SIZE as u64)
+            || !cq.iova().is_multiple_of(PAGE_SIZE as u64)
+        {
+            return Err(Error::InvalidArgument(
+                "raw queue rings must be page aligned".into(),
+            ));
+        }
+        let qid = {
+            let mut a = lock(&s.admin);
+            let mut qs = lock(&s.queues);
+            let qid = (1..=s.granted)
+                .find(|q| !qs.iter().any(|r| r.qid == *q))
+                .ok_or(Error::NoQueuesLeft { granted: s.granted })?;
+            let rec = QueueRec {
+                qid,
+                depth,
+                sq_iova: sq.iova(),
+                cq: cq.clone(),
+            };
+            s.create_queue_locked(&mut a, &rec)?;
+            qs.push(rec);
+            qid
+        };
+        let (so, co) = self.doorbell_offsets(qid);
+        let missing = || Error::InvalidArgument(format!("doorbell of queue {qid} outside BAR0"));
+        Ok(RawQueuePair {
+            qid,
+            depth,
+            sq_db: s.regs.reg_ptr(so as usize).ok_or_else(missing)?,
+            cq_db: s.regs.reg_ptr(co as usize).ok_or_else(missing)?,
+            shadow: s.shadow_ptrs(qid),
+            sq,
+            cq,
+            shared: s.clone(),
+        })
+    }
+
     /// Send Abort for `cid` on queue `qid`. Returns whether the controller says it aborted
     /// the command (CQE DW0 bit 0 clear).
     pub fn abort(&self, qid: u16, cid: u16) -> Result<bool> {
@@ -845,6 +919,75 @@ impl Controller {
     pub fn reset_device(&self) -> Result<()> {
         self.shared.platform.device_reset()?;
         self.shared.reset()
+    }
+}
+
+/// An I/O queue pair whose rings the caller drives (see
+/// [`Controller::create_raw_queue_pair`]).
+pub struct RawQueuePair {
+    qid: u16,
+    depth: u16,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    sq_db: *mut u32,
+    cq_db: *mut u32,
+    shadow: Option<Shadow>,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the doorbell and shadow pointers point into mappings kept alive by `shared`;
+// doorbell registers and shadow slots take concurrent 32-bit volatile writes.
+unsafe impl Send for RawQueuePair {}
+// SAFETY: as above; every method takes `&self` and does single volatile stores.
+unsafe impl Sync for RawQueuePair {}
+
+impl RawQueuePair {
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+    /// The submission ring.
+    pub fn sq(&self) -> &DmaBuffer {
+        &self.sq
+    }
+    /// The completion ring.
+    pub fn cq(&self) -> &DmaBuffer {
+        &self.cq
+    }
+    /// Controller resets so far; when it changes, the queues were recreated empty.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+    /// Publish a new SQ tail (after the SQEs are written): write barrier, shadow slot if
+    /// shadow doorbells are on, then the MMIO doorbell.
+    pub fn ring_sq(&self, tail: u16) {
+        std::sync::atomic::fence(Ordering::Release);
+        if let Some(sh) = &self.shadow {
+            // SAFETY: shadow slot inside the controller's shadow page, alive with `shared`.
+            unsafe { std::ptr::write_volatile(sh.sq, tail as u32) };
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        // SAFETY: doorbell register inside BAR0, alive with `shared`.
+        unsafe { std::ptr::write_volatile(self.sq_db, tail as u32) };
+    }
+    /// Publish a new CQ head (after the CQEs are consumed).
+    pub fn ring_cq(&self, head: u16) {
+        if let Some(sh) = &self.shadow {
+            // SAFETY: as in ring_sq.
+            unsafe { std::ptr::write_volatile(sh.cq, head as u32) };
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        // SAFETY: as in ring_sq.
+        unsafe { std::ptr::write_volatile(self.cq_db, head as u32) };
+    }
+}
+
+impl Drop for RawQueuePair {
+    fn drop(&mut self) {
+        let g = self.generation();
+        self.shared.release_queue(self.qid, g);
     }
 }
 

@@ -1,10 +1,35 @@
 //! Userspace NVMe: spec types, a polled driver over VFIO, the controller memory buffer,
 //! dma-buf export of the doorbell page and the CMB, and an in-process simulated controller.
 //!
-//! Entry points: [`Controller::new`] over any [`Platform`] — [`vfio::VfioPlatform`] for a
-//! real (or QEMU-emulated) device bound to vfio-pci, [`sim::Simulator`] for tests — then
-//! [`Controller::create_io_queue_pair`] per thread, [`IoQueuePair::submit`] /
-//! [`IoQueuePair::poll`] on the hot path, [`Controller::alloc_dma`] for buffers.
+//! - [`spec`]: SQE/CQE, status codes, opcodes, registers, Identify and log page layouts
+//!   (shared with the NVMe-oF target).
+//! - [`Controller::new`] brings a controller up over any [`Platform`]:
+//!   [`vfio::VfioPlatform`] (a device bound to vfio-pci; [`vfio::NvmeDevice`] adds the
+//!   dma-buf exports) or [`sim::Simulator`] (tests, benches).
+//! - [`Controller::create_io_queue_pair`] gives one [`IoQueuePair`] per thread:
+//!   [`IoQueuePair::submit`] / [`read`](IoQueuePair::read) / [`write`](IoQueuePair::write)
+//!   and [`IoQueuePair::poll`] — no locks, no allocation.
+//! - [`Controller::alloc_dma`] / [`Controller::alloc_cmb`] give [`DmaBuffer`]s.
+//! - [`Controller::create_raw_queue_pair`] hands the rings to someone else (direct mode).
+//!
+//! ```
+//! use nvme::sim::{SimConfig, Simulator};
+//! use nvme::{Controller, ControllerOptions, QueueOptions};
+//!
+//! let sim = Simulator::start(SimConfig::default())?;
+//! let ctrl = Controller::new(sim.platform(), ControllerOptions::default())?;
+//! let mut qp = ctrl.create_io_queue_pair(QueueOptions::default())?;
+//! let buf = ctrl.alloc_dma(4096)?;
+//! buf.write(0, b"hello")?;
+//! qp.write(1, 0, &buf, 7)?;
+//! let mut done = None;
+//! while done.is_none() {
+//!     qp.poll(16, |c| done = Some(c));
+//! }
+//! let c = done.unwrap();
+//! assert!(c.is_ok() && c.tag == 7);
+//! # Ok::<(), nvme::Error>(())
+//! ```
 
 pub mod ctrl;
 pub mod dma;
@@ -17,7 +42,7 @@ pub mod vfio;
 
 pub use ctrl::{
     CmbInfo, Controller, ControllerInfo, ControllerOptions, LbaFormatInfo, NamespaceInfo,
-    QueueOptions, Recovery, DRIVER_MAX_TRANSFER,
+    QueueOptions, RawQueuePair, Recovery, DRIVER_MAX_TRANSFER,
 };
 pub use dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 pub use error::{Error, Result};
