@@ -41,7 +41,7 @@ pub fn cm_request(qid: u16, entries: u16) -> CmRequest {
         recfmt: U16::new(0),
         qid: U16::new(qid),
         hrqsize: U16::new(entries),
-        hsqsize: U16::new(entries - 1),
+        hsqsize: U16::new(entries.saturating_sub(1)),
         ..Default::default()
     }
 }
@@ -129,7 +129,7 @@ pub mod cmd {
     pub fn set_num_queues(n: u16) -> Sqe {
         set_features(
             feat::NUM_QUEUES,
-            u32::from(n - 1) | (u32::from(n - 1) << 16),
+            u32::from(n.saturating_sub(1)) | (u32::from(n.saturating_sub(1)) << 16),
         )
     }
 
@@ -149,12 +149,12 @@ pub mod cmd {
 
     /// Read `nlb` blocks (1-based) at `slba` into `data`.
     pub fn read(nsid: u32, slba: u64, nlb: u16, data: SglDescriptor) -> Sqe {
-        sgl(Sqe::read(nsid, slba, nlb - 1, 0, 0), data)
+        sgl(Sqe::read(nsid, slba, nlb.saturating_sub(1), 0, 0), data)
     }
 
     /// Write `nlb` blocks (1-based) at `slba` from `data`.
     pub fn write(nsid: u32, slba: u64, nlb: u16, data: SglDescriptor) -> Sqe {
-        sgl(Sqe::write(nsid, slba, nlb - 1, 0, 0), data)
+        sgl(Sqe::write(nsid, slba, nlb.saturating_sub(1), 0, 0), data)
     }
 
     /// Flush.
@@ -166,15 +166,15 @@ pub mod cmd {
 
     /// Write Zeroes of `nlb` blocks (1-based).
     pub fn write_zeroes(nsid: u32, slba: u64, nlb: u16) -> Sqe {
-        let mut s = Sqe::write_zeroes(nsid, slba, nlb - 1);
+        let mut s = Sqe::write_zeroes(nsid, slba, nlb.saturating_sub(1));
         s.set_psdt(1);
         s
     }
 
     /// Dataset Management (deallocate) over `nr` ranges (1-based) described by `data`.
     pub fn deallocate(nsid: u32, nr: u8, data: SglDescriptor) -> Sqe {
-        let mut s = Sqe::dsm(nsid, nr - 1, nvme::spec::dsm::DEALLOCATE, 0);
-        s.cdw10 = U32::new(u32::from(nr - 1));
+        let mut s = Sqe::dsm(nsid, nr.saturating_sub(1), nvme::spec::dsm::DEALLOCATE, 0);
+        s.cdw10 = U32::new(u32::from(nr.saturating_sub(1)));
         sgl(s, data)
     }
 

@@ -728,6 +728,30 @@ fn discovery_log_page() {
     );
     assert_eq!(c.status(), Status::SUCCESS);
     assert_eq!(&q.wire().read_region(r)[..1024], e.as_bytes());
+    // Offsets past the page and the largest NUMD do not upset the target.
+    let c = rig.exec(
+        &mut q,
+        cmd::get_log_page(
+            log::DISCOVERY,
+            0,
+            1024,
+            u64::MAX - 3,
+            SglDescriptor::keyed(r.addr, 1024, r.key, false),
+        ),
+        &[],
+    );
+    assert_status(&c, Status::INVALID_FIELD);
+    let mut s = cmd::get_log_page(
+        log::DISCOVERY,
+        0,
+        1024,
+        0,
+        SglDescriptor::keyed(r.addr, 4096, r.key, false),
+    );
+    s.cdw10 = U32::new(u32::from(log::DISCOVERY) | 0xffff_0000);
+    s.cdw11 = U32::new(0xffff);
+    let c = rig.exec(&mut q, s, &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
     // No I/O queues on the discovery controller; no NVM log pages.
     let c = rig.exec(
         &mut q,

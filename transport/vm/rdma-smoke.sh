@@ -3,7 +3,9 @@
 # our target (examples/rdma_target, built on the host) on soft-RoCE, the kernel
 # initiator against it: discover, connect, identify, write/read-verify, logs, disconnect.
 set -euo pipefail
-BIN=${RDMA_TARGET_BIN:-/work/target-transport/debug/examples/rdma_target}
+PROFILE=${PROFILE:-debug}
+BIN=${RDMA_TARGET_BIN:-/work/target-transport/$PROFILE/examples/rdma_target}
+PERF=${RDMA_PERF_BIN:-/work/target-transport/$PROFILE/examples/rdma_perf}
 ADDR=${NVMF_P2P_ADDR:-10.99.0.1}
 S=${NVMF_P2P_SCRATCH:-/tmp}
 NQN=nqn.2026-11.io.nvmf-p2p:smoke
@@ -73,7 +75,29 @@ fi
 echo "== disconnect"
 nvme disconnect -n "$NQN" || fail disconnect
 sleep 1
+echo "== our userspace initiator against our target"
+"$PERF" "$ADDR:4420" "$NQN" 32 5 4096 read | tee "$S/perf-ours-read.json" || fail "rdma_perf read (ours)"
+"$PERF" "$ADDR:4420" "$NQN" 32 5 4096 write | tee "$S/perf-ours-write.json" || fail "rdma_perf write (ours)"
 kill -TERM "$TPID"
 wait "$TPID" || true
-tail -5 "$S/target.log"
+grep -c "controller created" "$S/target.log" || true
+tail -3 "$S/target.log"
+echo "== our userspace initiator against the kernel nvmet-rdma target"
+modprobe nvmet-rdma 2>/dev/null || true
+C=/sys/kernel/config/nvmet
+KNQN=nqn.2026-11.io.nvmf-p2p:kernel
+truncate -s 64M /tmp/kernel-ns.img
+mkdir -p "$C/subsystems/$KNQN/namespaces/1" "$C/ports/7"
+echo 1 > "$C/subsystems/$KNQN/attr_allow_any_host"
+echo -n /tmp/kernel-ns.img > "$C/subsystems/$KNQN/namespaces/1/device_path"
+echo 1 > "$C/subsystems/$KNQN/namespaces/1/buffered_io" 2>/dev/null || true
+echo 1 > "$C/subsystems/$KNQN/namespaces/1/enable"
+echo rdma > "$C/ports/7/addr_trtype"
+echo ipv4 > "$C/ports/7/addr_adrfam"
+echo "$ADDR" > "$C/ports/7/addr_traddr"
+echo 4421 > "$C/ports/7/addr_trsvcid"
+ln -s "$C/subsystems/$KNQN" "$C/ports/7/subsystems/$KNQN"
+sleep 1
+"$PERF" "$ADDR:4421" "$KNQN" 32 5 4096 read | tee "$S/perf-kernel-read.json" || { echo "SMOKE FAIL: rdma_perf against kernel target"; dmesg | tail -20; exit 1; }
+"$PERF" "$ADDR:4421" "$KNQN" 32 5 4096 write | tee "$S/perf-kernel-write.json" || { echo "SMOKE FAIL: rdma_perf write against kernel target"; dmesg | tail -20; exit 1; }
 echo "SMOKE OK"

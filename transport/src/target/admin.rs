@@ -413,6 +413,9 @@ fn discovery_log(ctx: &QueueCtx, ctrl: &Controller, offset: u64, data: &mut [u8]
     hdr.genctr = U64::new(shared.discovery_genctr.load(Ordering::Relaxed));
     hdr.numrec = U64::new(entries.len() as u64);
     let total = 1024 * (1 + entries.len());
+    if offset > total as u64 {
+        return Outcome::err(Status::INVALID_FIELD, loc::CDW12);
+    }
     // Copy the requested window [offset, offset + data.len()) of header + entries.
     let mut pos = 0usize;
     let want = offset as usize;
@@ -446,7 +449,7 @@ fn set_features(ctrl: &Controller, cmd: &Sqe, now: Instant) -> Outcome {
             let max = ctrl.limits().max_io_queues;
             let granted = (nsq.min(ncq) + 1).min(max);
             st.nsq_granted = granted;
-            let g = u64::from(granted - 1);
+            let g = u64::from(granted.saturating_sub(1));
             Outcome::result(g | (g << 16))
         }
         feat::KEEP_ALIVE_TIMER => {
@@ -472,7 +475,7 @@ fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
     let st = ctrl.lock();
     match fid {
         feat::NUM_QUEUES if !discovery => {
-            let g = u64::from(st.nsq_granted - 1);
+            let g = u64::from(st.nsq_granted.saturating_sub(1));
             Outcome::result(g | (g << 16))
         }
         feat::KEEP_ALIVE_TIMER => Outcome::result(st.kato.as_millis() as u64),

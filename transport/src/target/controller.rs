@@ -159,7 +159,7 @@ impl Controller {
 
     /// CAP as reported to the host.
     pub fn cap(&self) -> Cap {
-        let mqes = u64::from(self.limits.queue_depth - 1);
+        let mqes = u64::from(self.limits.queue_depth.saturating_sub(1));
         let css_nvm = 1u64 << 37;
         let cqr = 1u64 << 16;
         let to = 15u64 << 24; // 7.5 s

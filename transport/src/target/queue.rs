@@ -664,7 +664,7 @@ fn admin_shape(cmd: &Sqe) -> Result<Shape, Outcome> {
         admin_opc::IDENTIFY => from(4096),
         admin_opc::GET_LOG_PAGE => {
             let numd = (cmd.cdw10.get() >> 16) | ((cmd.cdw11.get() & 0xffff) << 16);
-            from((numd + 1).saturating_mul(4))
+            from(numd.saturating_add(1).saturating_mul(4))
         }
         admin_opc::SET_FEATURES | admin_opc::GET_FEATURES => shape_none(),
         admin_opc::KEEP_ALIVE | admin_opc::ASYNC_EVENT_REQUEST => shape_none(),
