@@ -119,3 +119,47 @@ proptest! {
         prop_assert_eq!(rig.group.queue_count(), 1);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Well-formed admin commands with every command dword random: Identify, Get Log
+    /// Page, Set/Get Features, Keep Alive, and fabrics property commands.
+    #[test]
+    fn admin_commands_with_random_fields(
+        opc in prop::sample::select(vec![0x02u8, 0x06, 0x09, 0x0a, 0x18, 0x7f]),
+        fctype in prop::sample::select(vec![0x00u8, 0x04, 0x01, 0x05]),
+        nsid in prop::sample::select(vec![0u32, 1, 2, 0xffff_fffe, 0xffff_ffff]),
+        len in 0u32..9000,
+        dwords in prop::array::uniform6(any::<u32>()),
+    ) {
+        let mut rig = Rig::default_rig();
+        rig.frozen = Some(Instant::now());
+        let (mut admin, _) = rig.admin(0);
+        let r = admin.wire().register(16384);
+        let mut s = Sqe::new(opc);
+        s.set_psdt(1);
+        s.nsid = nvme::spec::U32::new(nsid);
+        let d = transport::fabrics::SglDescriptor::keyed(r.addr, len, r.key, false);
+        let mut b = [0u8; 16];
+        b.copy_from_slice(d.as_bytes());
+        s.set_dptr(b);
+        let mut bytes = [0u8; 64];
+        bytes.copy_from_slice(s.as_bytes());
+        for (i, dw) in dwords.iter().enumerate() {
+            bytes[40 + 4 * i..44 + 4 * i].copy_from_slice(&dw.to_le_bytes());
+        }
+        if opc == 0x7f {
+            bytes[4] = fctype;
+        }
+        bytes[2..4].copy_from_slice(&0x9000u16.to_le_bytes());
+        admin.wire().send(&bytes, &[]).unwrap();
+        rig.pump();
+        let got = responses(admin.wire());
+        prop_assert_eq!(got.len(), 1);
+        prop_assert_eq!(got[0].cid.get(), 0x9000);
+        // A random Property Set may have disabled the controller; the queue still answers.
+        let c = rig.exec(&mut admin, cmd::keep_alive(), &[]);
+        prop_assert!(c.cqe.cid.get() < 0x8000);
+    }
+}
