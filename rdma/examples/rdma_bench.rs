@@ -128,7 +128,7 @@ fn write_bw(
     let secs = start.elapsed().as_secs_f64();
     let mib_s = (size * iters) as f64 / secs / (1 << 20) as f64;
     println!(
-        "write_bw size={size} iters={iters} mpps={:.4} mib_s={mib_s:.2}",
+        "write_bw size={size} iters={iters} mpps={:.6} mib_s={mib_s:.2}",
         iters as f64 / secs / 1e6
     );
     Ok(())
