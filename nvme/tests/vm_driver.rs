@@ -302,3 +302,86 @@ fn reset_device_mid_workload_keeps_acknowledged_writes() {
     assert!(dev.export_doorbells().is_ok());
     assert!(dev.export_cmb(0..4096).is_ok());
 }
+
+#[test]
+fn cmb_data_buffers_and_raw_queue_in_cmb() {
+    // Direct-mode shape: SQ in the CMB written by "someone else", MMIO doorbell, shadow
+    // doorbells off (the controller would otherwise read tails from the shadow page).
+    let dev = open(false);
+    let ctrl = dev.controller();
+    let ns = ctrl.info().namespaces[0].clone();
+    let bs = ns.block_size as usize;
+    let depth = 16u16;
+    let sq = ctrl.alloc_cmb(depth as usize * 64).unwrap();
+    let cq = ctrl.alloc_dma(4096).unwrap();
+    let raw = ctrl
+        .create_raw_queue_pair(sq.clone(), cq.clone(), depth)
+        .unwrap();
+    // Data in the CMB too (RDS/WDS), 8 KiB: PRP1 + PRP2 both CMB addresses.
+    let data = ctrl.alloc_cmb(8192).unwrap();
+    let want = expected(77, 100, 8192, bs);
+    let words: Vec<u64> = want
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    data.write_volatile_u64s(0, &words).unwrap();
+    let nlb0 = (8192 / bs - 1) as u16;
+    let mut phase = true;
+    let mut head = 0u16;
+    for (i, mut sqe) in [
+        nvme::spec::Sqe::write(ns.nsid, 100, nlb0, data.iova(), data.iova() + 4096),
+        nvme::spec::Sqe::read(ns.nsid, 100, nlb0, data.iova(), data.iova() + 4096),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i == 1 {
+            data.write_volatile_u64s(0, &vec![0u64; 1024]).unwrap();
+        }
+        sqe.set_cid(i as u16);
+        let w: [u64; 8] = zerocopy::transmute!(sqe);
+        sq.write_volatile_u64s(i * 64, &w).unwrap();
+        raw.ring_sq(i as u16 + 1);
+        let start = Instant::now();
+        loop {
+            let mut b = [0u8; 16];
+            cq.read(head as usize * 16, &mut b).unwrap();
+            let st = u16::from_le_bytes([b[14], b[15]]);
+            if (st & 1 == 1) == phase {
+                assert_eq!(st >> 1, 0, "command {i} failed: status {:#x}", st >> 1);
+                break;
+            }
+            assert!(start.elapsed() < T);
+        }
+        head += 1;
+        if head == depth {
+            head = 0;
+            phase = !phase;
+        }
+        raw.ring_cq(head);
+    }
+    let mut got = vec![0u8; 8192];
+    data.read(0, &mut got).unwrap();
+    assert!(got == want, "CMB data read back differs");
+}
+
+#[test]
+fn zz_wrong_driver_is_a_clear_error_and_bind_restores() {
+    let bdf = bdf();
+    let o = nvme::pci::unbind_from_vfio(&bdf, Some("nvme")).expect("unbind to nvme");
+    assert_eq!(o.driver.as_deref(), Some("nvme"));
+    let e = NvmeDevice::open(&bdf, ControllerOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(matches!(e, nvme::Error::BoundToOtherDriver { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("run `nvmf-p2p bind {bdf}`")),
+        "{e}"
+    );
+    let o = nvme::pci::bind_vfio(&bdf).expect("bind back");
+    assert_eq!(o.driver.as_deref(), Some("vfio-pci"));
+    assert!(o.vfio_group_path.is_some());
+    let dev = open(true);
+    assert_eq!(dev.controller().info().namespaces.len(), 1);
+}
