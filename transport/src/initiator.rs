@@ -59,6 +59,12 @@ pub mod cmd {
         s
     }
 
+    /// Commands without data carry a null keyed SGL descriptor (address 0, length 0,
+    /// key 0), as the Linux host sends them; Linux nvmet rejects an all-zero descriptor.
+    fn no_data(s: Sqe) -> Sqe {
+        sgl(s, SglDescriptor::keyed(0, 0, 0, false))
+    }
+
     /// Fabrics Connect for `qid` with 0-based `sqsize` and keep-alive `kato_ms`; the
     /// returned data goes in-capsule or through `data`'s keyed descriptor.
     pub fn connect(qid: u16, sqsize: u16, kato_ms: u32, data: SglDescriptor) -> Sqe {
@@ -87,7 +93,7 @@ pub mod cmd {
         p.value = value.into();
         let mut s = Sqe::default();
         s.as_mut_bytes().copy_from_slice(p.as_bytes());
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
@@ -114,14 +120,14 @@ pub mod cmd {
     /// Set Features.
     pub fn set_features(fid: u8, dw11: u32) -> Sqe {
         let mut s = Sqe::set_features(fid, dw11);
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
     /// Get Features.
     pub fn get_features(fid: u8) -> Sqe {
         let mut s = Sqe::get_features(fid);
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
@@ -136,14 +142,14 @@ pub mod cmd {
     /// Keep Alive.
     pub fn keep_alive() -> Sqe {
         let mut s = Sqe::keep_alive();
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
     /// Asynchronous Event Request.
     pub fn async_event_request() -> Sqe {
         let mut s = Sqe::new(admin_opc::ASYNC_EVENT_REQUEST);
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
@@ -160,14 +166,14 @@ pub mod cmd {
     /// Flush.
     pub fn flush(nsid: u32) -> Sqe {
         let mut s = Sqe::flush(nsid);
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
     /// Write Zeroes of `nlb` blocks (1-based).
     pub fn write_zeroes(nsid: u32, slba: u64, nlb: u16) -> Sqe {
         let mut s = Sqe::write_zeroes(nsid, slba, nlb.saturating_sub(1));
-        s.set_psdt(1);
+        s = no_data(s);
         s
     }
 
@@ -501,5 +507,18 @@ mod tests {
         assert_eq!(c.as_bytes()[4], FCTYPE_CONNECT);
         assert_eq!(&c.as_bytes()[42..46], &[2, 0, 127, 0]);
         assert_eq!(c.as_bytes()[39], 0x01);
+        // No-data commands carry a null keyed descriptor, like the Linux host.
+        for s in [
+            cmd::keep_alive(),
+            cmd::property_get(0, true),
+            cmd::flush(1),
+            cmd::get_features(7),
+        ] {
+            assert_eq!(s.psdt(), 1);
+            assert_eq!(
+                &s.as_bytes()[24..40],
+                SglDescriptor::keyed(0, 0, 0, false).as_bytes()
+            );
+        }
     }
 }

@@ -1,0 +1,309 @@
+//! Direct-mode wire layouts (all little endian). `docs/direct-mode.md` is the prose form.
+
+use nvme::spec::{Sqe, Status};
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Admin opcode: attach a direct queue (vendor specific; bits 1:0 = 10b, data from the
+/// controller: the [`Descriptor`] through the command's keyed SGL).
+pub const OPC_DIRECT_ATTACH: u8 = 0xC2;
+/// Admin opcode: detach the direct queue named by CDW10 (token low) / CDW11 (token high).
+pub const OPC_DIRECT_DETACH: u8 = 0xC0;
+
+/// `Descriptor::magic`: "NVDM".
+pub const DESCRIPTOR_MAGIC: u32 = u32::from_le_bytes(*b"NVDM");
+/// Connection private data magic: "NVDC".
+pub const CONNECT_MAGIC: u32 = u32::from_le_bytes(*b"NVDC");
+/// Protocol version.
+pub const VERSION: u16 = 1;
+
+/// Refusal of a host that is not on the subsystem's `direct_hosts` list:
+/// SCT 2h (media and data integrity), SC 86h Access Denied.
+pub const STATUS_ACCESS_DENIED: Status = Status::new(nvme::spec::sct::MEDIA, 0x86);
+
+/// Data-path level of an attached queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// SQ and doorbells in host memory; a target poller forwards doorbells.
+    Forwarded,
+    /// SQ in the CMB and doorbells in BAR0, both registered from dma-bufs.
+    P2p,
+}
+
+impl Level {
+    /// Wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Level::Forwarded => 1,
+            Level::P2p => 2,
+        }
+    }
+    /// From the wire value.
+    pub fn from_u8(v: u8) -> Option<Level> {
+        match v {
+            1 => Some(Level::Forwarded),
+            2 => Some(Level::P2p),
+            _ => None,
+        }
+    }
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Forwarded => "forwarded",
+            Level::P2p => "p2p",
+        }
+    }
+}
+
+/// `Descriptor::flags` bit: the target pushes each CQE to the host by SEND (16 bytes).
+pub const FLAG_CQE_PUSH: u8 = 1 << 0;
+/// `Descriptor::flags` bit: an RDMA WRITE WITH IMMEDIATE to the SQ carrying the new tail
+/// in the immediate rings the SQ doorbell (forwarded level).
+pub const FLAG_TAIL_IN_IMM: u8 = 1 << 1;
+
+/// A remote memory range: address and rkey (16 bytes).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct RemoteRegion {
+    /// Address to use in RDMA work requests.
+    pub addr: U64,
+    /// Remote key.
+    pub rkey: U32,
+    /// Reserved (0).
+    pub rsvd: U32,
+}
+
+impl RemoteRegion {
+    /// A region at `addr` with `rkey`.
+    pub fn new(addr: u64, rkey: u32) -> Self {
+        RemoteRegion {
+            addr: U64::new(addr),
+            rkey: U32::new(rkey),
+            rsvd: U32::new(0),
+        }
+    }
+}
+
+/// The attach reply (256 bytes), written to the host by the attach command.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Descriptor {
+    /// [`DESCRIPTOR_MAGIC`].
+    pub magic: U32,
+    /// [`VERSION`].
+    pub version: U16,
+    /// [`Level`] wire value.
+    pub level: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Names this attachment: CM private data of the direct connection, and detach.
+    pub token: U64,
+    /// Controller resets seen by the target when the queue was created.
+    pub generation: U64,
+    /// NVMe queue id on the backing controller (CQ id = SQ id).
+    pub qid: U16,
+    /// Entries of the SQ and of the CQ.
+    pub depth: U16,
+    /// Namespace id on the backing controller (goes into SQEs as is).
+    pub nsid: U32,
+    /// Bytes per logical block.
+    pub lba_size: U32,
+    /// Largest transfer per command, bytes.
+    pub max_transfer: U32,
+    /// Namespace size in logical blocks.
+    pub blocks: U64,
+    /// Submission ring: `depth` × 64 bytes.
+    pub sq: RemoteRegion,
+    /// SQ tail doorbell (4 bytes).
+    pub sq_doorbell: RemoteRegion,
+    /// Completion ring: `depth` × 16 bytes (RDMA READ for polling).
+    pub cq: RemoteRegion,
+    /// CQ head doorbell (4 bytes).
+    pub cq_doorbell: RemoteRegion,
+    /// Data pool (PRPs point into it at `pool_iova + offset`).
+    pub pool: RemoteRegion,
+    /// Pool length in bytes.
+    pub pool_len: U64,
+    /// Device IOVA of the first pool byte.
+    pub pool_iova: U64,
+    /// RDMA CM port of the direct connection (same address as the admin connection).
+    pub port: U16,
+    /// Reserved.
+    pub rsvd0: [u8; 6],
+    /// Why this level (ASCII, NUL padded), e.g. the P2P registration error.
+    pub reason: [u8; 64],
+    /// Reserved.
+    pub rsvd1: [u8; 40],
+}
+
+const _: () = assert!(size_of::<Descriptor>() == 256);
+const _: () = assert!(std::mem::offset_of!(Descriptor, sq) == 48);
+const _: () = assert!(std::mem::offset_of!(Descriptor, pool) == 112);
+const _: () = assert!(std::mem::offset_of!(Descriptor, port) == 144);
+const _: () = assert!(std::mem::offset_of!(Descriptor, reason) == 152);
+
+impl Descriptor {
+    /// A zeroed descriptor with magic and version set.
+    pub fn new() -> Self {
+        let mut d = Descriptor::new_zeroed();
+        d.magic = U32::new(DESCRIPTOR_MAGIC);
+        d.version = U16::new(VERSION);
+        d
+    }
+
+    /// Parses and checks magic, version and level.
+    pub fn parse(bytes: &[u8]) -> Option<Descriptor> {
+        let (d, _) = Descriptor::read_from_prefix(bytes).ok()?;
+        (d.magic.get() == DESCRIPTOR_MAGIC
+            && d.version.get() == VERSION
+            && Level::from_u8(d.level).is_some()
+            && d.depth.get() >= 2)
+            .then_some(d)
+    }
+
+    /// The level.
+    pub fn level(&self) -> Level {
+        Level::from_u8(self.level).unwrap_or(Level::Forwarded)
+    }
+
+    /// Sets the reason text (truncated to 63 bytes).
+    pub fn set_reason(&mut self, s: &str) {
+        self.reason = [0; 64];
+        let n = s.len().min(63);
+        self.reason[..n].copy_from_slice(&s.as_bytes()[..n]);
+    }
+
+    /// The reason text.
+    pub fn reason(&self) -> String {
+        let end = self.reason.iter().position(|&b| b == 0).unwrap_or(64);
+        String::from_utf8_lossy(&self.reason[..end]).into_owned()
+    }
+}
+
+impl Default for Descriptor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the host asks for in the attach command.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachRequest {
+    /// Requested queue entries (CDW10 bits 15:0; 0 = the target's default).
+    pub depth: u16,
+    /// Requested pool bytes (CDW11 × 4 KiB; 0 = the target's default).
+    pub pool_bytes: u64,
+}
+
+impl AttachRequest {
+    /// The attach command for namespace `nsid` (the SGL is set by the caller).
+    pub fn to_sqe(self, nsid: u32) -> Sqe {
+        let mut s = Sqe::new(OPC_DIRECT_ATTACH);
+        s.nsid = U32::new(nsid);
+        s.cdw10 = U32::new(u32::from(self.depth));
+        s.cdw11 = U32::new(u32::try_from(self.pool_bytes / 4096).unwrap_or(u32::MAX));
+        s
+    }
+
+    /// From an attach command.
+    pub fn from_sqe(s: &Sqe) -> Self {
+        AttachRequest {
+            depth: s.cdw10.get() as u16,
+            pool_bytes: u64::from(s.cdw11.get()) * 4096,
+        }
+    }
+}
+
+/// The detach command for `token`.
+pub fn detach_sqe(token: u64) -> Sqe {
+    let mut s = Sqe::new(OPC_DIRECT_DETACH);
+    s.cdw10 = U32::new(token as u32);
+    s.cdw11 = U32::new((token >> 32) as u32);
+    s
+}
+
+/// The token of a detach command.
+pub fn detach_token(s: &Sqe) -> u64 {
+    u64::from(s.cdw10.get()) | (u64::from(s.cdw11.get()) << 32)
+}
+
+/// CM private data of the direct connection request (16 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ConnectPrivate {
+    /// [`CONNECT_MAGIC`].
+    pub magic: U32,
+    /// [`VERSION`].
+    pub version: U16,
+    /// Reserved.
+    pub rsvd: U16,
+    /// `Descriptor::token` of the attachment.
+    pub token: U64,
+}
+
+/// Rejection reason in the direct connection's reject private data ({magic u32, code u16}).
+pub const REJECT_UNKNOWN_TOKEN: u16 = 1;
+
+/// Accept/reject private data: {magic, code, 0}.
+pub fn reply_private(code: u16) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&CONNECT_MAGIC.to_le_bytes());
+    b[4..6].copy_from_slice(&code.to_le_bytes());
+    b
+}
+
+impl ConnectPrivate {
+    /// Private data naming `token`.
+    pub fn new(token: u64) -> Self {
+        ConnectPrivate {
+            magic: U32::new(CONNECT_MAGIC),
+            version: U16::new(VERSION),
+            rsvd: U16::new(0),
+            token: U64::new(token),
+        }
+    }
+    /// Parses; `None` unless magic and version match.
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        let (p, _) = ConnectPrivate::read_from_prefix(b).ok()?;
+        (p.magic.get() == CONNECT_MAGIC && p.version.get() == VERSION).then_some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_round_trip() {
+        let mut d = Descriptor::new();
+        d.level = Level::Forwarded.to_u8();
+        d.depth = U16::new(64);
+        d.token = U64::new(0x1122_3344_5566_7788);
+        d.set_reason("ibv_reg_dmabuf_mr: EOPNOTSUPP");
+        let p = Descriptor::parse(d.as_bytes()).unwrap();
+        assert_eq!(p.token.get(), 0x1122_3344_5566_7788);
+        assert_eq!(p.level(), Level::Forwarded);
+        assert_eq!(p.reason(), "ibv_reg_dmabuf_mr: EOPNOTSUPP");
+        // Garbage never parses into a descriptor.
+        assert!(Descriptor::parse(&[0u8; 256]).is_none());
+        assert!(Descriptor::parse(&[0u8; 10]).is_none());
+    }
+
+    #[test]
+    fn attach_and_detach_commands() {
+        let r = AttachRequest {
+            depth: 32,
+            pool_bytes: 1 << 20,
+        };
+        let s = r.to_sqe(1);
+        assert_eq!(s.opcode(), OPC_DIRECT_ATTACH);
+        assert_eq!(AttachRequest::from_sqe(&s), r);
+        assert_eq!(detach_token(&detach_sqe(u64::MAX - 5)), u64::MAX - 5);
+        let c = ConnectPrivate::new(42);
+        assert_eq!(ConnectPrivate::parse(c.as_bytes()).unwrap().token.get(), 42);
+        assert!(ConnectPrivate::parse(&[0u8; 16]).is_none());
+    }
+}

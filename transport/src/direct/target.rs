@@ -1,0 +1,854 @@
+//! Target side of direct mode: attach, the direct connection, the forwarding poller.
+//!
+//! One [`DirectService`] per target process. It owns an RDMA CM listener on the first
+//! listen address (ephemeral port, reported in the descriptor), a protection domain of its
+//! own — so no standard-mode queue pair can reach a direct MR — one CQ with a completion
+//! channel, and one poller thread.
+//!
+//! Attach (on a poll group thread, through [`DirectAttach::attach`]): check the allow list,
+//! allocate the SQ ring, CQ ring and data pool in VFIO-mapped memory, create the NVMe I/O
+//! queue pair on them, try P2P doorbells (`ibv_reg_dmabuf_mr` over the byte-exact doorbell
+//! range of that queue) and fall back to forwarded, register the rings, the pool and a
+//! doorbell mirror page as MRs, park the attachment under a random token.
+//!
+//! The host then connects to the direct port with the token; the poller accepts, posts
+//! zero-length receives (for WRITE WITH IMMEDIATE doorbells), and from then on:
+//! - a receive with immediate `t` means "SQ tail is now `t`": ring the SQ doorbell;
+//! - the mirror page's SQ tail is also checked (hosts that write it by plain RDMA WRITE);
+//! - new CQEs (phase tag) are pushed to the host by SEND (16 bytes inline), then the CQ
+//!   head doorbell is rung once per batch.
+//!
+//! Adaptive: the poller spins while work flows, yields then naps while commands are in
+//! flight but idle, and sleeps on the completion and CM channels when nothing is in flight.
+//!
+//! Device reset: [`DirectService::quiesce`] drops every direct queue (the hosts see their
+//! connection go and re-attach; attaches are refused with Namespace Not Ready meanwhile),
+//! [`DirectService::resume`] lets them back. A controller generation change seen by the
+//! poller does the same for the queue concerned.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nvme::ctrl::RawQueuePair;
+use nvme::spec::{Cqe, Status};
+use nvme::vfio::NvmeDevice;
+use nvme::DmaBuffer;
+use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
+use rdma::{
+    Access, CompletionChannel, CompletionQueue, MemoryRegion, ProtectionDomain, QpInit,
+    RecvBatch, RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
+};
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::proto::{
+    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion,
+    FLAG_CQE_PUSH, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
+};
+use super::DirectAttach;
+use crate::error::{Error, Result};
+
+const PAGE: usize = 4096;
+/// Extra receive/send slots beyond the queue depth.
+const SLACK: u32 = 16;
+/// Attachments not connected within this time are dropped.
+const PENDING_TTL: Duration = Duration::from_secs(20);
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+
+/// A namespace that direct mode may expose.
+#[derive(Clone)]
+pub struct DirectNamespace {
+    /// The backing controller (shared with the standard-mode backend).
+    pub device: Arc<NvmeDevice>,
+    /// Namespace id on that controller.
+    pub nsid: u32,
+}
+
+/// Direct-mode settings of one subsystem.
+#[derive(Clone, Default)]
+pub struct DirectSubsystem {
+    /// Host NQNs allowed to attach (the subsystem's `direct_hosts`).
+    pub hosts: Vec<String>,
+    /// NVMe-oF nsid → backing namespace (only `vfio:` namespaces).
+    pub namespaces: HashMap<u32, DirectNamespace>,
+}
+
+/// How the service is set up.
+#[derive(Clone)]
+pub struct DirectConfig {
+    /// Address of the direct CM listener (one of the target's RDMA addresses).
+    pub address: IpAddr,
+    /// Port (0: any free port; the descriptor carries it).
+    pub port: u16,
+    /// Queue entries when the host does not ask (clamped to the controller's MQES).
+    pub default_depth: u16,
+    /// Largest pool a host may ask for.
+    pub max_pool: u64,
+    /// Subsystem NQN → settings. Subsystems not here refuse every attach.
+    pub subsystems: HashMap<String, DirectSubsystem>,
+    /// Try P2P (dma-buf MRs) first. Off only for tests of the fallback.
+    pub try_p2p: bool,
+}
+
+/// One attached queue, for stats.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QueueReport {
+    /// Attachment token.
+    pub token: u64,
+    /// Host NQN.
+    pub hostnqn: String,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Chosen level.
+    pub level: Level,
+    /// Why (the P2P registration error when forwarded).
+    pub reason: String,
+    /// NVMe queue id on the backing controller.
+    pub qid: u16,
+    /// Entries.
+    pub depth: u16,
+    /// Whether the host's direct connection is up.
+    pub connected: bool,
+    /// SQ tail doorbells forwarded to MMIO.
+    pub doorbells_forwarded: u64,
+    /// CQEs pushed to the host.
+    pub cqes_pushed: u64,
+}
+
+/// Service-wide counters and state, for stats.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ServiceReport {
+    /// Direct CM port.
+    pub port: u16,
+    /// Attach requests refused because the host is not on `direct_hosts`.
+    pub refused: u64,
+    /// Attaches done.
+    pub attached: u64,
+    /// Times the poller went to sleep on its channels.
+    pub sleeps: u64,
+    /// Poller iterations.
+    pub polls: u64,
+    /// Queues.
+    pub queues: Vec<QueueReport>,
+}
+
+/// An attachment: everything the host's descriptor names. Field order is drop order:
+/// MRs before the queue pair (which deletes the NVMe queues) and the memory.
+struct Attachment {
+    _db_mr: Option<MemoryRegion>,
+    _sq_mr: MemoryRegion,
+    _cq_mr: MemoryRegion,
+    _pool_mr: MemoryRegion,
+    mirror: RegisteredBuffer,
+    raw: RawQueuePair,
+    _pool: DmaBuffer,
+    generation: u64,
+    report: QueueReport,
+    created: Instant,
+}
+
+/// An attachment with its direct connection.
+struct Active {
+    conn: Connection,
+    att: Attachment,
+    qp_num: u32,
+    head: u16,
+    phase: bool,
+    tail: u16,
+    mirror_last: u16,
+    in_flight: u32,
+    sends_out: u32,
+    send_max: u32,
+    dead: bool,
+}
+
+struct Control {
+    pending: HashMap<u64, Attachment>,
+    detach: Vec<u64>,
+    report: ServiceReport,
+}
+
+struct Inner {
+    cfg: DirectConfig,
+    pd: Arc<ProtectionDomain>,
+    port: u16,
+    control: Mutex<Control>,
+    stop: AtomicBool,
+    paused: AtomicBool,
+    quiesce_req: AtomicU64,
+    quiesce_ack: AtomicU64,
+}
+
+fn lock(m: &Mutex<Control>) -> MutexGuard<'_, Control> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
+    move |source| Error::Rdma { op, source }
+}
+
+/// The direct-mode service of a target.
+pub struct DirectService {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DirectService {
+    /// Listens for direct connections and starts the poller.
+    pub fn start(cfg: DirectConfig) -> Result<Arc<DirectService>> {
+        let ctx = context_for(cfg.address).map_err(rdma_err("device for direct address"))?;
+        let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
+        let chan = CompletionChannel::new(&ctx).map_err(rdma_err("completion channel"))?;
+        let cq =
+            CompletionQueue::new(&ctx, 8192, Some(&chan)).map_err(rdma_err("create CQ"))?;
+        let events = EventChannel::new().map_err(rdma_err("CM event channel"))?;
+        let listener = Listener::bind(&events, SocketAddr::new(cfg.address, cfg.port), 64)
+            .map_err(rdma_err("listen (direct)"))?;
+        let port = listener.local_addr().port();
+        tracing::info!(address = %cfg.address, port, "direct mode: listening");
+        let inner = Arc::new(Inner {
+            cfg,
+            pd,
+            port,
+            control: Mutex::new(Control {
+                pending: HashMap::new(),
+                detach: Vec::new(),
+                report: ServiceReport {
+                    port,
+                    ..Default::default()
+                },
+            }),
+            stop: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            quiesce_req: AtomicU64::new(0),
+            quiesce_ack: AtomicU64::new(0),
+        });
+        let poller = Poller {
+            inner: inner.clone(),
+            cq,
+            chan,
+            events,
+            _listener: listener,
+            active: Vec::new(),
+            wcs: Box::new([WorkCompletion::default(); 64]),
+            sleeps: 0,
+            polls: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("direct-poller".into())
+            .spawn(move || poller.run())
+            .map_err(|e| Error::Transport {
+                qid: u16::MAX,
+                reason: format!("cannot start the direct poller: {e}"),
+            })?;
+        Ok(Arc::new(DirectService {
+            inner,
+            thread: Some(thread),
+        }))
+    }
+
+    /// The direct CM port.
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    /// Counters and attached queues.
+    pub fn report(&self) -> ServiceReport {
+        lock(&self.inner.control).report.clone()
+    }
+
+    /// Drops every direct queue and refuses attaches until [`resume`](Self::resume);
+    /// returns once the poller no longer touches the controller (or after `timeout`).
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.inner.paused.store(true, Ordering::SeqCst);
+        let want = self.inner.quiesce_req.fetch_add(1, Ordering::SeqCst) + 1;
+        let start = Instant::now();
+        while self.inner.quiesce_ack.load(Ordering::SeqCst) < want {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lock(&self.inner.control).pending.clear();
+        true
+    }
+
+    /// Lets hosts attach again after a [`quiesce`](Self::quiesce).
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DirectService {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn random_token() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a valid writable buffer of 8 bytes for the duration of the call.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        // Fall back to time and address entropy; tokens only need to be unguessable
+        // enough to not collide, the allow list is the access control.
+        let t = Instant::now().elapsed().as_nanos() as u64;
+        return t ^ (std::ptr::addr_of!(b) as u64).rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+    }
+    u64::from_le_bytes(b)
+}
+
+fn page_round(n: usize) -> usize {
+    n.div_ceil(PAGE) * PAGE
+}
+
+impl DirectAttach for DirectService {
+    fn attach(
+        &self,
+        subnqn: &str,
+        hostnqn: &str,
+        nsid: u32,
+        req: AttachRequest,
+    ) -> std::result::Result<Descriptor, Status> {
+        let inner = &self.inner;
+        let Some(sub) = inner.cfg.subsystems.get(subnqn) else {
+            tracing::info!(subnqn, hostnqn, "direct attach refused: direct mode is off for this subsystem");
+            lock(&inner.control).report.refused += 1;
+            return Err(STATUS_ACCESS_DENIED);
+        };
+        if !sub.hosts.iter().any(|h| h == hostnqn) {
+            tracing::info!(subnqn, hostnqn, "direct attach refused: host not on direct_hosts");
+            lock(&inner.control).report.refused += 1;
+            return Err(STATUS_ACCESS_DENIED);
+        }
+        if inner.paused.load(Ordering::SeqCst) {
+            return Err(Status::NAMESPACE_NOT_READY);
+        }
+        let Some(ns) = sub.namespaces.get(&nsid) else {
+            return Err(Status::INVALID_NAMESPACE);
+        };
+        match self.build(subnqn, hostnqn, ns, req) {
+            Ok((att, desc)) => {
+                let mut c = lock(&inner.control);
+                c.report.attached += 1;
+                let now = Instant::now();
+                c.pending.retain(|_, a| now.duration_since(a.created) < PENDING_TTL);
+                c.pending.insert(desc.token.get(), att);
+                Ok(desc)
+            }
+            Err(e) => {
+                tracing::warn!(subnqn, hostnqn, error = %e, "direct attach failed");
+                Err(Status::INTERNAL_ERROR)
+            }
+        }
+    }
+
+    fn detach(&self, hostnqn: &str, token: u64) -> std::result::Result<(), Status> {
+        let mut c = lock(&self.inner.control);
+        if let Some(a) = c.pending.get(&token) {
+            if a.report.hostnqn != hostnqn {
+                return Err(STATUS_ACCESS_DENIED);
+            }
+            c.pending.remove(&token);
+            return Ok(());
+        }
+        match c.report.queues.iter().find(|q| q.token == token) {
+            Some(q) if q.hostnqn == hostnqn => {
+                c.detach.push(token);
+                Ok(())
+            }
+            Some(_) => Err(STATUS_ACCESS_DENIED),
+            None => Err(Status::INVALID_FIELD),
+        }
+    }
+}
+
+impl DirectService {
+    fn build(
+        &self,
+        subnqn: &str,
+        hostnqn: &str,
+        ns: &DirectNamespace,
+        req: AttachRequest,
+    ) -> nvme::Result<(Attachment, Descriptor)> {
+        let inner = &self.inner;
+        let ctrl = ns.device.controller();
+        let info = ctrl.info();
+        let nsinfo = info
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == ns.nsid)
+            .ok_or_else(|| nvme::Error::InvalidArgument(format!("namespace {}", ns.nsid)))?;
+        let mqes = info.max_queue_entries.min(1024) as u16;
+        let depth = if req.depth == 0 {
+            inner.cfg.default_depth
+        } else {
+            req.depth
+        }
+        .clamp(2, mqes);
+        let max_io = info.max_transfer.min(128 * 1024);
+        let pool_len = if req.pool_bytes == 0 {
+            usize::from(depth) * 8192
+        } else {
+            usize::try_from(req.pool_bytes.min(inner.cfg.max_pool)).unwrap_or(PAGE)
+        };
+        let pool_len = page_round(pool_len.max(PAGE));
+        let sq = ctrl.alloc_dma(page_round(usize::from(depth) * 64))?;
+        let cq = ctrl.alloc_dma(page_round(usize::from(depth) * 16))?;
+        let pool = ctrl.alloc_dma(pool_len)?;
+        sq.fill(0, sq.len(), 0)?;
+        let raw = ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)?;
+        let qid = raw.qid();
+        let reg = |buf: &DmaBuffer, access: Access, what: &'static str| {
+            // SAFETY: `buf` is VFIO-mapped memory kept alive by the attachment (the queue
+            // pair holds the rings, `_pool` the pool) until after the MR is dropped (field
+            // order of `Attachment`); the target touches it only through DmaBuffer's
+            // volatile/raw-pointer accessors, never through references.
+            unsafe { MemoryRegion::register(&inner.pd, buf.as_ptr(), buf.len(), access) }
+                .map_err(|e| nvme::Error::InvalidArgument(format!("{what}: {e}")))
+        };
+        let sq_mr = reg(&sq, Access::LOCAL_WRITE | Access::REMOTE_WRITE, "register SQ")?;
+        let cq_mr = reg(&cq, Access::LOCAL_WRITE | Access::REMOTE_READ, "register CQ")?;
+        let pool_mr = reg(&pool, Access::ALL, "register pool")?;
+        let mirror = RegisteredBuffer::new(&inner.pd, PAGE, Access::ALL)
+            .map_err(|e| nvme::Error::InvalidArgument(format!("doorbell mirror: {e}")))?;
+        let (sq_off, cq_off) = ctrl.doorbell_offsets(qid);
+        let (db_mr, level, reason) = if !inner.cfg.try_p2p {
+            (None, Level::Forwarded, "P2P disabled by configuration".to_string())
+        } else if info.shadow_doorbells_in_use {
+            (
+                None,
+                Level::Forwarded,
+                "shadow doorbells in use: MMIO doorbell writes would be ignored".to_string(),
+            )
+        } else {
+            match self.p2p_doorbells(ns, sq_off, cq_off) {
+                Ok(mr) => (Some(mr), Level::P2p, "dma-buf doorbell MR registered".into()),
+                Err(reason) => (None, Level::Forwarded, reason),
+            }
+        };
+        tracing::info!(subnqn, hostnqn, qid, depth, level = level.name(), %reason, "direct queue attached");
+        let token = random_token();
+        let mut d = Descriptor::new();
+        d.level = level.to_u8();
+        d.flags = FLAG_CQE_PUSH | if level == Level::Forwarded { FLAG_TAIL_IN_IMM } else { 0 };
+        d.token = U64::new(token);
+        d.generation = U64::new(ctrl.generation());
+        d.qid = U16::new(qid);
+        d.depth = U16::new(depth);
+        d.nsid = U32::new(ns.nsid);
+        d.lba_size = U32::new(nsinfo.block_size);
+        d.max_transfer = U32::new(max_io as u32);
+        d.blocks = U64::new(nsinfo.blocks);
+        d.sq = RemoteRegion::new(sq_mr.addr(), sq_mr.rkey());
+        d.cq = RemoteRegion::new(cq_mr.addr(), cq_mr.rkey());
+        match &db_mr {
+            Some(mr) => {
+                d.sq_doorbell = RemoteRegion::new(mr.addr(), mr.rkey());
+                d.cq_doorbell = RemoteRegion::new(mr.addr() + (cq_off - sq_off), mr.rkey());
+            }
+            None => {
+                let m = mirror.mr();
+                d.sq_doorbell = RemoteRegion::new(m.addr(), m.rkey());
+                d.cq_doorbell = RemoteRegion::new(m.addr() + 4, m.rkey());
+            }
+        }
+        d.pool = RemoteRegion::new(pool_mr.addr(), pool_mr.rkey());
+        d.pool_len = U64::new(pool_len as u64);
+        d.pool_iova = U64::new(pool.iova());
+        d.port = U16::new(inner.port);
+        d.set_reason(&reason);
+        let att = Attachment {
+            _db_mr: db_mr,
+            _sq_mr: sq_mr,
+            _cq_mr: cq_mr,
+            _pool_mr: pool_mr,
+            mirror,
+            raw,
+            _pool: pool,
+            generation: ctrl.generation(),
+            report: QueueReport {
+                token,
+                hostnqn: hostnqn.to_owned(),
+                subnqn: subnqn.to_owned(),
+                level,
+                reason,
+                qid,
+                depth,
+                connected: false,
+                doorbells_forwarded: 0,
+                cqes_pushed: 0,
+            },
+            created: Instant::now(),
+        };
+        Ok((att, d))
+    }
+
+    /// Registers the byte-exact doorbell range of one queue (SQ tail .. CQ head + 4) from
+    /// the doorbell-page dma-buf; the error text is the reason for falling back.
+    fn p2p_doorbells(
+        &self,
+        ns: &DirectNamespace,
+        sq_off: u64,
+        cq_off: u64,
+    ) -> std::result::Result<MemoryRegion, String> {
+        let fd = ns
+            .device
+            .export_doorbells()
+            .map_err(|e| format!("doorbell dma-buf export: {e}"))?;
+        let (page_off, _) = ns.device.doorbell_range();
+        let off = sq_off - page_off;
+        let len = (cq_off + 4 - sq_off) as usize;
+        MemoryRegion::register_dmabuf(
+            &self.inner.pd,
+            fd.as_raw_fd(),
+            off,
+            len,
+            off,
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+        )
+        .map_err(|e| format!("ibv_reg_dmabuf_mr: {e}"))
+    }
+}
+
+struct Poller {
+    inner: Arc<Inner>,
+    cq: Arc<CompletionQueue>,
+    chan: Arc<CompletionChannel>,
+    events: EventChannel,
+    _listener: Listener,
+    active: Vec<Active>,
+    wcs: Box<[WorkCompletion; 64]>,
+    sleeps: u64,
+    polls: u64,
+}
+
+impl Poller {
+    fn run(mut self) {
+        let mut last_work = Instant::now();
+        let mut last_report = Instant::now();
+        while !self.inner.stop.load(Ordering::Relaxed) {
+            self.polls += 1;
+            let mut work = self.cm_events();
+            work += self.control();
+            work += self.rdma_completions();
+            for i in 0..self.active.len() {
+                work += self.forward_mirror(i);
+                work += self.push_completions(i);
+            }
+            if self.active.iter().any(|a| a.dead) {
+                self.active.retain(|a| !a.dead);
+                self.publish();
+            }
+            if last_report.elapsed() > Duration::from_millis(200) {
+                self.publish();
+                last_report = Instant::now();
+            }
+            let now = Instant::now();
+            if work > 0 {
+                last_work = now;
+                continue;
+            }
+            let idle = now.duration_since(last_work);
+            let busy = self
+                .active
+                .iter()
+                .any(|a| a.in_flight > 0 || a.att.report.level == Level::P2p);
+            if idle < Duration::from_micros(200) {
+                std::thread::yield_now();
+            } else if busy {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                self.sleep();
+            }
+        }
+        for a in &self.active {
+            let _ = a.conn.disconnect();
+        }
+    }
+
+    /// Arms the CQ and sleeps on the completion and CM channels (≤ 5 ms).
+    fn sleep(&mut self) {
+        self.sleeps += 1;
+        if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.chan.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.events.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of 2 pollfd structures that outlives the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 5) };
+    }
+
+    fn publish(&mut self) {
+        let queues: Vec<QueueReport> = self.active.iter().map(|a| a.att.report.clone()).collect();
+        let mut c = lock(&self.inner.control);
+        c.report.queues = queues;
+        c.report.sleeps = self.sleeps;
+        c.report.polls = self.polls;
+    }
+
+    /// Quiesce and detach requests.
+    fn control(&mut self) -> usize {
+        let want = self.inner.quiesce_req.load(Ordering::SeqCst);
+        if self.inner.quiesce_ack.load(Ordering::SeqCst) < want {
+            let n = self.active.len();
+            for a in &self.active {
+                let _ = a.conn.disconnect();
+            }
+            self.active.clear();
+            lock(&self.inner.control).pending.clear();
+            self.publish();
+            tracing::info!(queues = n, "direct queues dropped for a device reset");
+            self.inner.quiesce_ack.store(want, Ordering::SeqCst);
+            return 1;
+        }
+        let detach = std::mem::take(&mut lock(&self.inner.control).detach);
+        for t in &detach {
+            if let Some(a) = self.active.iter_mut().find(|a| a.att.report.token == *t) {
+                let _ = a.conn.disconnect();
+                a.dead = true;
+            }
+        }
+        detach.len()
+    }
+
+    fn cm_events(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            let ev = match self.events.try_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "direct: rdma_get_cm_event");
+                    return n;
+                }
+            };
+            n += 1;
+            match ev.kind {
+                CmEventKind::ConnectRequest(req) => self.connect(req),
+                CmEventKind::Disconnected
+                | CmEventKind::ConnectError
+                | CmEventKind::Unreachable
+                | CmEventKind::DeviceRemoval => {
+                    for a in self.active.iter_mut().filter(|a| a.conn.id_key() == ev.id_key) {
+                        let _ = a.conn.disconnect();
+                        a.dead = true;
+                        tracing::info!(token = a.att.report.token, "direct connection closed");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn connect(&mut self, req: ConnectRequest) {
+        let token = ConnectPrivate::parse(req.private_data()).map(|p| p.token.get());
+        let att = token.and_then(|t| lock(&self.inner.control).pending.remove(&t));
+        let Some(mut att) = att else {
+            tracing::info!("direct connection with an unknown token: rejected");
+            let _ = req.reject(&reply_private(REJECT_UNKNOWN_TOKEN));
+            return;
+        };
+        let depth = u32::from(att.raw.depth());
+        let init = QpInit {
+            send_cq: self.cq.clone(),
+            recv_cq: self.cq.clone(),
+            srq: None,
+            max_send_wr: depth + SLACK,
+            max_recv_wr: depth + SLACK,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 64,
+            sq_sig_all: false,
+        };
+        let conn = match req.accept(&self.inner.pd, &init, &reply_private(0)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "direct: accept");
+                return;
+            }
+        };
+        for _ in 0..depth + SLACK {
+            let mut b = RecvBatch::<1>::new();
+            let posted = b
+                .recv(KIND_RECV, None)
+                .map(|_| ())
+                .and_then(|_| conn.qp().post_recv(&mut b));
+            if let Err(e) = posted {
+                tracing::warn!(error = %e, "direct: post recv");
+                let _ = conn.disconnect();
+                return;
+            }
+        }
+        att.report.connected = true;
+        tracing::info!(token = att.report.token, qid = att.raw.qid(), "direct connection up");
+        let qp_num = conn.qp().qp_num();
+        self.active.push(Active {
+            conn,
+            att,
+            qp_num,
+            head: 0,
+            phase: true,
+            tail: 0,
+            mirror_last: 0,
+            in_flight: 0,
+            sends_out: 0,
+            send_max: depth + SLACK,
+            dead: false,
+        });
+        self.publish();
+    }
+
+    fn rdma_completions(&mut self) -> usize {
+        let n = match self.cq.poll(&mut self.wcs[..]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "direct: ibv_poll_cq");
+                return 0;
+            }
+        };
+        for i in 0..n {
+            let wc = self.wcs[i];
+            let Some(a) = self.active.iter_mut().find(|a| a.qp_num == wc.qp_num()) else {
+                continue;
+            };
+            if !wc.is_ok() {
+                if !a.dead {
+                    tracing::info!(token = a.att.report.token, status = %wc.status(), "direct: work completion error");
+                }
+                let _ = a.conn.disconnect();
+                a.dead = true;
+                continue;
+            }
+            match wc.wr_id() {
+                KIND_RECV => {
+                    if let Some(t) = wc.imm_data() {
+                        advance_tail(a, t);
+                    }
+                    let mut b = RecvBatch::<1>::new();
+                    let posted = b
+                        .recv(KIND_RECV, None)
+                        .map(|_| ())
+                        .and_then(|_| a.conn.qp().post_recv(&mut b));
+                    if posted.is_err() {
+                        a.dead = true;
+                    }
+                }
+                KIND_SEND => a.sends_out = a.sends_out.saturating_sub(1),
+                _ => {}
+            }
+        }
+        n
+    }
+
+    /// Forwards a tail written by plain RDMA WRITE into the mirror page.
+    fn forward_mirror(&mut self, i: usize) -> usize {
+        let a = &mut self.active[i];
+        if a.dead || a.att.report.level != Level::Forwarded {
+            return 0;
+        }
+        let Ok(v) = a.att.mirror.read_volatile_u64(0) else {
+            return 0;
+        };
+        // Only a change of the mirror is news: hosts that ring by immediate never
+        // write it.
+        let t = v as u32 as u16;
+        if t == a.mirror_last {
+            return 0;
+        }
+        a.mirror_last = t;
+        advance_tail(a, u32::from(t));
+        1
+    }
+
+    /// Pushes new CQEs to the host, then rings the CQ head doorbell.
+    fn push_completions(&mut self, i: usize) -> usize {
+        let a = &mut self.active[i];
+        if a.dead {
+            return 0;
+        }
+        if a.att.raw.generation() != a.att.generation {
+            tracing::info!(token = a.att.report.token, "controller reset under a direct queue: dropping it (host re-attaches)");
+            let _ = a.conn.disconnect();
+            a.dead = true;
+            return 1;
+        }
+        let depth = a.att.raw.depth();
+        let mut n = 0;
+        let mut raw = [0u8; 16];
+        while n < 32 && a.sends_out < a.send_max {
+            let off = usize::from(a.head) * 16;
+            if a.att.raw.cq().read(off, &mut raw).is_err() {
+                break;
+            }
+            let Ok(cqe) = Cqe::read_from_bytes(&raw) else {
+                break;
+            };
+            if cqe.phase() != a.phase {
+                break;
+            }
+            std::sync::atomic::fence(Ordering::Acquire);
+            let mut b = SendBatch::<1>::new();
+            let posted = b
+                .send_inline(KIND_SEND, cqe.as_bytes(), SendFlags::SIGNALED)
+                .map(|_| ())
+                .and_then(|_| a.conn.qp().post_send(&mut b));
+            if let Err(e) = posted {
+                tracing::info!(error = %e, "direct: push CQE");
+                a.dead = true;
+                break;
+            }
+            a.sends_out += 1;
+            a.in_flight = a.in_flight.saturating_sub(1);
+            a.att.report.cqes_pushed += 1;
+            a.head += 1;
+            if a.head == depth {
+                a.head = 0;
+                a.phase = !a.phase;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            a.att.raw.ring_cq(a.head);
+        }
+        n
+    }
+}
+
+fn advance_tail(a: &mut Active, t: u32) {
+    let depth = u32::from(a.att.raw.depth());
+    if t >= depth {
+        tracing::debug!(token = a.att.report.token, tail = t, "direct: tail out of range ignored");
+        return;
+    }
+    let t = t as u16;
+    let added = (u32::from(t) + depth - u32::from(a.tail)) % depth;
+    if added == 0 {
+        return;
+    }
+    a.tail = t;
+    a.in_flight += added;
+    a.att.report.doorbells_forwarded += 1;
+    a.att.raw.ring_sq(t);
+}
+
