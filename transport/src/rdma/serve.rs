@@ -84,7 +84,13 @@ pub fn serve(
                 }
             }
             work += group0.poll();
-            idle(&group0, work, &mut last_work, &[transport.event_fd()], opts);
+            idle(
+                &mut group0,
+                work,
+                &mut last_work,
+                &[transport.event_fd()],
+                opts,
+            );
         }
         drain(&mut group0, opts);
         drop(senders);
@@ -125,14 +131,14 @@ fn run_group(
             }
         }
         work += group.poll();
-        idle(&group, work, &mut last_work, &[], opts);
+        idle(&mut group, work, &mut last_work, &[], opts);
     }
     drain(&mut group, opts);
 }
 
 /// Sleeps when the group has been idle for `idle_spell`.
 fn idle(
-    group: &PollGroup<RdmaTransport>,
+    group: &mut PollGroup<RdmaTransport>,
     work: usize,
     last_work: &mut Instant,
     extra_fds: &[std::os::fd::RawFd],
@@ -146,15 +152,18 @@ fn idle(
     if now.duration_since(*last_work) < opts.idle_spell {
         return;
     }
-    let wire = group.wire();
-    if let Err(e) = wire.arm() {
+    if let Err(e) = group.wire().arm() {
         tracing::warn!(error = %e, "arm CQ");
         return;
     }
-    // Completions that raced the arm are found by the next poll; a short sleep bounds
-    // the cost of that race.
+    // A completion that arrived between the last poll and the arm raises no event:
+    // poll once more before sleeping (the arm/complete race).
+    if group.poll() > 0 {
+        *last_work = Instant::now();
+        return;
+    }
     let mut fds = [libc::pollfd {
-        fd: wire.wake_fd(),
+        fd: group.wire().wake_fd(),
         events: libc::POLLIN,
         revents: 0,
     }; 2];
