@@ -17,8 +17,9 @@ use nvme::{Controller, ControllerOptions, DmaBuffer, IoQueuePair, QueueOptions};
 
 #[inline(never)]
 fn submit_batch(qp: &mut IoQueuePair, bufs: &[DmaBuffer]) {
+    let mut batch = qp.batch();
     for (i, b) in bufs.iter().enumerate() {
-        let _ = black_box(qp.read(1, i as u64, b, i as u64));
+        let _ = black_box(batch.read(1, i as u64, b, i as u64));
     }
 }
 

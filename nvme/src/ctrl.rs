@@ -475,7 +475,7 @@ impl Controller {
         let vs = Vs(regs.read32(reg::VS));
         let depth = opts
             .admin_depth
-            .clamp(2, (cap.mqes() as u32 + 1).min(4096) as u16);
+            .clamp(2, (cap.mqes() as u32 + 1).clamp(2, 4096) as u16);
         let mut admin = Admin::new(&*platform, depth)?;
         let t = opts.admin_timeout;
         enable(&regs, cap, &name, &mut admin)?;
@@ -732,7 +732,7 @@ impl Controller {
         let s = &self.shared;
         let depth = qopts
             .depth
-            .clamp(2, (s.cap.mqes() as u32 + 1).min(65535) as u16);
+            .clamp(2, (s.cap.mqes() as u32 + 1).clamp(2, 65535) as u16);
         let dma = s.platform.dma();
         let cq_buf = dma.alloc(depth as usize * 16)?;
         let sq_buf = if qopts.sq_in_cmb {

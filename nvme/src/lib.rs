@@ -46,4 +46,4 @@ pub use ctrl::{
 };
 pub use dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 pub use error::{Error, Result};
-pub use queue::{Completion, IoQueuePair, QueueStats};
+pub use queue::{Batch, Completion, IoQueuePair, QueueStats};

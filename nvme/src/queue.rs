@@ -284,10 +284,27 @@ impl IoQueuePair {
         Ok(())
     }
 
-    /// Submit a command. `data`, if given, is described with PRPs (its whole length);
-    /// returns the command identifier. No heap allocation, no locks.
+    /// Submit a command and ring the SQ doorbell. `data`, if given, is described with PRPs
+    /// (its whole length); returns the command identifier. No heap allocation, no locks.
     #[inline]
-    pub fn submit(&mut self, mut sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
+    pub fn submit(&mut self, sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
+        let cid = self.enqueue(sqe, data, tag)?;
+        self.ring_sq();
+        Ok(cid)
+    }
+
+    /// Start a batch: commands queued through it share one doorbell write, done when the
+    /// batch is dropped (or [`Batch::ring`] is called).
+    pub fn batch(&mut self) -> Batch<'_> {
+        Batch {
+            qp: self,
+            queued: 0,
+        }
+    }
+
+    /// Write the SQE into the ring without ringing the doorbell.
+    #[inline]
+    fn enqueue(&mut self, mut sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
         self.sync_generation();
         let Some(&cid) = self.free.last() else {
             return Err(Error::QueueFull {
@@ -321,7 +338,6 @@ impl IoQueuePair {
         } else {
             self.sq_tail + 1
         };
-        self.ring_sq();
         self.stats.submitted += 1;
         Ok(cid)
     }
@@ -600,6 +616,53 @@ impl IoQueuePair {
         self.slots
             .get(cid as usize)
             .is_some_and(|s| s.state != SlotState::Free)
+    }
+}
+
+/// Commands queued on an [`IoQueuePair`] with one SQ doorbell write for all of them
+/// (STYLE 9): the doorbell is rung when the batch is dropped.
+#[must_use = "the doorbell is rung when the batch is dropped"]
+pub struct Batch<'a> {
+    qp: &'a mut IoQueuePair,
+    queued: u16,
+}
+
+impl Batch<'_> {
+    /// Queue a command (see [`IoQueuePair::submit`]).
+    #[inline]
+    pub fn submit(&mut self, sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
+        let cid = self.qp.enqueue(sqe, data, tag)?;
+        self.queued += 1;
+        Ok(cid)
+    }
+    /// Queue a read of `buf.len()` bytes from `slba`.
+    #[inline]
+    pub fn read(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.qp.nlb0(nsid, buf.len())?;
+        self.submit(Sqe::read(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Queue a write of `buf.len()` bytes at `slba`.
+    #[inline]
+    pub fn write(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.qp.nlb0(nsid, buf.len())?;
+        self.submit(Sqe::write(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Commands queued so far.
+    pub fn len(&self) -> usize {
+        self.queued as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+    /// Ring the doorbell now.
+    pub fn ring(self) {}
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if self.queued > 0 {
+            self.qp.ring_sq();
+        }
     }
 }
 

@@ -649,3 +649,35 @@ fn raw_queue_pair_driven_by_hand() {
     }
     assert_eq!(contents(&data), d);
 }
+
+#[test]
+fn batch_rings_the_doorbell_once() {
+    let opts = ControllerOptions {
+        shadow_doorbells: false,
+        ..ControllerOptions::default()
+    };
+    let (_sim, ctrl) = setup(SimConfig::default(), opts);
+    let mut qp = ctrl
+        .create_io_queue_pair(QueueOptions {
+            depth: 64,
+            sq_in_cmb: false,
+        })
+        .unwrap();
+    let pool = ctrl.alloc_dma(16 * 4096).unwrap();
+    let bufs = pool.chunks(4096);
+    let before = qp.stats().mmio_doorbell_writes;
+    {
+        let mut b = qp.batch();
+        for (i, buf) in bufs.iter().enumerate() {
+            b.write(1, i as u64, buf, i as u64).unwrap();
+        }
+        assert_eq!(b.len(), 16);
+    }
+    assert_eq!(qp.stats().mmio_doorbell_writes, before + 1);
+    let mut n = 0;
+    let start = Instant::now();
+    while n < 16 {
+        n += qp.poll(usize::MAX, |c| assert!(c.is_ok()));
+        assert!(start.elapsed() < T);
+    }
+}
