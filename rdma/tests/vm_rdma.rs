@@ -686,6 +686,20 @@ fn engine_sleeps_when_idle_and_wakes_on_traffic() {
     eprintln!("after traffic: {c2:?}");
     assert!(c2.wakeups > c1.wakeups);
     assert_eq!(c2.completions, 10);
+
+    // A CM event (the peer disconnecting) wakes the sleeping engine too.
+    std::thread::sleep(Duration::from_millis(100));
+    let c3 = h.counters();
+    p.client.disconnect().unwrap();
+    let deadline = Instant::now() + T;
+    while h.counters().cm_events == c3.cm_events {
+        assert!(
+            Instant::now() < deadline,
+            "DISCONNECTED did not reach the engine"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h.counters().wakeups > c3.wakeups);
     h.stop();
     t.join().unwrap().unwrap();
 }
@@ -699,7 +713,20 @@ fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
     let a = QueuePair::new_rc(&r.pd, &init).unwrap();
     let b = QueuePair::new_rc(&r.pd, &init).unwrap();
     assert_eq!(a.state().unwrap(), rdma::sys::ibv_qp_state::IBV_QPS_RESET);
-    let gid = r.ctx.query_gid(1, 0).unwrap();
+    // Address the QPs by the GID of NVMF_P2P_ADDR (::ffff:a.b.c.d): resolving it needs no
+    // neighbour lookup, unlike the link-local GID 0, whose resolution can time out.
+    let IpAddr::V4(v4) = ip() else {
+        panic!("NVMF_P2P_ADDR is not IPv4")
+    };
+    let mut want = [0u8; 16];
+    want[10] = 0xff;
+    want[11] = 0xff;
+    want[12..].copy_from_slice(&v4.octets());
+    let tbl = r.ctx.query_port(1).unwrap().gid_tbl_len;
+    let sgid_index = (0..tbl)
+        .find(|&i| r.ctx.query_gid(1, i).is_ok_and(|g| g == want))
+        .expect("no GID for NVMF_P2P_ADDR") as u8;
+    let gid = want;
     let mtu = rdma::sys::ibv_mtu::IBV_MTU_1024;
     for (me, peer, psn) in [(&a, &b, 100u32), (&b, &a, 200u32)] {
         me.to_init(1, Access::ALL).unwrap();
@@ -709,7 +736,7 @@ fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
             gid,
             lid: 0,
         };
-        me.to_rtr(1, 0, mtu, &remote).unwrap();
+        me.to_rtr(1, sgid_index, mtu, &remote).unwrap();
         me.to_rts(psn).unwrap();
         assert_eq!(me.state().unwrap(), rdma::sys::ibv_qp_state::IBV_QPS_RTS);
     }
