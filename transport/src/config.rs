@@ -120,6 +120,10 @@ pub struct SubsystemConfig {
     /// Allowed host NQNs (ignored when `allow_any_host`).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Host NQNs allowed to attach direct-mode queues (`docs/direct-mode.md`); empty:
+    /// direct mode off for this subsystem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub direct_hosts: Vec<String>,
     /// Namespaces, in nsid order unless `nsid` is given.
     #[serde(default, rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod direct;
 pub mod error;
 pub mod fabrics;
 pub mod initiator;

@@ -64,7 +64,17 @@ pub const FLAG_TAIL_IN_IMM: u8 = 1 << 1;
 
 /// A remote memory range: address and rkey (16 bytes).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
 )]
 #[repr(C)]
 pub struct RemoteRegion {

@@ -40,15 +40,15 @@ use nvme::vfio::NvmeDevice;
 use nvme::DmaBuffer;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
 use rdma::{
-    Access, CompletionChannel, CompletionQueue, MemoryRegion, ProtectionDomain, QpInit,
-    RecvBatch, RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
+    Access, CompletionChannel, CompletionQueue, MemoryRegion, ProtectionDomain, QpInit, RecvBatch,
+    RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
 };
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::proto::{
-    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion,
-    FLAG_CQE_PUSH, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
+    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion, FLAG_CQE_PUSH,
+    FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
 };
 use super::DirectAttach;
 use crate::error::{Error, Result};
@@ -205,8 +205,7 @@ impl DirectService {
         let ctx = context_for(cfg.address).map_err(rdma_err("device for direct address"))?;
         let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
         let chan = CompletionChannel::new(&ctx).map_err(rdma_err("completion channel"))?;
-        let cq =
-            CompletionQueue::new(&ctx, 8192, Some(&chan)).map_err(rdma_err("create CQ"))?;
+        let cq = CompletionQueue::new(&ctx, 8192, Some(&chan)).map_err(rdma_err("create CQ"))?;
         let events = EventChannel::new().map_err(rdma_err("CM event channel"))?;
         let listener = Listener::bind(&events, SocketAddr::new(cfg.address, cfg.port), 64)
             .map_err(rdma_err("listen (direct)"))?;
@@ -321,12 +320,20 @@ impl DirectAttach for DirectService {
     ) -> std::result::Result<Descriptor, Status> {
         let inner = &self.inner;
         let Some(sub) = inner.cfg.subsystems.get(subnqn) else {
-            tracing::info!(subnqn, hostnqn, "direct attach refused: direct mode is off for this subsystem");
+            tracing::info!(
+                subnqn,
+                hostnqn,
+                "direct attach refused: direct mode is off for this subsystem"
+            );
             lock(&inner.control).report.refused += 1;
             return Err(STATUS_ACCESS_DENIED);
         };
         if !sub.hosts.iter().any(|h| h == hostnqn) {
-            tracing::info!(subnqn, hostnqn, "direct attach refused: host not on direct_hosts");
+            tracing::info!(
+                subnqn,
+                hostnqn,
+                "direct attach refused: host not on direct_hosts"
+            );
             lock(&inner.control).report.refused += 1;
             return Err(STATUS_ACCESS_DENIED);
         }
@@ -341,7 +348,8 @@ impl DirectAttach for DirectService {
                 let mut c = lock(&inner.control);
                 c.report.attached += 1;
                 let now = Instant::now();
-                c.pending.retain(|_, a| now.duration_since(a.created) < PENDING_TTL);
+                c.pending
+                    .retain(|_, a| now.duration_since(a.created) < PENDING_TTL);
                 c.pending.insert(desc.token.get(), att);
                 Ok(desc)
             }
@@ -416,14 +424,26 @@ impl DirectService {
             unsafe { MemoryRegion::register(&inner.pd, buf.as_ptr(), buf.len(), access) }
                 .map_err(|e| nvme::Error::InvalidArgument(format!("{what}: {e}")))
         };
-        let sq_mr = reg(&sq, Access::LOCAL_WRITE | Access::REMOTE_WRITE, "register SQ")?;
-        let cq_mr = reg(&cq, Access::LOCAL_WRITE | Access::REMOTE_READ, "register CQ")?;
+        let sq_mr = reg(
+            &sq,
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+            "register SQ",
+        )?;
+        let cq_mr = reg(
+            &cq,
+            Access::LOCAL_WRITE | Access::REMOTE_READ,
+            "register CQ",
+        )?;
         let pool_mr = reg(&pool, Access::ALL, "register pool")?;
         let mirror = RegisteredBuffer::new(&inner.pd, PAGE, Access::ALL)
             .map_err(|e| nvme::Error::InvalidArgument(format!("doorbell mirror: {e}")))?;
         let (sq_off, cq_off) = ctrl.doorbell_offsets(qid);
         let (db_mr, level, reason) = if !inner.cfg.try_p2p {
-            (None, Level::Forwarded, "P2P disabled by configuration".to_string())
+            (
+                None,
+                Level::Forwarded,
+                "P2P disabled by configuration".to_string(),
+            )
         } else if info.shadow_doorbells_in_use {
             (
                 None,
@@ -432,7 +452,11 @@ impl DirectService {
             )
         } else {
             match self.p2p_doorbells(ns, sq_off, cq_off) {
-                Ok(mr) => (Some(mr), Level::P2p, "dma-buf doorbell MR registered".into()),
+                Ok(mr) => (
+                    Some(mr),
+                    Level::P2p,
+                    "dma-buf doorbell MR registered".into(),
+                ),
                 Err(reason) => (None, Level::Forwarded, reason),
             }
         };
@@ -440,7 +464,12 @@ impl DirectService {
         let token = random_token();
         let mut d = Descriptor::new();
         d.level = level.to_u8();
-        d.flags = FLAG_CQE_PUSH | if level == Level::Forwarded { FLAG_TAIL_IN_IMM } else { 0 };
+        d.flags = FLAG_CQE_PUSH
+            | if level == Level::Forwarded {
+                FLAG_TAIL_IN_IMM
+            } else {
+                0
+            };
         d.token = U64::new(token);
         d.generation = U64::new(ctrl.generation());
         d.qid = U16::new(qid);
@@ -650,7 +679,11 @@ impl Poller {
                 | CmEventKind::ConnectError
                 | CmEventKind::Unreachable
                 | CmEventKind::DeviceRemoval => {
-                    for a in self.active.iter_mut().filter(|a| a.conn.id_key() == ev.id_key) {
+                    for a in self
+                        .active
+                        .iter_mut()
+                        .filter(|a| a.conn.id_key() == ev.id_key)
+                    {
                         let _ = a.conn.disconnect();
                         a.dead = true;
                         tracing::info!(token = a.att.report.token, "direct connection closed");
@@ -701,7 +734,11 @@ impl Poller {
             }
         }
         att.report.connected = true;
-        tracing::info!(token = att.report.token, qid = att.raw.qid(), "direct connection up");
+        tracing::info!(
+            token = att.report.token,
+            qid = att.raw.qid(),
+            "direct connection up"
+        );
         let qp_num = conn.qp().qp_num();
         self.active.push(Active {
             conn,
@@ -788,7 +825,10 @@ impl Poller {
             return 0;
         }
         if a.att.raw.generation() != a.att.generation {
-            tracing::info!(token = a.att.report.token, "controller reset under a direct queue: dropping it (host re-attaches)");
+            tracing::info!(
+                token = a.att.report.token,
+                "controller reset under a direct queue: dropping it (host re-attaches)"
+            );
             let _ = a.conn.disconnect();
             a.dead = true;
             return 1;
@@ -838,7 +878,11 @@ impl Poller {
 fn advance_tail(a: &mut Active, t: u32) {
     let depth = u32::from(a.att.raw.depth());
     if t >= depth {
-        tracing::debug!(token = a.att.report.token, tail = t, "direct: tail out of range ignored");
+        tracing::debug!(
+            token = a.att.report.token,
+            tail = t,
+            "direct: tail out of range ignored"
+        );
         return;
     }
     let t = t as u16;
@@ -851,4 +895,3 @@ fn advance_tail(a: &mut Active, t: u32) {
     a.att.report.doorbells_forwarded += 1;
     a.att.raw.ring_sq(t);
 }
-

@@ -195,6 +195,9 @@ pub(crate) fn execute(
                 ..Outcome::ok()
             }
         }
+        crate::direct::proto::OPC_DIRECT_ATTACH | crate::direct::proto::OPC_DIRECT_DETACH => {
+            direct(ctx, ctrl, cmd, data)
+        }
         _ => Outcome::err(Status::INVALID_OPCODE, loc::OPCODE),
     }
 }
@@ -483,4 +486,28 @@ fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
         feat::VOLATILE_WRITE_CACHE if !discovery => Outcome::result(u64::from(st.vwc_enabled)),
         _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
     }
+}
+
+/// Direct-mode attach/detach (vendor specific; see `docs/direct-mode.md`).
+fn direct(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome {
+    use crate::direct::proto;
+    let Some(provider) = ctx.shared.direct.get() else {
+        return Outcome::err(Status::INVALID_OPCODE, loc::OPCODE);
+    };
+    let sub = ctrl.subsystem();
+    let r = if cmd.opcode() == proto::OPC_DIRECT_ATTACH {
+        provider
+            .attach(
+                &sub.nqn,
+                ctrl.hostnqn(),
+                cmd.nsid.get(),
+                proto::AttachRequest::from_sqe(cmd),
+            )
+            .map(|d| copy_out(data, d.as_bytes()))
+    } else {
+        provider
+            .detach(ctrl.hostnqn(), proto::detach_token(cmd))
+            .map(|()| Outcome::ok())
+    };
+    r.unwrap_or_else(|st| Outcome::err(st, loc::OPCODE))
 }

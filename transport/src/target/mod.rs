@@ -133,6 +133,7 @@ pub struct TargetShared {
     controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
     discovery_genctr: AtomicU64,
+    direct: std::sync::OnceLock<crate::direct::DirectProvider>,
 }
 
 impl TargetShared {
@@ -206,6 +207,7 @@ impl Target {
                 controllers: Mutex::new(HashMap::new()),
                 next_cntlid: AtomicU16::new(0),
                 discovery_genctr: AtomicU64::new(1),
+                direct: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -233,6 +235,12 @@ impl Target {
             hosts: sub.hosts.clone(),
             namespaces,
         })
+    }
+
+    /// Enables direct mode (the vendor-specific attach/detach admin commands) through
+    /// `provider`; without it those commands fail with Invalid Opcode. Set once.
+    pub fn set_direct(&self, provider: crate::direct::DirectProvider) {
+        let _ = self.shared.direct.set(provider);
     }
 
     /// The limits every queue applies.

@@ -668,6 +668,8 @@ fn admin_shape(cmd: &Sqe) -> Result<Shape, Outcome> {
         }
         admin_opc::SET_FEATURES | admin_opc::GET_FEATURES => shape_none(),
         admin_opc::KEEP_ALIVE | admin_opc::ASYNC_EVENT_REQUEST => shape_none(),
+        crate::direct::proto::OPC_DIRECT_ATTACH => from(256),
+        crate::direct::proto::OPC_DIRECT_DETACH => shape_none(),
         _ => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
     })
 }

@@ -1,0 +1,609 @@
+//! Host side of direct mode.
+//!
+//! [`DirectHost::connect`] opens a standard NVMe-oF admin queue (Connect, CC.EN), then
+//! [`DirectHost::open_queue`] sends the attach command, checks the descriptor and opens the
+//! direct RDMA connection (token in the CM private data). [`DirectQueue`] then does I/O
+//! with one-sided RDMA only:
+//!
+//! - write: one chained post — RDMA WRITE (data → pool slot), RDMA WRITE WITH IMMEDIATE
+//!   (the 64-byte SQE, inline, → SQ slot; immediate = new SQ tail, which is the doorbell
+//!   on the forwarded level). On the P2P level the doorbell is a third WRITE (4 bytes
+//!   inline) into the doorbell MR.
+//! - read: the SQE chain alone; after the completion, RDMA READ of the pool slot.
+//! - completions: the target pushes each CQE by SEND into a receive ring.
+//!
+//! Pool slot = command id; at most `depth - 1` commands are outstanding, so an SQ slot is
+//! never rewritten before the controller fetched it. Nothing is allocated per I/O.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvme::spec::{reg, Cqe, Sqe, Status};
+use rdma::cm::{Connection, Connector};
+use rdma::{
+    Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, RemoteAddr,
+    SendBatch, SendFlags, Sge, WorkCompletion,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::proto::{detach_sqe, AttachRequest, ConnectPrivate, Descriptor, Level};
+use crate::error::{Error, Result};
+use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
+use crate::initiator::{cmd, execute, InitiatorQueue};
+use crate::rdma::RdmaHost;
+
+const T: Duration = Duration::from_secs(10);
+const RECV_SLACK: u32 = 16;
+const KIND_CHAIN: u64 = 1 << 32;
+const KIND_RECV: u64 = 2 << 32;
+const KIND_READ: u64 = 3 << 32;
+const KIND_MASK: u64 = 0xff << 32;
+
+fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
+    move |source| Error::Rdma { op, source }
+}
+
+fn lost(reason: String) -> Error {
+    Error::Transport {
+        qid: u16::MAX,
+        reason,
+    }
+}
+
+/// Where and who.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// Target address (RDMA CM).
+    pub addr: SocketAddr,
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Host NQN (must be on the subsystem's `direct_hosts`).
+    pub hostnqn: String,
+    /// NVMe-oF namespace id.
+    pub nsid: u32,
+    /// Queue entries to ask for.
+    pub depth: u16,
+    /// Largest I/O in bytes (pool slot size; ≤ 8 KiB: two PRPs, no PRP list).
+    pub io_size: usize,
+}
+
+/// An admin connection that can attach direct queues.
+pub struct DirectHost {
+    admin: InitiatorQueue<RdmaHost>,
+    abuf: RegisteredBuffer,
+    opts: HostOptions,
+}
+
+/// Why an attach failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The target answered with an NVMe status (Access Denied for hosts not on
+    /// `direct_hosts`, Namespace Not Ready during a device reset).
+    #[error("attach refused: {}", describe(*.0))]
+    Refused(Status),
+    /// Transport or protocol failure.
+    #[error("{0}")]
+    Other(#[from] Error),
+}
+
+/// Text for an attach status.
+pub fn describe(s: Status) -> String {
+    let what = match (s.sct(), s.sc()) {
+        (2, 0x86) => "access denied (host not on direct_hosts)",
+        (0, 0x82) => "namespace not ready (device reset in progress)",
+        (0, 0x01) => "invalid opcode (target without direct mode)",
+        (0, 0x0b) => "invalid namespace",
+        _ => "error",
+    };
+    format!("{what} [sct {:#x} sc {:#x}]", s.sct(), s.sc())
+}
+
+impl DirectHost {
+    /// Connects the admin queue and enables the controller.
+    pub fn connect(opts: HostOptions) -> Result<DirectHost> {
+        let host = RdmaHost::connect(opts.addr, 0, 32, 0, T)?;
+        let abuf = host.register(8192)?;
+        let mut admin = InitiatorQueue::new(host, 0, 31);
+        let data = cmd::connect_data([0x44; 16], CNTLID_DYNAMIC, &opts.subnqn, &opts.hostnqn);
+        abuf.write(0, data.as_bytes())
+            .map_err(rdma_err("admin buffer"))?;
+        execute(
+            &mut admin,
+            cmd::connect(0, 31, 0, keyed(&abuf, 0, 1024)),
+            &[],
+            T,
+        )?;
+        let cc = 1 | (6 << 16) | (4 << 20);
+        execute(&mut admin, cmd::property_set(reg::CC as u32, cc), &[], T)?;
+        let start = Instant::now();
+        loop {
+            let c = execute(
+                &mut admin,
+                cmd::property_get(reg::CSTS as u32, false),
+                &[],
+                T,
+            )?;
+            if c.cqe.dw0.get() & 1 == 1 {
+                break;
+            }
+            if start.elapsed() > T {
+                return Err(lost("controller never became ready".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(DirectHost { admin, abuf, opts })
+    }
+
+    /// Sends the attach command; returns the descriptor.
+    pub fn attach(&mut self) -> std::result::Result<Descriptor, AttachError> {
+        let req = AttachRequest {
+            depth: self.opts.depth,
+            pool_bytes: (u64::from(self.opts.depth) * slot_stride(self.opts.io_size) as u64)
+                .div_ceil(4096)
+                * 4096,
+        };
+        let mut sqe = req.to_sqe(self.opts.nsid);
+        sqe.set_psdt(1);
+        let mut d = [0u8; 16];
+        d.copy_from_slice(keyed(&self.abuf, 0, 256).as_bytes());
+        sqe.set_dptr(d);
+        self.abuf
+            .write(0, &[0u8; 256])
+            .map_err(|e| AttachError::Other(rdma_err("admin buffer")(e)))?;
+        match execute(&mut self.admin, sqe, &[], T) {
+            Ok(_) => {}
+            Err(Error::CommandFailed { sct, sc, .. }) => {
+                return Err(AttachError::Refused(Status::new(sct, sc)))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut raw = [0u8; 256];
+        self.abuf
+            .read(0, &mut raw)
+            .map_err(|e| AttachError::Other(rdma_err("admin buffer")(e)))?;
+        Descriptor::parse(&raw)
+            .ok_or_else(|| AttachError::Other(lost("malformed direct-mode descriptor".into())))
+    }
+
+    /// Attaches and opens the direct connection, retrying while the target says the
+    /// namespace is not ready (device reset) for up to `patience`.
+    pub fn open_queue(
+        &mut self,
+        patience: Duration,
+    ) -> std::result::Result<DirectQueue, AttachError> {
+        let start = Instant::now();
+        loop {
+            match self.attach() {
+                Ok(d) => return DirectQueue::open(&self.opts, d).map_err(AttachError::Other),
+                Err(AttachError::Refused(s))
+                    if s.same_code(Status::NAMESPACE_NOT_READY) && start.elapsed() < patience =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Detaches the queue with `token` (the target disconnects it).
+    pub fn detach(&mut self, token: u64) -> Result<()> {
+        let mut sqe = detach_sqe(token);
+        sqe.set_psdt(1);
+        let mut d = [0u8; 16];
+        d.copy_from_slice(SglDescriptor::keyed(0, 0, 0, false).as_bytes());
+        sqe.set_dptr(d);
+        execute(&mut self.admin, sqe, &[], T).map(|_| ())
+    }
+}
+
+fn keyed(buf: &RegisteredBuffer, off: usize, len: usize) -> SglDescriptor {
+    let r = buf.mr().remote(off);
+    SglDescriptor::keyed(r.addr, len as u32, r.rkey, false)
+}
+
+fn slot_stride(io_size: usize) -> usize {
+    if io_size <= 4096 {
+        io_size.max(512).next_power_of_two()
+    } else {
+        8192
+    }
+}
+
+/// RDMA operations counted by the host (both directions).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct OpCounts {
+    /// RDMA WRITEs posted (data, and P2P doorbells).
+    pub writes: u64,
+    /// RDMA WRITE WITH IMMEDIATE posted (SQE + doorbell).
+    pub write_imms: u64,
+    /// RDMA READs posted (read data).
+    pub reads: u64,
+    /// SENDs received (CQEs pushed by the target).
+    pub recvs: u64,
+}
+
+impl OpCounts {
+    /// All operations.
+    pub fn total(&self) -> u64 {
+        self.writes + self.write_imms + self.reads + self.recvs
+    }
+}
+
+/// A finished direct I/O.
+#[derive(Clone, Copy, Debug)]
+pub struct DirectCompletion {
+    /// Command id (= pool slot).
+    pub cid: u16,
+    /// Caller's value from submission.
+    pub user: u64,
+    /// NVMe status.
+    pub status: Status,
+    /// Submission to completion.
+    pub latency: Duration,
+    /// A write (else a read).
+    pub write: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    busy: bool,
+    write: bool,
+    len: u32,
+    user: u64,
+    start: Instant,
+    status: Status,
+}
+
+/// One attached direct queue. Field order is drop order: the connection first.
+pub struct DirectQueue {
+    conn: Connection,
+    cq: Arc<CompletionQueue>,
+    _pd: Arc<ProtectionDomain>,
+    data: RegisteredBuffer,
+    recv: RegisteredBuffer,
+    desc: Descriptor,
+    slots: Box<[Slot]>,
+    free: Vec<u16>,
+    tail: u16,
+    stride: usize,
+    recv_slots: u32,
+    wcs: Box<[WorkCompletion; 32]>,
+    scratch: Box<[u8]>,
+    /// RDMA operation counters.
+    pub ops: OpCounts,
+}
+
+impl DirectQueue {
+    fn open(opts: &HostOptions, desc: Descriptor) -> Result<DirectQueue> {
+        let depth = desc.depth.get();
+        let stride = slot_stride(opts.io_size);
+        let lba = desc.lba_size.get() as usize;
+        if lba == 0
+            || opts.io_size == 0
+            || !opts.io_size.is_multiple_of(lba)
+            || opts.io_size > 8192
+            || opts.io_size > desc.max_transfer.get() as usize
+            || (desc.pool_len.get() as usize) < usize::from(depth) * stride
+        {
+            return Err(lost(format!(
+                "direct queue cannot carry {}-byte I/O (LBA {lba}, MDTS {}, pool {} for depth {depth})",
+                opts.io_size,
+                desc.max_transfer.get(),
+                desc.pool_len.get()
+            )));
+        }
+        let dst = SocketAddr::new(opts.addr.ip(), desc.port.get());
+        let connector = Connector::resolve(dst, T).map_err(rdma_err("resolve (direct)"))?;
+        let ctx = connector
+            .context()
+            .ok_or_else(|| lost("no RDMA device for the direct route".into()))?;
+        let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
+        let recv_slots = u32::from(depth) + RECV_SLACK;
+        let send_max = 3 * u32::from(depth) + 8;
+        let cq = CompletionQueue::new(&ctx, send_max + recv_slots + 8, None)
+            .map_err(rdma_err("create CQ"))?;
+        let mut init = QpInit::new(&cq);
+        init.max_send_wr = send_max;
+        init.max_recv_wr = recv_slots;
+        init.max_inline_data = 64;
+        let data = RegisteredBuffer::new(&pd, usize::from(depth) * stride, Access::ALL)
+            .map_err(rdma_err("data buffers"))?;
+        let recv = RegisteredBuffer::new(&pd, 16 * recv_slots as usize, Access::LOCAL_WRITE)
+            .map_err(rdma_err("CQE ring"))?;
+        let private = ConnectPrivate::new(desc.token.get());
+        let conn = connector
+            .connect(&pd, &init, private.as_bytes(), T)
+            .map_err(rdma_err("connect (direct)"))?;
+        let now = Instant::now();
+        let q = DirectQueue {
+            conn,
+            cq,
+            _pd: pd,
+            data,
+            recv,
+            desc,
+            slots: vec![
+                Slot {
+                    busy: false,
+                    write: false,
+                    len: 0,
+                    user: 0,
+                    start: now,
+                    status: Status::SUCCESS,
+                };
+                usize::from(depth)
+            ]
+            .into_boxed_slice(),
+            free: (0..depth - 1).rev().collect(),
+            tail: 0,
+            stride,
+            recv_slots,
+            wcs: Box::new([WorkCompletion::default(); 32]),
+            scratch: vec![0u8; stride].into_boxed_slice(),
+            ops: OpCounts::default(),
+        };
+        for i in 0..recv_slots {
+            q.post_recv(i)?;
+        }
+        Ok(q)
+    }
+
+    /// The descriptor the target returned.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.desc
+    }
+
+    /// The level.
+    pub fn level(&self) -> Level {
+        self.desc.level()
+    }
+
+    /// Commands that can be outstanding at once (depth − 1).
+    pub fn capacity(&self) -> usize {
+        usize::from(self.desc.depth.get()) - 1
+    }
+
+    /// Commands outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.capacity() - self.free.len()
+    }
+
+    /// `user` values of the outstanding commands (to resubmit after a re-attach).
+    pub fn outstanding_users(&self) -> impl Iterator<Item = (bool, u64)> + '_ {
+        self.slots
+            .iter()
+            .filter(|s| s.busy)
+            .map(|s| (s.write, s.user))
+    }
+
+    fn post_recv(&self, i: u32) -> Result<()> {
+        let sge = self
+            .recv
+            .mr()
+            .sge(i as usize * 16, 16)
+            .map_err(rdma_err("recv sge"))?;
+        let mut b = RecvBatch::<1>::new();
+        b.recv(KIND_RECV | u64::from(i), Some(sge))
+            .map_err(rdma_err("recv"))?;
+        self.conn
+            .qp()
+            .post_recv(&mut b)
+            .map_err(rdma_err("post recv"))
+    }
+
+    /// Writes `data` (a multiple of the LBA size, ≤ the I/O size) at `lba`.
+    pub fn submit_write(&mut self, lba: u64, data: &[u8], user: u64) -> Result<u16> {
+        self.submit(true, lba, data, data.len(), user)
+    }
+
+    /// Reads `len` bytes at `lba`; the data comes with the completion.
+    pub fn submit_read(&mut self, lba: u64, len: usize, user: u64) -> Result<u16> {
+        self.submit(false, lba, &[], len, user)
+    }
+
+    fn submit(&mut self, write: bool, lba: u64, data: &[u8], len: usize, user: u64) -> Result<u16> {
+        let lba_size = self.desc.lba_size.get() as usize;
+        if len == 0 || !len.is_multiple_of(lba_size) || len > self.stride || len > 8192 {
+            return Err(lost(format!("direct I/O of {len} bytes")));
+        }
+        let nlb = (len / lba_size) as u64;
+        if lba
+            .checked_add(nlb)
+            .is_none_or(|e| e > self.desc.blocks.get())
+        {
+            return Err(lost(format!("LBA {lba}+{nlb} beyond the namespace")));
+        }
+        let Some(cid) = self.free.pop() else {
+            return Err(Error::QueueFull {
+                qid: self.desc.qid.get(),
+                depth: self.desc.depth.get(),
+            });
+        };
+        let off = usize::from(cid) * self.stride;
+        if write {
+            if let Err(e) = self.data.write(off, data) {
+                self.free.push(cid);
+                return Err(rdma_err("stage data")(e));
+            }
+        }
+        let iova = self.desc.pool_iova.get() + off as u64;
+        let prp2 = if len > 4096 { iova + 4096 } else { 0 };
+        let nsid = self.desc.nsid.get();
+        let mut sqe = if write {
+            Sqe::write(nsid, lba, (nlb - 1) as u16, iova, prp2)
+        } else {
+            Sqe::read(nsid, lba, (nlb - 1) as u16, iova, prp2)
+        };
+        sqe.set_cid(cid);
+        let depth = self.desc.depth.get();
+        let slot = self.tail;
+        let new_tail = if slot + 1 == depth { 0 } else { slot + 1 };
+        let tail_bytes = u32::from(new_tail).to_le_bytes();
+        let sq = RemoteAddr {
+            addr: self.desc.sq.addr.get() + u64::from(slot) * 64,
+            rkey: self.desc.sq.rkey.get(),
+        };
+        let pool = RemoteAddr {
+            addr: self.desc.pool.addr.get() + off as u64,
+            rkey: self.desc.pool.rkey.get(),
+        };
+        let inline = |b: &[u8]| Sge {
+            addr: b.as_ptr() as u64,
+            len: b.len() as u32,
+            lkey: 0,
+        };
+        let id = KIND_CHAIN | u64::from(cid);
+        let p2p = self.desc.level() == Level::P2p;
+        let mut chain = SendBatch::<3>::new();
+        let built = (|| -> rdma::Result<()> {
+            if write {
+                let sge = self.data.mr().sge(off, len)?;
+                chain.write(id, sge, pool, SendFlags::NONE)?;
+            }
+            if p2p {
+                let db = RemoteAddr {
+                    addr: self.desc.sq_doorbell.addr.get(),
+                    rkey: self.desc.sq_doorbell.rkey.get(),
+                };
+                chain.write(id, inline(sqe.as_bytes()), sq, SendFlags::INLINE)?;
+                chain.write(
+                    id,
+                    inline(&tail_bytes),
+                    db,
+                    SendFlags::INLINE | SendFlags::SIGNALED,
+                )?;
+            } else {
+                chain.write_imm(
+                    id,
+                    Some(inline(sqe.as_bytes())),
+                    sq,
+                    u32::from(new_tail),
+                    SendFlags::INLINE | SendFlags::SIGNALED,
+                )?;
+            }
+            self.conn.qp().post_send(&mut chain)
+        })();
+        if let Err(e) = built {
+            self.free.push(cid);
+            return Err(rdma_err("post direct submission")(e));
+        }
+        if write {
+            self.ops.writes += 1;
+        }
+        if p2p {
+            self.ops.writes += 2;
+        } else {
+            self.ops.write_imms += 1;
+        }
+        self.tail = new_tail;
+        self.slots[usize::from(cid)] = Slot {
+            busy: true,
+            write,
+            len: len as u32,
+            user,
+            start: Instant::now(),
+            status: Status::SUCCESS,
+        };
+        Ok(cid)
+    }
+
+    /// Reaps completions: `f` gets each finished I/O and, for reads, its data. An error
+    /// means the queue is gone (target reset or disconnect): re-attach and resubmit
+    /// [`outstanding_users`](Self::outstanding_users).
+    pub fn poll(&mut self, mut f: impl FnMut(&DirectCompletion, &[u8])) -> Result<usize> {
+        let n = self
+            .cq
+            .poll(&mut self.wcs[..])
+            .map_err(rdma_err("poll CQ"))?;
+        let mut done = 0;
+        for i in 0..n {
+            let wc = self.wcs[i];
+            if !wc.is_ok() {
+                return Err(lost(format!("direct queue lost: {}", wc.status())));
+            }
+            let id = wc.wr_id();
+            match id & KIND_MASK {
+                KIND_RECV => {
+                    let idx = id as u32;
+                    let mut raw = [0u8; 16];
+                    self.recv
+                        .read(idx as usize * 16, &mut raw)
+                        .map_err(rdma_err("read CQE"))?;
+                    self.post_recv(idx % self.recv_slots)?;
+                    self.ops.recvs += 1;
+                    let cqe = Cqe::read_from_bytes(&raw).unwrap_or_default();
+                    let cid = cqe.cid.get();
+                    let Some(s) = self.slots.get_mut(usize::from(cid)).filter(|s| s.busy) else {
+                        continue;
+                    };
+                    s.status = cqe.status();
+                    if s.write || !s.status.is_success() {
+                        done += self.finish(cid, false, &mut f);
+                    } else {
+                        self.post_read(cid)?;
+                    }
+                }
+                KIND_READ => done += self.finish(id as u16, true, &mut f),
+                _ => {}
+            }
+        }
+        Ok(done)
+    }
+
+    fn post_read(&mut self, cid: u16) -> Result<()> {
+        let s = self.slots[usize::from(cid)];
+        let off = usize::from(cid) * self.stride;
+        let sge = self
+            .data
+            .mr()
+            .sge(off, s.len as usize)
+            .map_err(rdma_err("read sge"))?;
+        let pool = RemoteAddr {
+            addr: self.desc.pool.addr.get() + off as u64,
+            rkey: self.desc.pool.rkey.get(),
+        };
+        let mut b = SendBatch::<1>::new();
+        b.read(KIND_READ | u64::from(cid), sge, pool, SendFlags::SIGNALED)
+            .map_err(rdma_err("read"))?;
+        self.conn
+            .qp()
+            .post_send(&mut b)
+            .map_err(rdma_err("post read"))?;
+        self.ops.reads += 1;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        cid: u16,
+        with_data: bool,
+        f: &mut impl FnMut(&DirectCompletion, &[u8]),
+    ) -> usize {
+        let Some(s) = self.slots.get_mut(usize::from(cid)).filter(|s| s.busy) else {
+            return 0;
+        };
+        s.busy = false;
+        let s = *s;
+        let c = DirectCompletion {
+            cid,
+            user: s.user,
+            status: s.status,
+            latency: s.start.elapsed(),
+            write: s.write,
+        };
+        let len = s.len as usize;
+        if with_data
+            && self
+                .data
+                .read(usize::from(cid) * self.stride, &mut self.scratch[..len])
+                .is_ok()
+        {
+            f(&c, &self.scratch[..len]);
+        } else {
+            f(&c, &[]);
+        }
+        self.free.push(cid);
+        1
+    }
+}
