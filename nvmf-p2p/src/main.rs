@@ -33,6 +33,8 @@ enum Command {
     Probe(cmd::probe::Args),
     /// Run the NVMe-oF RDMA target described by a TOML configuration.
     Serve(cmd::serve::Args),
+    /// I/O at a fixed queue depth against a target (or a local controller); IOPS and latency.
+    Perf(cmd::perf::Args),
     /// Counters of a running target, from its control socket.
     Stats(cmd::stats::StatsArgs),
     /// Control commands to a running target (e.g. `ctl reset-device`).
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Unbind(a) => cmd::bind::run_unbind(a),
         Command::Probe(a) => cmd::probe::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Perf(a) => cmd::perf::run(a),
         Command::Stats(a) => cmd::stats::run_stats(a),
         Command::Ctl(a) => cmd::stats::run_ctl(a),
     };

@@ -335,3 +335,144 @@ fn unknown_host_is_rejected_and_reconnect_works() {
     }
     serve.stop();
 }
+
+/// `perf --json` against `addr:port/nqn`; the run must complete I/O without errors.
+fn perf(port: u16, nqn: &str, workload: &str) -> serde_json::Value {
+    let port = port.to_string();
+    let out = sh_ok(
+        BIN,
+        &[
+            "perf",
+            "--traddr",
+            &env("NVMF_P2P_ADDR"),
+            "--trsvcid",
+            &port,
+            "--subnqn",
+            nqn,
+            "-q",
+            "16",
+            "-o",
+            "4k",
+            "-w",
+            workload,
+            "-t",
+            "2",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("perf --json is JSON");
+    assert!(v["ios"].as_u64().unwrap_or(0) > 0, "perf did no I/O: {v}");
+    assert_eq!(v["errors"].as_u64(), Some(0), "perf saw errors: {v}");
+    v
+}
+
+/// The kernel nvmet-rdma target, file-backed, configured through configfs.
+struct KernelTarget {
+    sub: PathBuf,
+    port: PathBuf,
+    nqn: String,
+}
+
+impl KernelTarget {
+    fn start(nqn: &str, port: u16, file: &Path) -> KernelTarget {
+        let cfs = Path::new("/sys/kernel/config/nvmet");
+        let sub = cfs.join("subsystems").join(nqn);
+        let ns = sub.join("namespaces/1");
+        let p = cfs.join("ports").join(port.to_string());
+        let w = |f: PathBuf, v: &str| {
+            std::fs::write(&f, v).unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        };
+        std::fs::create_dir(&sub).expect("nvmet subsystem (is nvmet loaded?)");
+        w(sub.join("attr_allow_any_host"), "1");
+        std::fs::create_dir(&ns).unwrap();
+        w(ns.join("device_path"), file.to_str().unwrap());
+        w(ns.join("buffered_io"), "1");
+        w(ns.join("enable"), "1");
+        std::fs::create_dir(&p).unwrap();
+        w(p.join("addr_trtype"), "rdma");
+        w(p.join("addr_adrfam"), "ipv4");
+        w(p.join("addr_traddr"), &env("NVMF_P2P_ADDR"));
+        w(p.join("addr_trsvcid"), &port.to_string());
+        std::os::unix::fs::symlink(&sub, p.join("subsystems").join(nqn)).unwrap();
+        KernelTarget {
+            sub,
+            port: p,
+            nqn: nqn.to_string(),
+        }
+    }
+}
+
+impl Drop for KernelTarget {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.port.join("subsystems").join(&self.nqn));
+        let _ = std::fs::remove_dir(&self.port);
+        let _ = std::fs::write(self.sub.join("namespaces/1/enable"), "0");
+        let _ = std::fs::remove_dir(self.sub.join("namespaces/1"));
+        let _ = std::fs::remove_dir(&self.sub);
+    }
+}
+
+#[test]
+fn userspace_initiator_perf_against_ours_and_the_kernel_target() {
+    let ours = "nqn.2026-11.io.nvmf-p2p:vm-perf";
+    let serve = Serve::start("perf", 4422, &subsystem(ours, "ram:16MiB", None));
+    let w = perf(4422, ours, "randwrite");
+    let r = perf(4422, ours, "randread");
+    eprintln!(
+        "ours: randwrite {} IOPS, randread {} IOPS",
+        w["iops"], r["iops"]
+    );
+    serve.stop();
+
+    let file = PathBuf::from(env("NVMF_P2P_SCRATCH")).join("knvmet.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let knqn = "nqn.2026-11.io.nvmf-p2p:vm-perf-kernel";
+    let _k = KernelTarget::start(knqn, 4423, &file);
+    let r = perf(4423, knqn, "randread");
+    eprintln!("kernel target: randread {} IOPS", r["iops"]);
+
+    // bad input: nobody listening, unknown subsystem → one clear error, non-zero exit
+    let out = sh(
+        BIN,
+        &[
+            "perf",
+            "--traddr",
+            &env("NVMF_P2P_ADDR"),
+            "--trsvcid",
+            "4499",
+            "--subnqn",
+            ours,
+            "-t",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("nvmf-p2p: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = sh(
+        BIN,
+        &[
+            "perf",
+            "--traddr",
+            &env("NVMF_P2P_ADDR"),
+            "--trsvcid",
+            "4423",
+            "--subnqn",
+            "nqn.bogus",
+            "-t",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

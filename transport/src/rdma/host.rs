@@ -21,6 +21,8 @@ use crate::initiator::{cm_request, HostWire};
 
 const KIND_SEND: u64 = 1 << 32;
 const KIND_RECV: u64 = 2 << 32;
+/// How long a submission waits for a send slot whose completion is still in flight.
+const SEND_SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One host queue over RDMA.
 ///
@@ -169,7 +171,12 @@ impl RdmaHost {
 
 impl HostWire for RdmaHost {
     fn send_capsule(&mut self, cmd: &[u8; 64], icd: &[u8]) -> Result<()> {
-        if self.send_free.is_empty() {
+        // A response can be reaped before the completion of the send that carried its
+        // command (rxe reports them in either order), so a caller that keeps at most
+        // `entries` commands outstanding may find every slot still awaiting its send
+        // completion: wait for one, briefly.
+        let start = std::time::Instant::now();
+        while self.send_free.is_empty() && start.elapsed() < SEND_SLOT_WAIT {
             self.poll_cq()?;
         }
         let Some(slot) = self.send_free.pop() else {

@@ -1,0 +1,578 @@
+//! `nvmf-p2p perf` — random or sequential I/O at a fixed queue depth, like spdk_nvme_perf:
+//! over NVMe-oF/RDMA with our userspace initiator (`--traddr`), or on a local controller
+//! through our VFIO driver (`--local BDF`). Prints IOPS, MiB/s and latency percentiles.
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use nvme::spec::{cns, reg, IdentifyNamespace};
+use serde::Serialize;
+use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
+use transport::initiator::{cmd, execute, InitiatorQueue, LatencyHistogram};
+use transport::rdma::RdmaHost;
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::{print_json, CliError, CliResult};
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Host NQN used when `--hostnqn` is not given.
+pub const DEFAULT_HOSTNQN: &str =
+    "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-000000000001";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    Randread,
+    Randwrite,
+    Randrw,
+    Read,
+    Write,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Target address (NVMe-oF over RDMA).
+    #[arg(long, required_unless_present = "local", conflicts_with = "local")]
+    pub traddr: Option<IpAddr>,
+    /// Target port.
+    #[arg(long, default_value_t = 4420)]
+    pub trsvcid: u16,
+    /// Subsystem NQN to connect to.
+    #[arg(long, required_unless_present = "local")]
+    pub subnqn: Option<String>,
+    /// Our host NQN.
+    #[arg(long, default_value = DEFAULT_HOSTNQN)]
+    pub hostnqn: String,
+    /// Run on a local NVMe controller (bound to vfio-pci) through our driver instead.
+    #[arg(long, value_name = "BDF")]
+    pub local: Option<String>,
+    /// Namespace id.
+    #[arg(long, default_value_t = 1)]
+    pub nsid: u32,
+    /// Queue depth.
+    #[arg(short = 'q', long = "queue-depth", default_value_t = 32)]
+    pub qd: u16,
+    /// I/O size in bytes (suffixes k/K, m/M: 4k, 128k).
+    #[arg(short = 'o', long = "io-size", default_value = "4k", value_parser = parse_size)]
+    pub io_size: usize,
+    /// Access pattern.
+    #[arg(short = 'w', long = "workload", value_enum, default_value_t = Workload::Randread)]
+    pub workload: Workload,
+    /// Percentage of reads in randrw.
+    #[arg(short = 'M', long = "rwmixread", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rwmixread: u8,
+    /// Run time in seconds.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub secs: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1usize),
+        Some((i, _)) => {
+            let m = match &t[i..] {
+                "k" | "K" | "KiB" => 1 << 10,
+                "m" | "M" | "MiB" => 1 << 20,
+                other => return Err(format!("unknown size suffix '{other}' (use k or m)")),
+            };
+            (&t[..i], m)
+        }
+    };
+    let n: usize = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if v == 0 || !v.is_multiple_of(512) {
+        return Err(format!(
+            "'{s}': the I/O size must be a non-zero multiple of 512"
+        ));
+    }
+    Ok(v)
+}
+
+/// One run's result.
+#[derive(Serialize)]
+pub struct Report {
+    pub target: String,
+    pub workload: Workload,
+    pub queue_depth: u16,
+    pub io_size: usize,
+    pub seconds: f64,
+    pub ios: u64,
+    pub errors: u64,
+    /// Status of the first failed command, e.g. "sct 0x0 sc 0x80 (LBA Out of Range)".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    pub iops: f64,
+    pub mib_s: f64,
+    pub lat_us: Latency,
+}
+
+#[derive(Serialize)]
+pub struct Latency {
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p99_9: f64,
+    pub max: f64,
+}
+
+impl Report {
+    fn new(
+        target: String,
+        a: &Args,
+        secs: f64,
+        ios: u64,
+        errors: u64,
+        h: &LatencyHistogram,
+    ) -> Self {
+        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+        Report {
+            target,
+            workload: a.workload,
+            queue_depth: a.qd,
+            io_size: a.io_size,
+            seconds: (secs * 100.0).round() / 100.0,
+            ios,
+            errors,
+            first_error: None,
+            iops: (ios as f64 / secs).round(),
+            mib_s: (ios as f64 * a.io_size as f64 / secs / 1048576.0 * 100.0).round() / 100.0,
+            lat_us: Latency {
+                mean: us(h.mean()),
+                p50: us(h.percentile(50.0)),
+                p90: us(h.percentile(90.0)),
+                p99: us(h.percentile(99.0)),
+                p99_9: us(h.percentile(99.9)),
+                max: us(h.max()),
+            },
+        }
+    }
+
+    fn print_text(&self) {
+        println!(
+            "{} {:?} qd={} io={}B {:.1}s: {:.0} IOPS, {:.2} MiB/s, {} errors",
+            self.target,
+            self.workload,
+            self.queue_depth,
+            self.io_size,
+            self.seconds,
+            self.iops,
+            self.mib_s,
+            self.errors
+        );
+        if let Some(e) = &self.first_error {
+            println!("first error: {e}");
+        }
+        let l = &self.lat_us;
+        println!(
+            "latency us: mean {:.1} p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
+            l.mean, l.p50, l.p90, l.p99, l.p99_9, l.max
+        );
+    }
+}
+
+/// Next LBA and direction of a run: xorshift for random, a cursor for sequential.
+struct Pattern {
+    rng: u64,
+    cursor: u64,
+    span: u64,
+    nlb: u64,
+    workload: Workload,
+    read_pct: u64,
+}
+
+impl Pattern {
+    fn new(blocks: u64, nlb: u64, a: &Args) -> Result<Self, CliError> {
+        if blocks < nlb {
+            return Err(CliError::new(format!(
+                "the namespace has {blocks} blocks, fewer than one {}-byte I/O",
+                a.io_size
+            )));
+        }
+        Ok(Pattern {
+            rng: 0x9e37_79b9_7f4a_7c15,
+            cursor: 0,
+            span: blocks / nlb,
+            nlb,
+            workload: a.workload,
+            read_pct: u64::from(a.rwmixread),
+        })
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// (slba, is_read)
+    fn next(&mut self) -> (u64, bool) {
+        let slot = match self.workload {
+            Workload::Read | Workload::Write => {
+                let s = self.cursor;
+                self.cursor = (self.cursor + 1) % self.span;
+                s
+            }
+            _ => self.rand() % self.span,
+        };
+        let read = match self.workload {
+            Workload::Read | Workload::Randread => true,
+            Workload::Write | Workload::Randwrite => false,
+            Workload::Randrw => self.rand() % 100 < self.read_pct,
+        };
+        (slot * self.nlb, read)
+    }
+}
+
+pub fn run(a: Args) -> CliResult {
+    if a.qd == 0 {
+        return Err(CliError::new("--queue-depth must be at least 1"));
+    }
+    let report = match &a.local {
+        Some(bdf) => run_local(bdf, &a)?,
+        None => run_remote(&a)?,
+    };
+    if a.json {
+        print_json(&report)
+    } else {
+        report.print_text();
+        Ok(())
+    }
+}
+
+fn terr(e: transport::Error) -> CliError {
+    CliError(e.to_string())
+}
+
+fn keyed(buf: &rdma::RegisteredBuffer, off: usize, len: usize) -> SglDescriptor {
+    let r = buf.mr().remote(off);
+    SglDescriptor::keyed(r.addr, len as u32, r.rkey, false)
+}
+
+fn run_remote(a: &Args) -> Result<Report, CliError> {
+    let (Some(addr), Some(subnqn)) = (a.traddr, a.subnqn.as_deref()) else {
+        return Err(CliError::new(
+            "--traddr and --subnqn are required (or --local BDF)",
+        ));
+    };
+    let dst = SocketAddr::new(addr, a.trsvcid);
+    let hostid = hostid_of(&a.hostnqn);
+    let bs = a.io_size;
+
+    // admin queue: connect, enable, identify the namespace, ask for one I/O queue
+    let host = RdmaHost::connect(dst, 0, 32, 0, ADMIN_TIMEOUT).map_err(|e| {
+        CliError::new(format!(
+            "cannot connect to {dst}: {e} (is a target listening there?)"
+        ))
+    })?;
+    let abuf = host.register(8192).map_err(terr)?;
+    let mut admin = InitiatorQueue::new(host, 0, 31);
+    let data = cmd::connect_data(hostid, CNTLID_DYNAMIC, subnqn, &a.hostnqn);
+    abuf.write(0, data.as_bytes())
+        .map_err(|e| CliError(e.to_string()))?;
+    let c = execute(
+        &mut admin,
+        cmd::connect(0, 31, 30_000, keyed(&abuf, 0, 1024)),
+        &[],
+        ADMIN_TIMEOUT,
+    )
+    .map_err(|e| CliError::new(format!("fabrics Connect to {subnqn} refused: {e}")))?;
+    let cntlid = c.cqe.dw0.get() as u16;
+    let cc = 1 | (6 << 16) | (4 << 20); // EN, IOSQES 64 B, IOCQES 16 B
+    execute(
+        &mut admin,
+        cmd::property_set(reg::CC as u32, cc),
+        &[],
+        ADMIN_TIMEOUT,
+    )
+    .map_err(terr)?;
+    let t0 = Instant::now();
+    loop {
+        let csts = execute(
+            &mut admin,
+            cmd::property_get(reg::CSTS as u32, false),
+            &[],
+            ADMIN_TIMEOUT,
+        )
+        .map_err(terr)?;
+        if csts.cqe.dw0.get() & 1 == 1 {
+            break;
+        }
+        if t0.elapsed() > ADMIN_TIMEOUT {
+            return Err(CliError::new(
+                "the controller never became ready (CSTS.RDY)",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    execute(
+        &mut admin,
+        cmd::identify(cns::NAMESPACE, a.nsid, keyed(&abuf, 0, 4096)),
+        &[],
+        ADMIN_TIMEOUT,
+    )
+    .map_err(|e| CliError::new(format!("Identify namespace {}: {e}", a.nsid)))?;
+    let mut raw = vec![0u8; 4096];
+    abuf.read(0, &mut raw)
+        .map_err(|e| CliError(e.to_string()))?;
+    let ns = IdentifyNamespace::read_from_bytes(&raw[..])
+        .map_err(|_| CliError::new("short Identify data"))?;
+    let lba = ns.block_size() as usize;
+    let blocks = ns.nsze.get();
+    if blocks == 0 {
+        return Err(CliError::new(format!(
+            "namespace {} is not active on {subnqn}",
+            a.nsid
+        )));
+    }
+    if !bs.is_multiple_of(lba) {
+        return Err(CliError::new(format!(
+            "--io-size {bs} is not a multiple of the {lba}-byte block"
+        )));
+    }
+    execute(&mut admin, cmd::set_num_queues(1), &[], ADMIN_TIMEOUT).map_err(terr)?;
+
+    // one I/O queue of depth qd, one data slot per outstanding command
+    let io_host = RdmaHost::connect(dst, 1, a.qd + 1, 0, ADMIN_TIMEOUT).map_err(terr)?;
+    let qd =
+        a.qd.min(io_host.accepted_queue_size().saturating_sub(1).max(1));
+    let buf = io_host
+        .register(usize::from(qd) * bs + 4096)
+        .map_err(terr)?;
+    let mut io = InitiatorQueue::new(io_host, 1, qd);
+    let data = cmd::connect_data(hostid, cntlid, subnqn, &a.hostnqn);
+    buf.write(0, data.as_bytes())
+        .map_err(|e| CliError(e.to_string()))?;
+    execute(
+        &mut io,
+        cmd::connect(1, qd, 0, keyed(&buf, 0, 1024)),
+        &[],
+        ADMIN_TIMEOUT,
+    )
+    .map_err(terr)?;
+    if !matches!(a.workload, Workload::Read | Workload::Randread) {
+        // give written blocks a recognisable pattern
+        for slot in 0..usize::from(qd) {
+            let pat: Vec<u8> = (0..bs).map(|i| (i as u8) ^ (slot as u8)).collect();
+            buf.write(slot * bs, &pat)
+                .map_err(|e| CliError(e.to_string()))?;
+        }
+    }
+
+    let nlb = (bs / lba) as u64;
+    let mut pattern = Pattern::new(blocks, nlb, a)?;
+    // the fabrics command builders take a 1-based block count
+    let nlb16 = u16::try_from(nlb)
+        .map_err(|_| CliError::new(format!("--io-size {bs} is more than 65535 blocks")))?;
+    let nsid = a.nsid;
+    let mut issue = |io: &mut InitiatorQueue<RdmaHost>, slot: u64| {
+        let (slba, read) = pattern.next();
+        let d = keyed(&buf, slot as usize * bs, bs);
+        let sqe = if read {
+            cmd::read(nsid, slba, nlb16, d)
+        } else {
+            cmd::write(nsid, slba, nlb16, d)
+        };
+        io.submit(sqe, &[], slot)
+    };
+    let started = Instant::now();
+    let end = started + Duration::from_secs(a.secs);
+    for slot in 0..u64::from(qd) {
+        issue(&mut io, slot).map_err(terr)?;
+    }
+    let (mut done, mut errors) = (0u64, 0u64);
+    let mut first_error = None;
+    let stall = Duration::from_secs(30);
+    let mut last = Instant::now();
+    while io.outstanding() > 0 {
+        let Some(c) = io.poll_one() else {
+            if last.elapsed() > stall {
+                return Err(CliError::new(format!(
+                    "no completion for {}s with {} commands outstanding: the target stopped answering",
+                    stall.as_secs(),
+                    io.outstanding()
+                )));
+            }
+            continue;
+        };
+        last = Instant::now();
+        done += 1;
+        let st = c.status();
+        if !st.is_success() {
+            errors += 1;
+            first_error.get_or_insert(format!("{st:?}"));
+        }
+        if last < end {
+            issue(&mut io, c.user).map_err(terr)?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Report::new(
+        format!("rdma:{dst}/{subnqn}"),
+        a,
+        secs,
+        done,
+        errors,
+        &io.histogram,
+    ))
+}
+
+/// A host identifier derived from the host NQN (stable across runs).
+fn hostid_of(hostnqn: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for (i, b) in hostnqn.bytes().enumerate() {
+        id[i % 16] = id[i % 16].wrapping_mul(31).wrapping_add(b);
+    }
+    id
+}
+
+fn run_local(bdf: &str, a: &Args) -> Result<Report, CliError> {
+    use nvme::vfio::NvmeDevice;
+    use nvme::{ControllerOptions, QueueOptions};
+    let nerr = |e: nvme::Error| CliError(e.to_string());
+    let dev = NvmeDevice::open(bdf, ControllerOptions::default()).map_err(nerr)?;
+    let ctrl = dev.controller();
+    let ns = ctrl
+        .info()
+        .namespaces
+        .iter()
+        .find(|n| n.nsid == a.nsid)
+        .cloned()
+        .ok_or_else(|| CliError::new(format!("{bdf} has no active namespace {}", a.nsid)))?;
+    let bs = a.io_size;
+    let lba = ns.block_size as usize;
+    if !bs.is_multiple_of(lba) {
+        return Err(CliError::new(format!(
+            "--io-size {bs} is not a multiple of the {lba}-byte block"
+        )));
+    }
+    let depth = a.qd.saturating_add(1).max(2);
+    let mut qp = ctrl
+        .create_io_queue_pair(QueueOptions {
+            depth,
+            sq_in_cmb: false,
+        })
+        .map_err(nerr)?;
+    let qd = a.qd.min(qp.depth() - 1);
+    let pool = ctrl.alloc_dma(usize::from(qd) * bs).map_err(nerr)?;
+    let slots: Vec<_> = pool.chunks(bs);
+    let nlb = (bs / lba) as u64;
+    let mut pattern = Pattern::new(ns.blocks, nlb, a)?;
+    let mut started_at = vec![Instant::now(); usize::from(qd)];
+    let mut hist = LatencyHistogram::new();
+    let nsid = a.nsid;
+    let issue = |qp: &mut nvme::IoQueuePair, pattern: &mut Pattern, slot: usize| {
+        let (slba, read) = pattern.next();
+        if read {
+            qp.read(nsid, slba, &slots[slot], slot as u64)
+        } else {
+            qp.write(nsid, slba, &slots[slot], slot as u64)
+        }
+    };
+    let started = Instant::now();
+    let end = started + Duration::from_secs(a.secs);
+    for (slot, t) in started_at.iter_mut().enumerate() {
+        *t = Instant::now();
+        issue(&mut qp, &mut pattern, slot).map_err(nerr)?;
+    }
+    let (mut done, mut errors, mut outstanding) = (0u64, 0u64, usize::from(qd));
+    let mut failure = None;
+    let mut first_error = None;
+    while outstanding > 0 {
+        let now = Instant::now();
+        let mut reissue = [0usize; 64];
+        let mut n = 0;
+        qp.poll(64, |c| {
+            let slot = c.tag as usize;
+            hist.record(now.saturating_duration_since(started_at[slot]));
+            done += 1;
+            outstanding -= 1;
+            if !c.is_ok() {
+                errors += 1;
+                first_error.get_or_insert(c.status);
+            }
+            reissue[n] = slot;
+            n += 1;
+        });
+        if now < end {
+            for &slot in &reissue[..n] {
+                started_at[slot] = Instant::now();
+                match issue(&mut qp, &mut pattern, slot) {
+                    Ok(_) => outstanding += 1,
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        if let Some(e) = failure.take() {
+            return Err(nerr(e));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Report::new(
+        format!("local:{bdf}/ns{nsid}"),
+        a,
+        secs,
+        done,
+        errors,
+        &hist,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_reject_nonsense() {
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("128K"), Ok(128 << 10));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("100").is_err());
+        assert!(parse_size("4x").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn patterns_stay_inside_the_namespace() {
+        let args = |w| Args {
+            traddr: None,
+            trsvcid: 4420,
+            subnqn: None,
+            hostnqn: DEFAULT_HOSTNQN.into(),
+            local: Some("x".into()),
+            nsid: 1,
+            qd: 1,
+            io_size: 4096,
+            workload: w,
+            rwmixread: 70,
+            secs: 1,
+            json: false,
+        };
+        for w in [Workload::Randread, Workload::Randrw, Workload::Write] {
+            let mut p = Pattern::new(1000, 8, &args(w)).unwrap();
+            let mut reads = 0;
+            for _ in 0..10_000 {
+                let (slba, read) = p.next();
+                assert!(slba + 8 <= 1000 && slba % 8 == 0, "{w:?} slba {slba}");
+                reads += usize::from(read);
+            }
+            match w {
+                Workload::Randread => assert_eq!(reads, 10_000),
+                Workload::Write => assert_eq!(reads, 0),
+                _ => assert!(
+                    (6000..8000).contains(&reads),
+                    "randrw 70% reads gave {reads}"
+                ),
+            }
+        }
+        assert!(Pattern::new(4, 8, &args(Workload::Randread)).is_err());
+    }
+}
