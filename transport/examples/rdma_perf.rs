@@ -96,6 +96,10 @@ fn run() -> transport::Result<()> {
     let ns = IdentifyNamespace::read_from_bytes(&raw[..]).expect("4096 bytes");
     let lba = ns.block_size() as usize;
     let blocks = ns.nsze.get();
+    if lba < 512 || bs % lba != 0 {
+        eprintln!("namespace 1 reports a {lba}-byte block; cannot run {bs}-byte I/O");
+        std::process::exit(1);
+    }
     eprintln!(
         "connected cntlid {cntlid}: model '{}' serial '{}' mdts {} ioccsz {} sgls {:#x}; ns1 {} x {} B",
         id.model(), id.serial(), id.mdts, id.ioccsz.get(), id.sgls.get(), blocks, lba

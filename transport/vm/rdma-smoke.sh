@@ -86,11 +86,18 @@ echo "== our userspace initiator against the kernel nvmet-rdma target"
 modprobe nvmet-rdma 2>/dev/null || true
 C=/sys/kernel/config/nvmet
 KNQN=nqn.2026-11.io.nvmf-p2p:kernel
-truncate -s 64M /tmp/kernel-ns.img
+# A RAM block device like our ram namespace (a file on the guest's /tmp reports 1-byte
+# blocks through nvmet's file backend).
+if modprobe null_blk nr_devices=1 memory_backed=1 gb=1 bs=512 2>/dev/null && [ -b /dev/nullb0 ]; then
+  KDEV=/dev/nullb0
+else
+  truncate -s 64M /tmp/kernel-ns.img
+  KDEV=$(losetup -f --show /tmp/kernel-ns.img)
+fi
+echo "kernel target namespace: $KDEV"
 mkdir -p "$C/subsystems/$KNQN/namespaces/1" "$C/ports/7"
 echo 1 > "$C/subsystems/$KNQN/attr_allow_any_host"
-echo -n /tmp/kernel-ns.img > "$C/subsystems/$KNQN/namespaces/1/device_path"
-echo 1 > "$C/subsystems/$KNQN/namespaces/1/buffered_io" 2>/dev/null || true
+echo -n "$KDEV" > "$C/subsystems/$KNQN/namespaces/1/device_path"
 echo 1 > "$C/subsystems/$KNQN/namespaces/1/enable"
 echo rdma > "$C/ports/7/addr_trtype"
 echo ipv4 > "$C/ports/7/addr_adrfam"

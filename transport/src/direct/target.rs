@@ -444,20 +444,21 @@ impl DirectService {
                 Level::Forwarded,
                 "P2P disabled by configuration".to_string(),
             )
-        } else if info.shadow_doorbells_in_use {
-            (
-                None,
-                Level::Forwarded,
-                "shadow doorbells in use: MMIO doorbell writes would be ignored".to_string(),
-            )
         } else {
             match self.p2p_doorbells(ns, sq_off, cq_off) {
+                Err(reason) => (None, Level::Forwarded, reason),
+                // The controller takes SQ tails from the shadow buffer when shadow
+                // doorbells are on, so a NIC writing the MMIO doorbell would be ignored.
+                Ok(_) if info.shadow_doorbells_in_use => (
+                    None,
+                    Level::Forwarded,
+                    "dma-buf MR ok, but shadow doorbells are in use".to_string(),
+                ),
                 Ok(mr) => (
                     Some(mr),
                     Level::P2p,
                     "dma-buf doorbell MR registered".into(),
                 ),
-                Err(reason) => (None, Level::Forwarded, reason),
             }
         };
         tracing::info!(subnqn, hostnqn, qid, depth, level = level.name(), %reason, "direct queue attached");
