@@ -96,7 +96,7 @@ fn run() -> transport::Result<()> {
     let ns = IdentifyNamespace::read_from_bytes(&raw[..]).expect("4096 bytes");
     let lba = ns.block_size() as usize;
     let blocks = ns.nsze.get();
-    if lba < 512 || bs % lba != 0 {
+    if lba < 512 || !bs.is_multiple_of(lba) {
         eprintln!("namespace 1 reports a {lba}-byte block; cannot run {bs}-byte I/O");
         std::process::exit(1);
     }
