@@ -476,3 +476,86 @@ fn userspace_initiator_perf_against_ours_and_the_kernel_target() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn perf_child(port: u16, nqn: &str, secs: u32) -> Child {
+    Command::new(BIN)
+        .args([
+            "perf",
+            "--traddr",
+            &env("NVMF_P2P_ADDR"),
+            "--trsvcid",
+            &port.to_string(),
+            "--subnqn",
+            nqn,
+            "-q",
+            "8",
+            "-w",
+            "randrw",
+            "-t",
+            &secs.to_string(),
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn perf")
+}
+
+#[test]
+fn two_initiators_at_once_and_abrupt_exits_leave_the_other_running() {
+    let nqn = "nqn.2026-11.io.nvmf-p2p:vm-two";
+    let serve = Serve::start("two", 4424, &subsystem(nqn, "ram:32MiB", None));
+    let host = hostnqn();
+    let c = connect(nqn, 4424, &host);
+    assert!(
+        c.status.success(),
+        "connect: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+    let dev = blockdev_of(nqn);
+
+    // 1. our initiator SIGKILLed mid-I/O while the kernel initiator verifies data
+    let mut killed = perf_child(4424, nqn, 30);
+    std::thread::sleep(Duration::from_secs(3));
+    killed.kill().unwrap();
+    let _ = killed.wait();
+    fio_verify(&dev, "4k", 8, "4M");
+
+    // 2. the kernel initiator force-disconnected mid-I/O while ours runs
+    let ours = perf_child(4424, nqn, 8);
+    let fio = Command::new("fio")
+        .args([
+            "--name=cut",
+            &format!("--filename={dev}"),
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=8",
+            "--ioengine=libaio",
+            "--direct=1",
+            "--time_based",
+            "--runtime=30",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fio");
+    std::thread::sleep(Duration::from_secs(3));
+    disconnect(nqn);
+    let mut fio = fio;
+    let _ = fio.wait();
+    let out = ours.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "perf beside the cut connection failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["ios"].as_u64().unwrap_or(0) > 0 && v["errors"] == 0,
+        "{v}"
+    );
+
+    // 3. the target still serves new connections and shuts down cleanly
+    perf(4424, nqn, "randread");
+    serve.stop();
+}
