@@ -546,7 +546,17 @@ impl DirectService {
             off,
             Access::LOCAL_WRITE | Access::REMOTE_WRITE,
         )
-        .map_err(|e| format!("ibv_reg_dmabuf_mr: {e}"))
+        .map_err(|e| {
+            // Short form first: the descriptor carries 63 bytes of it.
+            let name = match e.errno() {
+                Some(libc::EOPNOTSUPP) => "EOPNOTSUPP",
+                Some(libc::EINVAL) => "EINVAL",
+                Some(libc::ENOSYS) => "ENOSYS",
+                Some(libc::EFAULT) => "EFAULT",
+                _ => "error",
+            };
+            format!("ibv_reg_dmabuf_mr: {name}; {e}")
+        })
     }
 }
 

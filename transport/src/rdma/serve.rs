@@ -17,6 +17,9 @@ use crate::config::TargetConfig;
 use crate::error::Result;
 use crate::target::{PollGroup, Target};
 
+/// How often a busy group 0 looks for RDMA CM events.
+const CM_POLL_PERIOD: Duration = Duration::from_millis(1);
+
 /// Tuning of the serve loop.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
@@ -71,9 +74,20 @@ pub fn serve(
         }
         let mut next = 0usize;
         let mut last_work = Instant::now();
+        // CM events cost a syscall to look for: check at most every CM_POLL_PERIOD
+        // while busy (a sleeping group also wakes on the CM channel's fd).
+        let mut next_cm = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let mut work = 0;
-            while let Some(inc) = crate::wire::Transport::poll_incoming(&mut transport) {
+            let now = Instant::now();
+            let cm_due = now >= next_cm;
+            if cm_due {
+                next_cm = now + CM_POLL_PERIOD;
+            }
+            while let Some(inc) = cm_due
+                .then(|| crate::wire::Transport::poll_incoming(&mut transport))
+                .flatten()
+            {
                 work += 1;
                 let target_group = next % groups;
                 next += 1;
