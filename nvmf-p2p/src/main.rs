@@ -35,6 +35,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// I/O at a fixed queue depth against a target (or a local controller); IOPS and latency.
     Perf(cmd::perf::Args),
+    /// Direct mode host: attach a direct queue, then I/O by one-sided RDMA (or fill/check).
+    Direct(cmd::direct::Args),
     /// Counters of a running target, from its control socket.
     Stats(cmd::stats::StatsArgs),
     /// Control commands to a running target (e.g. `ctl reset-device`).
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Probe(a) => cmd::probe::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Perf(a) => cmd::perf::run(a),
+        Command::Direct(a) => cmd::direct::run(a),
         Command::Stats(a) => cmd::stats::run_stats(a),
         Command::Ctl(a) => cmd::stats::run_ctl(a),
     };

@@ -2,6 +2,7 @@
 //! the error is what the user sees, so it says what to do.
 
 pub mod bind;
+pub mod direct;
 pub mod perf;
 pub mod probe;
 pub mod serve;

@@ -42,6 +42,7 @@ pub fn run(a: Args) -> CliResult {
     };
     let target =
         Arc::new(Target::from_config(&cfg, Some(&open)).map_err(|e| CliError(e.to_string()))?);
+    let direct = super::direct::start_service(&cfg, &opener, &target)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -52,13 +53,19 @@ pub fn run(a: Args) -> CliResult {
     let handler: control::Handler = {
         let target = target.clone();
         let opener = opener.clone();
+        let direct = direct.clone();
         Arc::new(move |req| match req {
-            Request::Stats => Ok(stats(&target)),
+            Request::Stats => Ok(super::direct::with_report(
+                stats(&target),
+                direct.as_deref(),
+            )),
             Request::ResetDevice => {
                 let devs = opener.devices();
                 if devs.is_empty() {
                     return Err("no vfio: namespace in this target: nothing to reset".into());
                 }
+                // Direct queues go first (their hosts re-attach after the reset).
+                let _quiesced = super::direct::Quiesced::new(direct.as_deref());
                 let mut done = Vec::new();
                 for (bdf, dev) in devs {
                     dev.controller()
