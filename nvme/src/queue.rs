@@ -175,7 +175,9 @@ impl IoQueuePair {
                 depth as usize
             ]
             .into_boxed_slice(),
-            free: (0..depth).rev().collect(),
+            // depth - 1 command identifiers: one SQ entry always stays free
+            // (full = tail + 1 == head), so the free list alone is the backpressure.
+            free: (0..depth - 1).rev().collect(),
             in_flight: 0,
             lost: 0,
             prp: p.prp,
@@ -229,6 +231,7 @@ impl IoQueuePair {
             .map(|(_, s)| *s)
     }
 
+    #[inline]
     fn sync_generation(&mut self) {
         let g = self.shared.generation.load(Ordering::Acquire);
         if g == self.generation {
@@ -312,13 +315,6 @@ impl IoQueuePair {
                 depth: self.depth,
             });
         };
-        // Keep one SQ entry free (full = tail + 1 == head); free slots never exceed depth-1.
-        if self.in_flight + 1 >= self.depth {
-            return Err(Error::QueueFull {
-                qid: self.qid,
-                depth: self.depth,
-            });
-        }
         sqe.set_cid(cid);
         if let Some(buf) = data {
             self.build_prps(&mut sqe, cid, buf)?;
@@ -539,7 +535,8 @@ impl IoQueuePair {
             }
         };
         let nlb = len >> shift;
-        if len & ((1usize << shift) - 1) != 0 || nlb == 0 || nlb > 65536 {
+        // One compare for 1..=65536 blocks, one for a whole number of blocks.
+        if (nlb.wrapping_sub(1)) >= 65536 || (nlb << shift) != len {
             return Err(bad_length(len, shift, self.max_transfer));
         }
         Ok((nlb - 1) as u16)
