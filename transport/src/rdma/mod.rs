@@ -31,12 +31,13 @@ use nvme::spec::Cqe;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
 use rdma::{
     Access, CompletionChannel, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpInit,
-    RecvBatch, RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, Sge, WorkCompletion,
+    RecvBatch, RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, Sge, SharedReceiveQueue,
+    WorkCompletion,
 };
 use zerocopy::IntoBytes;
 
 pub use host::RdmaHost;
-pub use serve::{serve, ServeOptions};
+pub use serve::{serve, serve_with, ServeOptions};
 
 use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject};
@@ -61,6 +62,7 @@ pub struct RdmaTransport {
     pd: Arc<ProtectionDomain>,
     links: HashMap<usize, Arc<Link>>,
     cq_entries: u32,
+    srq_depth: u32,
 }
 
 impl RdmaTransport {
@@ -85,7 +87,14 @@ impl RdmaTransport {
             pd,
             links: HashMap::new(),
             cq_entries: 4096,
+            srq_depth: DEFAULT_SRQ_DEPTH,
         })
+    }
+
+    /// Receive buffers of the shared receive queue of each poll group created from now
+    /// on; 0 gives every queue pair its own receive queue (queue depth entries).
+    pub fn set_srq_depth(&mut self, depth: u32) {
+        self.srq_depth = depth.min(u32::from(SRQ_SLOT) - 1);
     }
 
     /// Addresses actually bound (ports resolved).
@@ -173,6 +182,9 @@ impl Transport for RdmaTransport {
             pool_mr: None,
             slots: Vec::new(),
             wcs: Box::new([WorkCompletion::default(); 32]),
+            srq_depth: self.srq_depth,
+            srq: None,
+            qpn_slot: HashMap::new(),
         })
     }
 }
@@ -181,6 +193,43 @@ const KIND_RECV: u64 = 1;
 const KIND_READ: u64 = 2;
 const KIND_WRITE: u64 = 3;
 const KIND_SEND: u64 = 4;
+/// Slot number marking receives posted to the poll group's SRQ (the QP is found by number).
+const SRQ_SLOT: u16 = u16::MAX;
+/// Default SRQ depth per poll group (SPDK uses 4096; the Linux target has SRQ off).
+pub const DEFAULT_SRQ_DEPTH: u32 = 1024;
+
+/// Registered receive buffers: a queue pair's own ring, or a poll group's SRQ ring.
+struct RecvRing {
+    buf: RegisteredBuffer,
+    stride: usize,
+    srq: Option<Arc<SharedReceiveQueue>>,
+}
+
+impl RecvRing {
+    fn sge(&self, idx: u16) -> Result<Sge> {
+        self.buf
+            .mr()
+            .sge(usize::from(idx) * self.stride, self.stride)
+            .map_err(rdma_err("recv sge"))
+    }
+
+    /// Posts receive `idx` (to the SRQ, or to `qp`'s own receive queue).
+    fn post(&self, id: u64, idx: u16, qp: Option<&rdma::QueuePair>) -> Result<()> {
+        let mut batch = RecvBatch::<1>::new();
+        batch
+            .recv(id, Some(self.sge(idx)?))
+            .map_err(rdma_err("recv"))?;
+        match (&self.srq, qp) {
+            (Some(srq), _) => srq.post_recv(&mut batch).map_err(rdma_err("post SRQ recv")),
+            (None, Some(qp)) => qp.post_recv(&mut batch).map_err(rdma_err("post recv")),
+            (None, None) => Ok(()),
+        }
+    }
+
+    fn srq_id(idx: u16) -> u64 {
+        wr_id(0, SRQ_SLOT, KIND_RECV, idx)
+    }
+}
 
 fn wr_id(gen: u16, slot: u16, kind: u64, tag: u16) -> u64 {
     (u64::from(gen) << 48) | (u64::from(slot) << 32) | (kind << 16) | u64::from(tag)
@@ -220,6 +269,9 @@ pub struct RdmaPollGroup {
     pool_mr: Option<Arc<MemoryRegion>>,
     slots: Vec<Option<Slot>>,
     wcs: Box<[WorkCompletion; 32]>,
+    srq_depth: u32,
+    srq: Option<Arc<RecvRing>>,
+    qpn_slot: HashMap<u32, u16>,
 }
 
 impl RdmaPollGroup {
@@ -238,6 +290,9 @@ impl RdmaPollGroup {
 
     fn dispatch(&mut self, wc: &WorkCompletion) {
         let (gen, slot, kind, tag) = decode(wc.wr_id());
+        if slot == SRQ_SLOT && kind == KIND_RECV {
+            return self.dispatch_srq_recv(wc, tag);
+        }
         let Some(Some(s)) = self.slots.get(usize::from(slot)) else {
             return;
         };
@@ -261,6 +316,55 @@ impl RdmaPollGroup {
             KIND_SEND => st.sq_used = st.sq_used.saturating_sub(1),
             _ => {}
         }
+    }
+}
+
+impl RdmaPollGroup {
+    /// A receive on the SRQ: hand it to the queue pair it arrived on, or give the buffer
+    /// straight back to the SRQ when that queue pair is gone.
+    fn dispatch_srq_recv(&mut self, wc: &WorkCompletion, idx: u16) {
+        let Some(ring) = self.srq.clone() else { return };
+        if !wc.is_ok() {
+            return; // flushed at SRQ destruction
+        }
+        let live = self
+            .qpn_slot
+            .get(&wc.qp_num())
+            .and_then(|&slot| self.slots.get(usize::from(slot)))
+            .and_then(Option::as_ref)
+            .filter(|s| Arc::strong_count(&s.state) > 1);
+        match live {
+            Some(s) => lock(&s.state).recvs.push_back((idx, wc.byte_len())),
+            None => {
+                if let Err(e) = ring.post(RecvRing::srq_id(idx), idx, None) {
+                    tracing::warn!(error = %e, "SRQ repost");
+                }
+            }
+        }
+    }
+
+    fn srq_ring(&mut self, stride: usize) -> Result<Option<Arc<RecvRing>>> {
+        if self.srq_depth == 0 {
+            return Ok(None);
+        }
+        if let Some(r) = &self.srq {
+            return Ok(Some(r.clone()));
+        }
+        let depth = self.srq_depth;
+        let srq = SharedReceiveQueue::new(&self.pd, depth, 1).map_err(rdma_err("create SRQ"))?;
+        let buf = RegisteredBuffer::new(&self.pd, stride * depth as usize, Access::LOCAL_WRITE)
+            .map_err(rdma_err("SRQ ring"))?;
+        let ring = Arc::new(RecvRing {
+            buf,
+            stride,
+            srq: Some(srq),
+        });
+        for idx in 0..depth as u16 {
+            ring.post(RecvRing::srq_id(idx), idx, None)?;
+        }
+        tracing::info!(depth, "shared receive queue");
+        self.srq = Some(ring.clone());
+        Ok(Some(ring))
     }
 }
 
@@ -290,9 +394,20 @@ impl WirePollGroup for RdmaPollGroup {
             reason: "buffer pool not registered".into(),
         })?;
         let stride = 64 + icd_size as usize;
-        let recv_buf =
-            RegisteredBuffer::new(&self.pd, stride * usize::from(entries), Access::LOCAL_WRITE)
-                .map_err(rdma_err("receive ring"))?;
+        let shared = self.srq_ring(stride)?;
+        let ring = match &shared {
+            Some(r) => r.clone(),
+            None => Arc::new(RecvRing {
+                buf: RegisteredBuffer::new(
+                    &self.pd,
+                    stride * usize::from(entries),
+                    Access::LOCAL_WRITE,
+                )
+                .map_err(rdma_err("receive ring"))?,
+                stride,
+                srq: None,
+            }),
+        };
         // Reuse the slot of a queue pair that is gone (only the group holds its state).
         let slot = match self
             .slots
@@ -316,7 +431,7 @@ impl WirePollGroup for RdmaPollGroup {
         let init = QpInit {
             send_cq: self.cq.clone(),
             recv_cq: self.cq.clone(),
-            srq: None,
+            srq: shared.as_ref().and_then(|r| r.srq.clone()),
             max_send_wr: sq_max,
             max_recv_wr: u32::from(entries),
             max_send_sge: 1,
@@ -338,10 +453,10 @@ impl WirePollGroup for RdmaPollGroup {
             gen,
             state: state.clone(),
         });
+        self.qpn_slot.insert(conn.qp().qp_num(), slot16);
         let qp = RdmaQpair {
             conn,
-            recv_buf,
-            stride,
+            ring,
             state,
             link: incoming.link,
             pool,
@@ -349,17 +464,10 @@ impl WirePollGroup for RdmaPollGroup {
             slot: slot16,
             sq_max,
         };
-        for start in (0..entries).step_by(32) {
-            let mut batch = RecvBatch::<32>::new();
-            for idx in start..(start + 32).min(entries) {
-                batch
-                    .recv(qp.recv_id(idx), Some(qp.recv_sge(idx)?))
-                    .map_err(rdma_err("recv"))?;
+        if qp.ring.srq.is_none() {
+            for idx in 0..entries {
+                qp.ring.post(qp.recv_id(idx), idx, Some(qp.conn.qp()))?;
             }
-            qp.conn
-                .qp()
-                .post_recv(&mut batch)
-                .map_err(rdma_err("post recv"))?;
         }
         Ok(qp)
     }
@@ -385,8 +493,7 @@ impl WirePollGroup for RdmaPollGroup {
 /// Field order is drop order: the connection (QP, then CM id) before the receive ring.
 pub struct RdmaQpair {
     conn: Connection,
-    recv_buf: RegisteredBuffer,
-    stride: usize,
+    ring: Arc<RecvRing>,
     state: Arc<Mutex<QpState>>,
     link: Arc<Link>,
     pool: Arc<MemoryRegion>,
@@ -397,33 +504,15 @@ pub struct RdmaQpair {
 
 impl RdmaQpair {
     fn recv_id(&self, idx: u16) -> u64 {
-        wr_id(self.gen, self.slot, KIND_RECV, idx)
-    }
-
-    fn recv_sge(&self, idx: u16) -> Result<Sge> {
-        self.recv_buf
-            .mr()
-            .sge(usize::from(idx) * self.stride, self.stride)
-            .map_err(rdma_err("recv sge"))
+        if self.ring.srq.is_some() {
+            RecvRing::srq_id(idx)
+        } else {
+            wr_id(self.gen, self.slot, KIND_RECV, idx)
+        }
     }
 
     fn repost(&self, idx: u16) {
-        let mut batch = RecvBatch::<1>::new();
-        let posted = self
-            .recv_sge(idx)
-            .and_then(|sge| {
-                batch
-                    .recv(self.recv_id(idx), Some(sge))
-                    .map(|_| ())
-                    .map_err(rdma_err("recv"))
-            })
-            .and_then(|_| {
-                self.conn
-                    .qp()
-                    .post_recv(&mut batch)
-                    .map_err(rdma_err("post recv"))
-            });
-        if let Err(e) = posted {
+        if let Err(e) = self.ring.post(self.recv_id(idx), idx, Some(self.conn.qp())) {
             tracing::debug!(error = %e, "repost recv");
             lock(&self.state).error = true;
         }
@@ -477,18 +566,20 @@ impl RdmaQpair {
 impl Qpair for RdmaQpair {
     fn poll_capsule(&mut self, cmd: &mut [u8; 64], icd: &mut [u8]) -> Option<Received> {
         let (idx, len) = lock(&self.state).recvs.pop_front()?;
-        let off = usize::from(idx) * self.stride;
+        let off = usize::from(idx) * self.ring.stride;
         let len = len as usize;
         if len < 64 {
             tracing::warn!(len, "short command capsule: disconnecting");
+            self.repost(idx);
             lock(&self.state).error = true;
             return None;
         }
         let n = (len - 64).min(icd.len());
         let copied = self
-            .recv_buf
+            .ring
+            .buf
             .read(off, cmd)
-            .and_then(|_| self.recv_buf.read(off + 64, &mut icd[..n]));
+            .and_then(|_| self.ring.buf.read(off + 64, &mut icd[..n]));
         self.repost(idx);
         match copied {
             Ok(()) => Some(Received { icd_len: len - 64 }),
@@ -544,6 +635,20 @@ impl Qpair for RdmaQpair {
         self.link.connected.store(false, Ordering::Release);
         if let Err(e) = self.conn.disconnect() {
             tracing::debug!(error = %e, "rdma_disconnect");
+        }
+    }
+}
+
+impl Drop for RdmaQpair {
+    fn drop(&mut self) {
+        // Receives taken from the shared queue but never consumed go back to it.
+        if self.ring.srq.is_some() {
+            let pending: Vec<u16> = lock(&self.state).recvs.drain(..).map(|(i, _)| i).collect();
+            for idx in pending {
+                if let Err(e) = self.ring.post(RecvRing::srq_id(idx), idx, None) {
+                    tracing::warn!(error = %e, "SRQ repost at teardown");
+                }
+            }
         }
     }
 }

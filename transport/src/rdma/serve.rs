@@ -49,6 +49,19 @@ pub fn serve(
     stop: &AtomicBool,
     opts: ServeOptions,
 ) -> Result<()> {
+    serve_with(target, cfg, stop, opts, || {})
+}
+
+/// [`serve`], calling `on_ready` once every listener is bound and the poll groups exist —
+/// the moment a host can connect (the binary opens its control socket then, so tools
+/// that wait for the socket never race the listener).
+pub fn serve_with(
+    target: &Target,
+    cfg: &TargetConfig,
+    stop: &AtomicBool,
+    opts: ServeOptions,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
     let addrs: Vec<SocketAddr> = cfg
         .listeners
         .iter()
@@ -61,6 +74,7 @@ pub fn serve(
         others.push(target.create_poll_group(&mut transport)?);
     }
     let mut group0 = target.create_poll_group(&mut transport)?;
+    on_ready();
     std::thread::scope(|s| {
         let mut senders: Vec<Sender<RdmaIncoming>> = Vec::new();
         for (i, group) in others.into_iter().enumerate() {
