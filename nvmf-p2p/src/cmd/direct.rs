@@ -312,6 +312,11 @@ pub fn run(a: Args) -> CliResult {
                 }
             }
         });
+        if let Ok(0) = polled {
+            // Nothing yet: let soft-RoCE, the target and the device emulation have the CPU
+            // (on a 2-vCPU guest, a spinning initiator starves them).
+            std::thread::yield_now();
+        }
         if let Err(e) = polled {
             // The queue is gone (device reset, disconnect): re-attach and resubmit every
             // command not acknowledged.

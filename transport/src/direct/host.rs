@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme::spec::{reg, Cqe, Sqe, Status};
-use rdma::cm::{Connection, Connector};
+use rdma::cm::{CmEventKind, Connection, Connector};
 use rdma::{
     Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, RemoteAddr,
     SendBatch, SendFlags, Sge, WorkCompletion,
@@ -270,6 +270,7 @@ pub struct DirectQueue {
     recv_slots: u32,
     wcs: Box<[WorkCompletion; 32]>,
     scratch: Box<[u8]>,
+    last_cm_check: Instant,
     /// RDMA operation counters.
     pub ops: OpCounts,
 }
@@ -341,6 +342,7 @@ impl DirectQueue {
             recv_slots,
             wcs: Box::new([WorkCompletion::default(); 32]),
             scratch: vec![0u8; stride].into_boxed_slice(),
+            last_cm_check: now,
             ops: OpCounts::default(),
         };
         for i in 0..recv_slots {
@@ -516,6 +518,10 @@ impl DirectQueue {
             .cq
             .poll(&mut self.wcs[..])
             .map_err(rdma_err("poll CQ"))?;
+        if n == 0 {
+            self.check_connection()?;
+            return Ok(0);
+        }
         let mut done = 0;
         for i in 0..n {
             let wc = self.wcs[i];
@@ -549,6 +555,33 @@ impl DirectQueue {
             }
         }
         Ok(done)
+    }
+
+    /// While idle, looks (at most every millisecond) for the CM event that says the target
+    /// dropped the connection: commands in flight then never complete (the target
+    /// dropped the queue, e.g. for a device reset), and no work request would fail.
+    fn check_connection(&mut self) -> Result<()> {
+        let now = Instant::now();
+        if now.duration_since(self.last_cm_check) < Duration::from_millis(1) {
+            return Ok(());
+        }
+        self.last_cm_check = now;
+        let Some(ch) = self.conn.channel() else {
+            return Ok(());
+        };
+        match ch.try_event() {
+            Ok(Some(ev)) => match ev.kind {
+                CmEventKind::Disconnected
+                | CmEventKind::DeviceRemoval
+                | CmEventKind::ConnectError
+                | CmEventKind::Unreachable => {
+                    Err(lost(format!("direct queue lost: {}", ev.name())))
+                }
+                _ => Ok(()),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(rdma_err("CM event")(e)),
+        }
     }
 
     fn post_read(&mut self, cid: u16) -> Result<()> {
