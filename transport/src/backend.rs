@@ -10,6 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use nvme::spec::Status;
+use nvme::DmaBuffer;
+
 use crate::config::BackendSpec;
 use crate::error::{Error, Result};
 
@@ -18,6 +21,12 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 512;
 
 /// Block storage behind one namespace. Methods take `&self`: a backend is shared by every
 /// poll group and must do its own synchronisation.
+///
+/// Every backend has the synchronous methods. One that drives a DMA-capable device can
+/// also offer an asynchronous, zero-copy path: [`Backend::dma_domain`] names its address
+/// space, [`Backend::alloc_dma`] gives a poll group its buffer pool memory in that space
+/// (the same buffer is then the RDMA target and the device's DMA source/destination), and
+/// [`Backend::open_channel`] gives each poll group its own [`IoChannel`].
 pub trait Backend: Send + Sync {
     /// Human-readable description (`ram:64MiB`, `file:/x`).
     fn describe(&self) -> String;
@@ -41,6 +50,85 @@ pub trait Backend: Send + Sync {
     fn volatile_write_cache(&self) -> bool {
         false
     }
+    /// The DMA address space of an asynchronous backend (e.g. its device's IOMMU
+    /// container): memory from [`Backend::alloc_dma`] of any backend with the same domain
+    /// can be given to this backend's channels. `None`: synchronous only.
+    fn dma_domain(&self) -> Option<usize> {
+        None
+    }
+    /// Allocates `len` bytes (page aligned) that the backend's device can DMA to and
+    /// from: a poll group's buffer pool.
+    fn alloc_dma(&self, _len: usize) -> Result<DmaBuffer> {
+        Err(Error::BackendUnavailable {
+            kind: "dma",
+            reason: "this backend has no DMA memory",
+        })
+    }
+    /// Opens an asynchronous channel owned by one poll group (its thread), or `None` when
+    /// this backend only has the synchronous path.
+    fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
+        Ok(None)
+    }
+}
+
+/// A command for [`IoChannel::submit`]. Data buffers lie in memory of the channel's DMA
+/// domain and are exactly `nlb` blocks long; the caller leaves them alone until the
+/// command's completion comes back from [`IoChannel::poll`].
+#[derive(Clone, Copy, Debug)]
+pub enum AsyncOp<'a> {
+    /// Read `nlb` blocks at `slba` into `buf`.
+    Read {
+        /// Starting block.
+        slba: u64,
+        /// Blocks (1-based).
+        nlb: u32,
+        /// Destination.
+        buf: &'a DmaBuffer,
+    },
+    /// Write `buf` (`nlb` blocks) at `slba`.
+    Write {
+        /// Starting block.
+        slba: u64,
+        /// Blocks (1-based).
+        nlb: u32,
+        /// Source.
+        buf: &'a DmaBuffer,
+    },
+    /// Make completed writes durable.
+    Flush,
+    /// Zero `nlb` blocks at `slba`.
+    WriteZeroes {
+        /// Starting block.
+        slba: u64,
+        /// Blocks (1-based, ≤ 65536).
+        nlb: u32,
+    },
+}
+
+/// Why [`IoChannel::submit`] did not start a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// No room right now (queue full): nothing was started; retry after completions.
+    Busy,
+    /// The command cannot be started; complete it with this status.
+    Failed(Status),
+}
+
+/// One poll group's asynchronous path to a backend — for an NVMe controller, an I/O queue
+/// pair owned by the group's thread. No locks and no heap allocation per command.
+pub trait IoChannel: Send {
+    /// Starts `op`; its completion comes back from [`IoChannel::poll`] with `tag`.
+    fn submit(&mut self, tag: u64, op: AsyncOp<'_>) -> std::result::Result<(), SubmitError>;
+    /// Hands commands started since the last call to the device (one doorbell for a
+    /// batch). The poll group calls it after every pass over its queues.
+    fn flush(&mut self) {}
+    /// Reaps up to `max` completions, calling `done(tag, status)` for each; returns how
+    /// many.
+    fn poll(&mut self, max: usize, done: &mut dyn FnMut(u64, Status)) -> usize;
+    /// Commands started and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Largest Read/Write one command may carry, in bytes.
+    fn max_transfer(&self) -> usize;
 }
 
 /// Checks that `nlb` blocks at `slba` fit in `backend` and that a buffer has the right size.

@@ -8,6 +8,8 @@
 //!   in process for tests.
 //! - [`target`]: the target core (subsystems, controllers, request state machine).
 //! - [`backend`]: namespace storage (`ram`, `file`; `vfio` through an opener).
+//! - [`nvme_backend`]: a namespace of an `nvme`-crate controller (the `vfio` backend), with
+//!   the asynchronous zero-copy path.
 //! - [`config`]: the `serve --config target.toml` model.
 //! - [`rdma`]: the NVMe-oF RDMA binding of [`wire`] over the `rdma` crate, and `serve`.
 
@@ -18,6 +20,7 @@ pub mod error;
 pub mod fabrics;
 pub mod initiator;
 pub mod loopback;
+pub mod nvme_backend;
 pub mod pool;
 pub mod rdma;
 pub mod target;

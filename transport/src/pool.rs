@@ -6,9 +6,15 @@
 //! keeps a raw pointer and hands out a slice only for a buffer its caller owns (a
 //! [`BufIdx`] from [`BufferPool::alloc`]), and the core only slices a buffer while no
 //! transfer on it is in flight (the request state machine guarantees it).
+//!
+//! With an asynchronous backend the pool is carved from that backend's DMA memory
+//! ([`BufferPool::from_dma`]): each buffer is then also an NVMe PRP source/destination
+//! ([`BufferPool::dma`]), so data moves NIC ↔ buffer ↔ device without a copy.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+
+use nvme::DmaBuffer;
 
 /// Alignment of the pool and of each buffer (buffers are multiples of it).
 pub const POOL_ALIGN: usize = 4096;
@@ -17,15 +23,19 @@ pub const POOL_ALIGN: usize = 4096;
 /// list: no heap traffic per I/O.
 pub struct BufferPool {
     base: NonNull<u8>,
-    layout: Layout,
+    len: usize,
+    /// `Some`: the pool allocated its memory itself (freed on drop).
+    layout: Option<Layout>,
+    /// `Some`: the memory is this DMA buffer's (device-visible; kept alive by it).
+    dma: Option<DmaBuffer>,
     chunk: usize,
     count: usize,
     free: Vec<u32>,
     owned: Vec<bool>,
 }
 
-// SAFETY: the pool exclusively owns its allocation; moving it between threads moves that
-// ownership (no thread-local state).
+// SAFETY: the pool exclusively owns its allocation (or, for a DMA pool, a `DmaBuffer`,
+// which is Send); moving it between threads moves that ownership (no thread-local state).
 unsafe impl Send for BufferPool {}
 
 /// Index of a buffer in its pool.
@@ -43,12 +53,54 @@ impl BufferPool {
         let base = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         BufferPool {
             base,
-            layout,
+            len,
+            layout: Some(layout),
+            dma: None,
             chunk,
             count: count as usize,
             free: (0..count).rev().collect(),
             owned: vec![false; count as usize],
         }
+    }
+
+    /// `count` buffers of `chunk` bytes each (`chunk` rounded up to [`POOL_ALIGN`]) carved
+    /// from `mem`, device DMA memory; `None` when `mem` is too small or misaligned.
+    pub fn from_dma(count: u32, chunk: usize, mem: DmaBuffer) -> Option<Self> {
+        let chunk = chunk.max(1).next_multiple_of(POOL_ALIGN);
+        let len = count as usize * chunk;
+        let base = NonNull::new(mem.as_ptr())?;
+        if mem.len() < len.max(POOL_ALIGN)
+            || !(base.as_ptr() as usize).is_multiple_of(POOL_ALIGN)
+            || !mem.iova().is_multiple_of(POOL_ALIGN as u64)
+        {
+            return None;
+        }
+        Some(BufferPool {
+            base,
+            len: mem.len(),
+            layout: None,
+            dma: Some(mem),
+            chunk,
+            count: count as usize,
+            free: (0..count).rev().collect(),
+            owned: vec![false; count as usize],
+        })
+    }
+
+    /// Whether buffers are device DMA memory ([`BufferPool::from_dma`]).
+    pub fn is_dma(&self) -> bool {
+        self.dma.is_some()
+    }
+
+    /// The first `len` bytes of buffer `idx` as the device sees them (its IOVA), for a
+    /// DMA pool. Clones a reference to the mapping: no heap allocation.
+    pub fn dma(&self, idx: BufIdx, len: usize) -> Option<DmaBuffer> {
+        let mem = self.dma.as_ref()?;
+        let i = idx.0 as usize;
+        if i >= self.count || !self.owned[i] || len > self.chunk {
+            return None;
+        }
+        mem.slice(i * self.chunk, len).ok()
     }
 
     /// Size of one buffer.
@@ -112,14 +164,17 @@ impl BufferPool {
 
     /// Base address and length of the whole pool, to register it with a wire (an MR).
     pub fn region(&self) -> (*mut u8, usize) {
-        (self.base.as_ptr(), self.layout.size())
+        (self.base.as_ptr(), self.len)
     }
 }
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { dealloc(self.base.as_ptr(), self.layout) }
+        if let Some(layout) = self.layout {
+            // SAFETY: allocated in `new` with this layout, freed once.
+            unsafe { dealloc(self.base.as_ptr(), layout) }
+        }
+        // A DMA pool's memory goes with `self.dma`, when its last handle drops.
     }
 }
 

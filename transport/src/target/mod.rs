@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::fabrics::{validate_cm_request, CmLimits, CmReject, DISCOVERY_NQN};
 use crate::pool::BufferPool;
 use crate::wire::{Incoming, Transport, WirePollGroup};
-use queue::QueueHandler;
+use queue::{backend_id, Channel, QueueHandler};
 use zerocopy::byteorder::little_endian::U16;
 
 /// A namespace of a subsystem.
@@ -304,12 +304,20 @@ impl Target {
     }
 
     /// Creates a poll group on `transport` with a buffer pool sized from the configuration.
+    ///
+    /// When a namespace backend has an asynchronous path ([`Backend::dma_domain`]), the
+    /// pool is carved from that backend's DMA memory and the group opens a channel to
+    /// every backend of the same domain: their Read/Write data then moves NIC ↔ pool
+    /// buffer ↔ device with no copy and many commands in flight. Other backends (and any
+    /// failure to set this up, logged) use the synchronous path.
     pub fn create_poll_group<T: Transport>(&self, transport: &mut T) -> Result<PollGroup<T>> {
         let mut wire = transport.create_poll_group()?;
-        let pool = BufferPool::new(
+        let (count, chunk) = (
             self.shared.data_buffers,
             self.shared.limits.max_io_size as usize,
         );
+        let (pool, channels) = self.async_pool(count, chunk);
+        let pool = pool.unwrap_or_else(|| BufferPool::new(count, chunk));
         let (base, len) = pool.region();
         // SAFETY: the pool is owned by the PollGroup next to `wire` and declared after
         // it, so it outlives the registration; the core slices a buffer only while no
@@ -318,19 +326,79 @@ impl Target {
         Ok(PollGroup {
             target: self.clone(),
             queues: Vec::new(),
+            next_key: 0,
+            channels,
             wire,
             pool,
         })
+    }
+
+    /// A DMA buffer pool and the channels of the backends that can use it, if any
+    /// namespace has an asynchronous backend.
+    fn async_pool(&self, count: u32, chunk: usize) -> (Option<BufferPool>, Vec<Channel>) {
+        let backends: Vec<&Arc<dyn Backend>> = self
+            .subsystems()
+            .iter()
+            .flat_map(|s| s.namespaces().iter().map(|n| &n.backend))
+            .collect();
+        let Some((domain, provider)) = backends
+            .iter()
+            .find_map(|b| b.dma_domain().map(|d| (d, *b)))
+        else {
+            return (None, Vec::new());
+        };
+        let chunk = chunk.max(1).next_multiple_of(crate::pool::POOL_ALIGN);
+        let pool = provider
+            .alloc_dma(count as usize * chunk)
+            .map_err(|e| e.to_string())
+            .and_then(|mem| {
+                BufferPool::from_dma(count, chunk, mem)
+                    .ok_or_else(|| "DMA memory too small or misaligned".to_string())
+            });
+        let pool = match pool {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(backend = %provider.describe(), error = %e,
+                    "no DMA buffer pool: I/O takes the synchronous path");
+                return (None, Vec::new());
+            }
+        };
+        let mut channels: Vec<Channel> = Vec::new();
+        for b in backends {
+            let id = backend_id(b);
+            if b.dma_domain() != Some(domain) || channels.iter().any(|c| c.backend == id) {
+                continue;
+            }
+            match b.open_channel() {
+                Ok(Some(chan)) => channels.push(Channel {
+                    backend: id,
+                    max_transfer: chan.max_transfer(),
+                    chan,
+                }),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(backend = %b.describe(), error = %e,
+                    "no asynchronous channel: this namespace takes the synchronous path"),
+            }
+        }
+        tracing::debug!(
+            channels = channels.len(),
+            backend = %provider.describe(),
+            "buffer pool in DMA memory"
+        );
+        (Some(pool), channels)
     }
 }
 
 /// A poll group: the queues one core drives, with their wire state and buffer pool.
 ///
-/// Field order is drop order: queues (QPs) first, then the wire (CQ, MR), then the pool
-/// the MR covers.
+/// Field order is drop order: queues (QPs) first, then the backend channels (a dropped
+/// NVMe queue pair is deleted on the device, ending its DMA), then the wire (CQ, MR), then
+/// the pool the MR covers.
 pub struct PollGroup<T: Transport> {
     target: Target,
     queues: Vec<QueueHandler<T::Qpair>>,
+    next_key: u32,
+    channels: Vec<Channel>,
     wire: T::PollGroup,
     pool: BufferPool,
 }
@@ -350,11 +418,14 @@ impl<T: Transport> PollGroup<T> {
                 let qp = self
                     .wire
                     .accept(incoming, &accept, entries, lim.in_capsule_data_size)?;
+                let key = self.next_key;
+                self.next_key = self.next_key.wrapping_add(1);
                 self.queues.push(QueueHandler::new(
                     qp,
                     req.qid.get(),
                     entries,
                     self.target.shared.clone(),
+                    key,
                 ));
                 Ok(())
             }
@@ -385,8 +456,21 @@ impl<T: Transport> PollGroup<T> {
     /// (0 = idle, a caller may then sleep on the wire's completion channel).
     pub fn poll_at(&mut self, now: Instant) -> usize {
         let mut work = self.wire.poll();
+        let queues = &mut self.queues;
+        for ch in &mut self.channels {
+            work += ch.chan.poll(usize::MAX, &mut |tag, status| {
+                let key = (tag >> 16) as u32;
+                match queues.iter_mut().find(|q| q.key() == key) {
+                    Some(q) => q.backend_done(tag as u16, status),
+                    None => tracing::warn!(tag, "backend completion for a queue that is gone"),
+                }
+            });
+        }
         for q in &mut self.queues {
-            work += q.poll(&mut self.pool, now);
+            work += q.poll(&mut self.pool, &mut self.channels, now);
+        }
+        for ch in &mut self.channels {
+            ch.chan.flush();
         }
         let before = self.queues.len();
         self.queues.retain(|q| !q.is_closed());
@@ -411,6 +495,21 @@ impl<T: Transport> PollGroup<T> {
     /// Data buffers currently free in the pool.
     pub fn free_buffers(&self) -> usize {
         self.pool.available()
+    }
+
+    /// Whether the buffer pool is device DMA memory (zero-copy asynchronous path).
+    pub fn dma_pool(&self) -> bool {
+        self.pool.is_dma()
+    }
+
+    /// Asynchronous backend channels of this group.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Commands in this group's asynchronous backend channels right now.
+    pub fn backend_in_flight(&self) -> usize {
+        self.channels.iter().map(|c| c.chan.in_flight()).sum()
     }
 
     /// The wire side of this group.

@@ -9,8 +9,15 @@
 //!                                      AER: AWAIT_EVENT ─────→ COMPLETING (send CQE) → FREE
 //! ```
 //!
-//! A request waits in NEED_BUFFER while the pool is empty, and in NEED_BUFFER /
-//! TRANSFER_OUT / COMPLETING while the wire is busy: commands are never dropped.
+//! I/O commands on a namespace with an asynchronous channel in this poll group leave
+//! EXECUTING for BACKEND (submitted to the device, the pool buffer handed to it) and come
+//! back, when the group routes the channel's completion here, to TRANSFER_OUT (reads) or
+//! COMPLETING.
+//!
+//! A request waits in NEED_BUFFER while the pool is empty, in EXECUTING while the backend
+//! channel is full, and in NEED_BUFFER / TRANSFER_OUT / COMPLETING while the wire is busy:
+//! commands are never dropped. Teardown waits for requests in TRANSFER_IN/OUT and BACKEND
+//! before it frees their buffers (the NIC or the device may still access them).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +28,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::controller::Controller;
 use super::{admin, io, TargetShared};
+use crate::backend::{AsyncOp, Backend, IoChannel, SubmitError};
 use crate::fabrics::{
     DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET, OPC_FABRICS,
 };
@@ -40,6 +48,8 @@ pub enum ReqState {
     TransferIn,
     /// Ready to execute.
     Executing,
+    /// Submitted to an asynchronous backend; waiting for its completion.
+    Backend,
     /// An Asynchronous Event Request held until an event occurs.
     AwaitEvent,
     /// Result data to send: RDMA WRITE posted (`posted`) or waiting for the wire.
@@ -135,6 +145,10 @@ pub struct QueueStats {
     pub buffer_waits: u64,
     /// Times the wire was busy (send credits / WR slots).
     pub wire_busy: u64,
+    /// Commands submitted to an asynchronous backend channel.
+    pub backend_commands: u64,
+    /// Times the backend channel was full (the command waited).
+    pub backend_busy: u64,
     /// Requests in use right now.
     pub in_flight: u16,
 }
@@ -159,9 +173,25 @@ enum Phase {
     Closed,
 }
 
+/// A poll group's asynchronous channel to one backend.
+pub(crate) struct Channel {
+    /// Identity of the backend ([`backend_id`]).
+    pub backend: usize,
+    pub chan: Box<dyn IoChannel>,
+    /// Largest Read/Write the channel takes.
+    pub max_transfer: usize,
+}
+
+/// Identity of a backend object (its `Arc`'s data pointer).
+pub(crate) fn backend_id(b: &Arc<dyn Backend>) -> usize {
+    Arc::as_ptr(b) as *const () as usize
+}
+
 /// A queue on the wire plus its preallocated requests.
 pub(crate) struct QueueHandler<Q: Qpair> {
     qp: Q,
+    /// Key of this queue in its poll group (the high bits of backend channel tags).
+    key: u32,
     reqs: Box<[Request]>,
     free: Vec<u16>,
     ctx: QueueCtx,
@@ -172,7 +202,7 @@ pub(crate) struct QueueHandler<Q: Qpair> {
 const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
 
 impl<Q: Qpair> QueueHandler<Q> {
-    pub fn new(qp: Q, qid: u16, entries: u16, shared: Arc<TargetShared>) -> Self {
+    pub fn new(qp: Q, qid: u16, entries: u16, shared: Arc<TargetShared>, key: u32) -> Self {
         let icd = shared.limits.in_capsule_data_size as usize;
         let reqs = (0..entries)
             .map(|_| Request {
@@ -189,6 +219,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             .collect();
         QueueHandler {
             qp,
+            key,
             reqs,
             free: (0..entries).rev().collect(),
             ctx: QueueCtx {
@@ -212,6 +243,59 @@ impl<Q: Qpair> QueueHandler<Q> {
         self.phase == Phase::Closed
     }
 
+    /// This queue's key in its poll group.
+    pub fn key(&self) -> u32 {
+        self.key
+    }
+
+    /// A backend channel finished request `tag` with `status`.
+    pub fn backend_done(&mut self, tag: u16, status: Status) {
+        let Some(req) = self.reqs.get_mut(usize::from(tag)) else {
+            return;
+        };
+        if req.state != ReqState::Backend {
+            tracing::warn!(tag, state = ?req.state, "backend completion for a request not in the backend");
+            return;
+        }
+        if !status.is_success() {
+            // The device's status goes to the host as is (DNR and all: an abort by a
+            // controller reset stays retryable).
+            req.out = Outcome {
+                status,
+                loc: loc::CDW10,
+                ..Outcome::ok()
+            };
+            req.state = ReqState::Completing;
+            return;
+        }
+        let len = match req.data {
+            Data::Pool { len, .. } => len,
+            _ => 0,
+        };
+        let read = req.cmd.opcode() == io_opc::READ;
+        if let Some(ctrl) = &self.ctx.ctrl {
+            let s = &ctrl.stats;
+            match req.cmd.opcode() {
+                io_opc::READ => {
+                    s.read_commands.fetch_add(1, Ordering::Relaxed);
+                    s.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                io_opc::WRITE => {
+                    s.write_commands.fetch_add(1, Ordering::Relaxed);
+                    s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        if read && len > 0 {
+            req.out = Outcome::data(len);
+            req.state = ReqState::TransferOut;
+        } else {
+            req.out = Outcome::ok();
+            req.state = ReqState::Completing;
+        }
+    }
+
     pub fn stats(&self) -> QueueStats {
         let mut s = self.ctx.stats;
         s.cntlid = self.ctx.ctrl.as_ref().map_or(0, |c| c.cntlid());
@@ -227,8 +311,9 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
     }
 
-    /// Drives the queue once; returns the work done.
-    pub fn poll(&mut self, pool: &mut BufferPool, now: Instant) -> usize {
+    /// Drives the queue once; returns the work done. `chans` are the poll group's
+    /// asynchronous backend channels.
+    pub fn poll(&mut self, pool: &mut BufferPool, chans: &mut [Channel], now: Instant) -> usize {
         match self.phase {
             Phase::Closed => return 0,
             Phase::Draining => return self.drain(pool),
@@ -279,7 +364,7 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
         if self.free.len() < self.reqs.len() {
             for tag in 0..self.reqs.len() {
-                work += self.advance(tag, pool, now);
+                work += self.advance(tag, pool, chans, now);
             }
         }
         work
@@ -303,13 +388,19 @@ impl<Q: Qpair> QueueHandler<Q> {
     }
 
     /// Moves request `tag` forward as far as it can go now.
-    fn advance(&mut self, tag: usize, pool: &mut BufferPool, now: Instant) -> usize {
+    fn advance(
+        &mut self,
+        tag: usize,
+        pool: &mut BufferPool,
+        chans: &mut [Channel],
+        now: Instant,
+    ) -> usize {
         let mut steps = 0;
         loop {
             let req = &mut self.reqs[tag];
             let before = (req.state, req.posted);
             match req.state {
-                ReqState::Free | ReqState::TransferIn => break,
+                ReqState::Free | ReqState::TransferIn | ReqState::Backend => break,
                 ReqState::New => match parse(&self.ctx, req) {
                     Ok(next) => req.state = next,
                     Err(out) => {
@@ -350,6 +441,27 @@ impl<Q: Qpair> QueueHandler<Q> {
                     }
                 }
                 ReqState::Executing => {
+                    let started = if self.ctx.qid != 0 && !chans.is_empty() {
+                        let key = (u64::from(self.key) << 16) | tag as u64;
+                        start_async(&mut self.ctx, req, key, pool, chans)
+                    } else {
+                        Async::Sync
+                    };
+                    match started {
+                        Async::Sync => {}
+                        Async::Started => {
+                            self.ctx.stats.backend_commands += 1;
+                            req.state = ReqState::Backend;
+                            steps += 1;
+                            break;
+                        }
+                        Async::Wait => break,
+                        Async::Done(out) => {
+                            req.out = out;
+                            req.state = ReqState::Completing;
+                            continue;
+                        }
+                    }
                     let cmd = req.cmd;
                     let out = {
                         let data: &mut [u8] = match req.data {
@@ -479,8 +591,12 @@ impl<Q: Qpair> QueueHandler<Q> {
             }
             work += 1;
         }
+        // The NIC (posted transfers) or the device (commands in the backend) may still
+        // access these requests' buffers.
         let in_wire = self.reqs.iter().any(|r| {
-            r.state == ReqState::TransferIn || (r.state == ReqState::TransferOut && r.posted)
+            r.state == ReqState::TransferIn
+                || r.state == ReqState::Backend
+                || (r.state == ReqState::TransferOut && r.posted)
         });
         if in_wire {
             return work;
@@ -505,6 +621,117 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
         self.phase = Phase::Closed;
         work + 1
+    }
+}
+
+/// What [`start_async`] did.
+enum Async {
+    /// Not a command for an asynchronous channel: execute synchronously.
+    Sync,
+    /// Submitted: the request is in the backend.
+    Started,
+    /// Channel full or no buffer: try again on a later poll.
+    Wait,
+    /// Finished without the device (an error).
+    Done(Outcome),
+}
+
+/// Submits an I/O command to the namespace's asynchronous channel, if it has one here.
+/// Read/Write data is the request's pool buffer, handed to the device as is (zero copy);
+/// in-capsule write data (host memory the device cannot reach) is copied into a pool
+/// buffer first.
+fn start_async(
+    ctx: &mut QueueCtx,
+    req: &mut Request,
+    key: u64,
+    pool: &mut BufferPool,
+    chans: &mut [Channel],
+) -> Async {
+    let cmd = req.cmd;
+    let opc = cmd.opcode();
+    if !matches!(
+        opc,
+        io_opc::READ | io_opc::WRITE | io_opc::FLUSH | io_opc::WRITE_ZEROES
+    ) {
+        return Async::Sync;
+    }
+    let Some(ctrl) = &ctx.ctrl else {
+        return Async::Sync;
+    };
+    let Some(ns) = ctrl.subsystem().namespace(cmd.nsid.get()) else {
+        return Async::Sync;
+    };
+    let id = backend_id(&ns.backend);
+    let Some(ch) = chans.iter_mut().find(|c| c.backend == id) else {
+        return Async::Sync;
+    };
+    let res = match opc {
+        io_opc::READ | io_opc::WRITE => {
+            let nlb = u32::from(cmd.nlb0()) + 1;
+            let len = nlb as usize * ns.backend.block_size() as usize;
+            if len > ch.max_transfer || !pool.is_dma() {
+                return Async::Sync;
+            }
+            let idx = match req.data {
+                Data::Pool { idx, len: l } if l == len => idx,
+                Data::InCapsule { offset, len: l } if l == len && opc == io_opc::WRITE => {
+                    let Some(idx) = pool.alloc() else {
+                        ctx.stats.buffer_waits += 1;
+                        return Async::Wait;
+                    };
+                    pool.slice_mut(idx, len)
+                        .copy_from_slice(&req.icd[offset..offset + len]);
+                    req.data = Data::Pool { idx, len };
+                    idx
+                }
+                _ => return Async::Sync,
+            };
+            let Some(buf) = pool.dma(idx, len) else {
+                return Async::Sync;
+            };
+            let slba = cmd.slba();
+            let op = if opc == io_opc::READ {
+                AsyncOp::Read {
+                    slba,
+                    nlb,
+                    buf: &buf,
+                }
+            } else {
+                AsyncOp::Write {
+                    slba,
+                    nlb,
+                    buf: &buf,
+                }
+            };
+            ch.chan.submit(key, op)
+        }
+        io_opc::FLUSH => ch.chan.submit(key, AsyncOp::Flush),
+        _ => {
+            let nlb = u32::from(cmd.nlb0()) + 1;
+            let end = cmd.slba().checked_add(u64::from(nlb));
+            if end.is_none_or(|e| e > ns.backend.block_count()) {
+                return Async::Done(Outcome::err(Status::LBA_OUT_OF_RANGE, loc::CDW10));
+            }
+            ch.chan.submit(
+                key,
+                AsyncOp::WriteZeroes {
+                    slba: cmd.slba(),
+                    nlb,
+                },
+            )
+        }
+    };
+    match res {
+        Ok(()) => Async::Started,
+        Err(SubmitError::Busy) => {
+            ctx.stats.backend_busy += 1;
+            Async::Wait
+        }
+        Err(SubmitError::Failed(status)) => Async::Done(Outcome {
+            status,
+            loc: loc::CDW10,
+            ..Outcome::ok()
+        }),
     }
 }
 

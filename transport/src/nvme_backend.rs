@@ -1,0 +1,339 @@
+//! A namespace of an NVMe controller driven by the `nvme` crate (the `vfio:BDF[:nsid]`
+//! backend of `serve`; the simulator in tests).
+//!
+//! Two paths:
+//! - **asynchronous, zero-copy** — each poll group opens an [`IoChannel`] (its own I/O
+//!   queue pair, used by the group's thread only: no lock) and gets its buffer pool from
+//!   [`Backend::alloc_dma`], so the request buffers the NIC reads and writes are the
+//!   buffers the controller DMAs: no copy, as many commands in flight as the queue holds;
+//! - **synchronous** ([`Backend`]'s `read`/`write`/…) — one queue pair behind a mutex and
+//!   a bounce buffer, one command at a time: for what the asynchronous path does not
+//!   cover (Dataset Management, a flush of every namespace, a poll group whose pool is
+//!   another device's memory, shutdown).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvme::spec::{Sqe, Status};
+use nvme::{Controller, DmaBuffer, IoQueuePair, QueueOptions};
+
+use crate::backend::{check_range, AsyncOp, Backend, IoChannel, SubmitError};
+use crate::error::{Error, Result};
+
+/// Timeout of one synchronous command.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Entries of a poll group's queue pair (capped by the controller's CAP.MQES). Read and
+/// Write each hold a pool buffer, so a group rarely has more in flight than its pool has
+/// buffers.
+const CHANNEL_DEPTH: u16 = 512;
+
+/// Something that owns a brought-up controller (a VFIO device, or a bare controller
+/// over the simulator) and keeps it alive.
+pub trait NvmeController: Send + Sync + 'static {
+    /// The controller.
+    fn controller(&self) -> &Controller;
+}
+
+impl NvmeController for Controller {
+    fn controller(&self) -> &Controller {
+        self
+    }
+}
+
+impl NvmeController for nvme::vfio::NvmeDevice {
+    fn controller(&self) -> &Controller {
+        nvme::vfio::NvmeDevice::controller(self)
+    }
+}
+
+fn io_err(what: &str, op: &'static str, e: nvme::Error) -> Error {
+    Error::BackendIo {
+        backend: what.to_string(),
+        op,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+struct SyncIo {
+    qp: IoQueuePair,
+    bounce: DmaBuffer,
+}
+
+/// Namespace `nsid` of an NVMe controller as a target backend.
+pub struct NvmeBackend {
+    name: String,
+    nsid: u32,
+    block_size: u32,
+    blocks: u64,
+    io: Mutex<SyncIo>,
+    // The controller outlives its queue pairs (field order: `io` drops first).
+    dev: Arc<dyn NvmeController>,
+}
+
+impl NvmeBackend {
+    /// A backend for namespace `nsid` of `dev`, named `name` (e.g. `vfio:BDF:nsid`);
+    /// `max_io` is the target's largest transfer (the synchronous bounce buffer's size).
+    pub fn open(
+        dev: Arc<dyn NvmeController>,
+        name: String,
+        nsid: u32,
+        max_io: usize,
+    ) -> Result<Self> {
+        let ctrl = dev.controller();
+        let ns = ctrl
+            .info()
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .cloned()
+            .ok_or_else(|| Error::BackendIo {
+                backend: name.clone(),
+                op: "open namespace",
+                source: std::io::Error::other(format!(
+                    "the controller has no active namespace {nsid} (active: {:?})",
+                    ctrl.info()
+                        .namespaces
+                        .iter()
+                        .map(|n| n.nsid)
+                        .collect::<Vec<_>>()
+                )),
+            })?;
+        let qp = ctrl
+            .create_io_queue_pair(QueueOptions::default())
+            .map_err(|e| io_err(&name, "create I/O queue", e))?;
+        let chunk = max_io.min(qp.max_transfer()).max(ns.block_size as usize);
+        let bounce = ctrl
+            .alloc_dma(chunk)
+            .map_err(|e| io_err(&name, "allocate DMA buffer", e))?;
+        Ok(NvmeBackend {
+            name,
+            nsid,
+            block_size: ns.block_size,
+            blocks: ns.blocks,
+            io: Mutex::new(SyncIo { qp, bounce }),
+            dev,
+        })
+    }
+
+    fn with_io<T>(
+        &self,
+        f: impl FnOnce(&mut SyncIo) -> nvme::Result<T>,
+        op: &'static str,
+    ) -> Result<T> {
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut io).map_err(|e| io_err(&self.name, op, e))
+    }
+
+    /// Runs `len`-byte pieces of a transfer through the bounce buffer.
+    fn chunked(
+        &self,
+        slba: u64,
+        len: usize,
+        op: &'static str,
+        mut each: impl FnMut(&mut SyncIo, u64, usize, usize) -> nvme::Result<()>,
+    ) -> Result<()> {
+        let bs = self.block_size as usize;
+        check_range(self, slba, (len / bs) as u64)?;
+        self.with_io(
+            |io| {
+                let chunk = io.bounce.len() / bs * bs;
+                let mut off = 0;
+                while off < len {
+                    let n = chunk.min(len - off);
+                    let lba = slba + (off / bs) as u64;
+                    each(io, lba, off, n)?;
+                    off += n;
+                }
+                Ok(())
+            },
+            op,
+        )
+    }
+}
+
+impl Backend for NvmeBackend {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn block_count(&self) -> u64 {
+        self.blocks
+    }
+    fn read(&self, slba: u64, buf: &mut [u8]) -> Result<()> {
+        let nsid = self.nsid;
+        self.chunked(slba, buf.len(), "read", |io, lba, off, n| {
+            let b = io.bounce.slice(0, n)?;
+            let nlb0 = (n / self.block_size as usize - 1) as u16;
+            io.qp
+                .execute(Sqe::read(nsid, lba, nlb0, 0, 0), Some(&b), IO_TIMEOUT)?;
+            b.read(0, &mut buf[off..off + n])
+        })
+    }
+    fn write(&self, slba: u64, buf: &[u8]) -> Result<()> {
+        let nsid = self.nsid;
+        self.chunked(slba, buf.len(), "write", |io, lba, off, n| {
+            let b = io.bounce.slice(0, n)?;
+            b.write(0, &buf[off..off + n])?;
+            let nlb0 = (n / self.block_size as usize - 1) as u16;
+            io.qp
+                .execute(Sqe::write(nsid, lba, nlb0, 0, 0), Some(&b), IO_TIMEOUT)?;
+            Ok(())
+        })
+    }
+    fn flush(&self) -> Result<()> {
+        let nsid = self.nsid;
+        self.with_io(
+            |io| {
+                io.qp
+                    .execute(Sqe::flush(nsid), None, IO_TIMEOUT)
+                    .map(|_| ())
+            },
+            "flush",
+        )
+    }
+    fn write_zeroes(&self, slba: u64, nlb: u64) -> Result<()> {
+        check_range(self, slba, nlb)?;
+        let nsid = self.nsid;
+        self.with_io(
+            |io| {
+                let mut done = 0u64;
+                while done < nlb {
+                    let n = (nlb - done).min(65536);
+                    let sqe = Sqe::write_zeroes(nsid, slba + done, (n - 1) as u16);
+                    io.qp.execute(sqe, None, IO_TIMEOUT)?;
+                    done += n;
+                }
+                Ok(())
+            },
+            "write zeroes",
+        )
+    }
+    fn dma_domain(&self) -> Option<usize> {
+        // Every queue pair and DMA buffer of one controller lives in its platform's
+        // address space (one VFIO container).
+        Some(Arc::as_ptr(self.dev.controller().platform()) as *const () as usize)
+    }
+    fn alloc_dma(&self, len: usize) -> Result<DmaBuffer> {
+        self.dev
+            .controller()
+            .alloc_dma(len)
+            .map_err(|e| io_err(&self.name, "allocate DMA buffer pool", e))
+    }
+    fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
+        let qp = self
+            .dev
+            .controller()
+            .create_io_queue_pair(QueueOptions {
+                depth: CHANNEL_DEPTH,
+                sq_in_cmb: false,
+            })
+            .map_err(|e| io_err(&self.name, "create a poll group's I/O queue", e))?;
+        let depth = usize::from(qp.depth());
+        Ok(Some(Box::new(NvmeChannel {
+            nsid: self.nsid,
+            pending: Vec::with_capacity(depth),
+            failed: Vec::with_capacity(depth),
+            qp,
+            _dev: self.dev.clone(),
+        })))
+    }
+}
+
+/// A command started but not yet handed to the controller (see [`IoChannel::flush`]).
+struct Pending {
+    tag: u64,
+    sqe: Sqe,
+    data: Option<DmaBuffer>,
+}
+
+/// One poll group's queue pair on the controller.
+struct NvmeChannel {
+    nsid: u32,
+    /// Started since the last flush; capacity = queue depth (never grows).
+    pending: Vec<Pending>,
+    /// Refused by the driver at flush; reported by the next poll.
+    failed: Vec<(u64, Status)>,
+    qp: IoQueuePair,
+    // The controller outlives the queue pair (field order).
+    _dev: Arc<dyn NvmeController>,
+}
+
+fn nlb0(nlb: u32) -> std::result::Result<u16, SubmitError> {
+    match nlb {
+        1..=65536 => Ok((nlb - 1) as u16),
+        _ => Err(SubmitError::Failed(Status::INVALID_FIELD.with_dnr())),
+    }
+}
+
+impl IoChannel for NvmeChannel {
+    fn submit(&mut self, tag: u64, op: AsyncOp<'_>) -> std::result::Result<(), SubmitError> {
+        // One SQ entry stays empty; `failed` entries still count until reported.
+        let used = usize::from(self.qp.in_flight()) + self.pending.len() + self.failed.len();
+        if used + 1 >= usize::from(self.qp.depth()) {
+            return Err(SubmitError::Busy);
+        }
+        let nsid = self.nsid;
+        let (sqe, data) = match op {
+            AsyncOp::Read { slba, nlb, buf } => {
+                (Sqe::read(nsid, slba, nlb0(nlb)?, 0, 0), Some(buf.clone()))
+            }
+            AsyncOp::Write { slba, nlb, buf } => {
+                (Sqe::write(nsid, slba, nlb0(nlb)?, 0, 0), Some(buf.clone()))
+            }
+            AsyncOp::Flush => (Sqe::flush(nsid), None),
+            AsyncOp::WriteZeroes { slba, nlb } => (Sqe::write_zeroes(nsid, slba, nlb0(nlb)?), None),
+        };
+        if data
+            .as_ref()
+            .is_some_and(|d| d.len() > self.qp.max_transfer())
+        {
+            return Err(SubmitError::Failed(Status::INVALID_FIELD.with_dnr()));
+        }
+        self.pending.push(Pending { tag, sqe, data });
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut batch = self.qp.batch();
+        for p in self.pending.drain(..) {
+            if let Err(e) = batch.submit(p.sqe, p.data.as_ref(), p.tag) {
+                tracing::warn!(error = %e, "NVMe submission refused");
+                let status = match e {
+                    nvme::Error::QueueFull { .. } => Status::INTERNAL_ERROR,
+                    _ => Status::INVALID_FIELD.with_dnr(),
+                };
+                self.failed.push((p.tag, status));
+            }
+        }
+        // Dropping the batch rings the SQ doorbell once for all of them.
+    }
+
+    fn poll(&mut self, max: usize, done: &mut dyn FnMut(u64, Status)) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some((tag, status)) = self.failed.pop() else {
+                break;
+            };
+            done(tag, status);
+            n += 1;
+        }
+        if n < max && self.qp.in_flight() > 0 {
+            n += self.qp.poll(max - n, |c| done(c.tag, c.status));
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        usize::from(self.qp.in_flight()) + self.pending.len() + self.failed.len()
+    }
+
+    fn max_transfer(&self) -> usize {
+        self.qp.max_transfer()
+    }
+}

@@ -1,0 +1,324 @@
+//! The target over asynchronous backends: the fake one (out-of-order completions,
+//! backpressure, held completions at disconnect, device errors) and the real NVMe backend
+//! on the `nvme` crate's simulated controller — pool buffers handed to the device as is.
+
+mod common;
+#[path = "async_common/fake.rs"]
+mod fake;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fake::{FakeBackend, FakeDev};
+use nvme::sim::{SimConfig, Simulator};
+use nvme::spec::{DsmRange, Status};
+use nvme::{Controller, ControllerOptions};
+use transport::backend::{open_backend, Backend};
+use transport::config::{BackendSpec, TargetConfig};
+use transport::fabrics::SglDescriptor;
+use transport::initiator::cmd;
+use transport::loopback::LoopbackTransport;
+use transport::nvme_backend::NvmeBackend;
+use transport::target::Target;
+use zerocopy::IntoBytes;
+
+/// A rig whose 4 MiB namespace (nsid 1 of SUBNQN) is `ns`.
+fn rig_with(cfg: &TargetConfig, ns: Arc<dyn Backend>) -> Rig {
+    let target = Target::with_backends(cfg, |spec| match spec {
+        BackendSpec::Ram { size } if *size == 4 << 20 => Ok(ns.clone()),
+        s => open_backend(s, None),
+    })
+    .expect("target");
+    let (mut transport, connector) = LoopbackTransport::new();
+    let group = target
+        .create_poll_group(&mut transport)
+        .expect("poll group");
+    Rig {
+        target,
+        transport,
+        connector,
+        group,
+        frozen: None,
+    }
+}
+
+fn fake_rig(depth: usize) -> (Rig, Arc<FakeDev>) {
+    let b = FakeBackend::new(4 << 20, depth);
+    let dev = b.dev.clone();
+    let rig = rig_with(&config(""), Arc::new(b));
+    assert!(
+        rig.group.dma_pool(),
+        "pool carved from the backend's DMA memory"
+    );
+    assert_eq!(rig.group.channel_count(), 1);
+    (rig, dev)
+}
+
+/// Polls until `n` completions arrived (or panics after a few seconds).
+fn collect(rig: &mut Rig, q: &mut HostQ, n: usize) -> Vec<transport::initiator::Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < n {
+        while let Some(c) = q.poll_one() {
+            out.push(c);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} completions",
+            out.len()
+        );
+        rig.group.accept_pending(&mut rig.transport);
+        if rig.group.poll() == 0 {
+            std::thread::yield_now();
+        }
+    }
+    out
+}
+
+#[test]
+fn fake_async_io_out_of_order_zero_copy() {
+    let (mut rig, dev) = fake_rig(64);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let region = io.wire().register(16 * 4096);
+    for i in 0..16u64 {
+        io.wire()
+            .write_region(region, i as usize * 4096, &pattern(4096, i as u8));
+    }
+    for i in 0..16u64 {
+        let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
+        io.submit(cmd::write(1, i * 8, 8, d), &[], i).unwrap();
+    }
+    // One in-capsule write (copied once into a pool buffer, then asynchronous).
+    let icd = pattern(4096, 99);
+    io.submit(
+        cmd::write(1, 200, 8, SglDescriptor::in_capsule(0, 4096)),
+        &icd,
+        0,
+    )
+    .unwrap();
+    let cs = collect(&mut rig, &mut io, 17);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    for i in 0..16u64 {
+        assert_eq!(dev.bytes(i as usize * 4096, 4096), pattern(4096, i as u8));
+    }
+    assert_eq!(dev.bytes(200 * 512, 4096), icd);
+
+    let back = io.wire().register(16 * 4096);
+    for i in 0..16u64 {
+        let d = SglDescriptor::keyed(back.addr + (15 - i) * 4096, 4096, back.key, false);
+        io.submit(cmd::read(1, i * 8, 8, d), &[], 0).unwrap();
+    }
+    let cs = collect(&mut rig, &mut io, 16);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    let got = io.wire().read_region(back);
+    for i in 0..16usize {
+        assert_eq!(
+            &got[(15 - i) * 4096..(16 - i) * 4096],
+            &pattern(4096, i as u8)[..]
+        );
+    }
+    // Flush and Write Zeroes go through the channel too; nothing took the sync path.
+    io.submit(cmd::flush(1), &[], 0).unwrap();
+    io.submit(cmd::write_zeroes(1, 0, 8), &[], 0).unwrap();
+    let cs = collect(&mut rig, &mut io, 2);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    assert!(dev.bytes(0, 4096).iter().all(|&b| b == 0));
+    let ctl = dev.ctl();
+    assert_eq!(ctl.submitted, 16 + 1 + 16 + 2);
+    assert_eq!(ctl.sync_calls, 0);
+    drop(ctl);
+    let s = rig.group.queue_stats();
+    assert_eq!(s.iter().map(|q| q.backend_commands).sum::<u64>(), 35);
+    assert_eq!(rig.group.free_buffers(), 16);
+    // The controller's counters see the asynchronous commands.
+    let c = &rig.target.controller_stats()[0];
+    assert_eq!((c.read_commands, c.write_commands), (16, 17));
+    assert_eq!(c.bytes_read, 16 * 4096);
+}
+
+#[test]
+fn fake_async_busy_backpressure_never_drops() {
+    let (mut rig, dev) = fake_rig(2);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let region = io.wire().register(24 * 4096);
+    for i in 0..24u64 {
+        io.wire()
+            .write_region(region, i as usize * 4096, &pattern(4096, 7 + i as u8));
+        let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
+        io.submit(cmd::write(1, i * 8, 8, d), &[], 0).unwrap();
+    }
+    let cs = collect(&mut rig, &mut io, 24);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    for i in 0..24usize {
+        assert_eq!(dev.bytes(i * 4096, 4096), pattern(4096, 7 + i as u8));
+    }
+    assert!(dev.ctl().busy > 0, "the channel pushed back");
+    let s = rig.group.queue_stats();
+    assert!(s.iter().map(|q| q.backend_busy).sum::<u64>() > 0);
+    assert!(
+        s.iter().map(|q| q.buffer_waits).sum::<u64>() > 0,
+        "16 buffers, 24 writes"
+    );
+    assert_eq!(rig.group.free_buffers(), 16);
+}
+
+#[test]
+fn fake_async_disconnect_waits_for_commands_in_backend() {
+    let (mut rig, dev) = fake_rig(64);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    dev.ctl().hold = true;
+    let region = io.wire().register(4 * 4096);
+    for i in 0..4u64 {
+        let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
+        io.submit(cmd::read(1, i * 8, 8, d), &[], 0).unwrap();
+    }
+    rig.pump();
+    assert_eq!(rig.group.backend_in_flight(), 4);
+    assert_eq!(rig.group.free_buffers(), 12);
+    io.wire().disconnect();
+    for _ in 0..10 {
+        rig.pump();
+    }
+    // The queue cannot go while the device may still write into its buffers.
+    assert_eq!(rig.group.queue_count(), 2);
+    assert_eq!(rig.group.free_buffers(), 12);
+    dev.ctl().hold = false;
+    rig.pump();
+    rig.pump();
+    assert_eq!(rig.group.backend_in_flight(), 0);
+    assert_eq!(
+        rig.group.queue_count(),
+        1,
+        "I/O queue closed after the backend finished"
+    );
+    assert_eq!(rig.group.free_buffers(), 16);
+}
+
+#[test]
+fn fake_async_device_errors_reach_the_host() {
+    let (mut rig, dev) = fake_rig(64);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let region = io.wire().register(4096);
+    dev.ctl().fail_next = Some(Status::UNRECOVERED_READ_ERROR);
+    let c = rig.exec(&mut io, cmd::read(1, 0, 8, keyed(region)), &[]);
+    assert_status(&c, Status::UNRECOVERED_READ_ERROR);
+    // An abort by a controller reset stays retryable (no DNR).
+    dev.ctl().fail_next = Some(Status::ABORTED_SQ_DELETED);
+    let c = rig.exec(&mut io, cmd::read(1, 0, 8, keyed(region)), &[]);
+    assert_eq!(c.status(), Status::ABORTED_SQ_DELETED);
+    // Range errors never reach the device.
+    let before = dev.ctl().submitted;
+    let blocks = (4 << 20) / 512;
+    let c = rig.exec(&mut io, cmd::read(1, blocks - 4, 8, keyed(region)), &[]);
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    let c = rig.exec(&mut io, cmd::write_zeroes(1, blocks - 1, 2), &[]);
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    assert_eq!(dev.ctl().submitted, before);
+    // Still serving.
+    let c = rig.exec(&mut io, cmd::read(1, 0, 8, keyed(region)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(rig.group.free_buffers(), 16);
+}
+
+#[test]
+fn nvme_backend_on_simulator_zero_copy() {
+    let sim = Simulator::start(SimConfig {
+        blocks: 1024,
+        block_size: 4096,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let ctrl = Controller::new(sim.platform(), ControllerOptions::default()).unwrap();
+    let backend = NvmeBackend::open(Arc::new(ctrl), "sim:1".into(), 1, 128 * 1024).unwrap();
+    assert_eq!(backend.block_count(), 1024);
+    let mut rig = rig_with(&config(""), Arc::new(backend));
+    assert!(rig.group.dma_pool());
+    assert_eq!(rig.group.channel_count(), 1);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+
+    // 16 × 4 KiB keyed writes, 2 × 64 KiB, one in-capsule 4 KiB, all in flight at once.
+    let region = io.wire().register(16 * 4096 + 2 * 65536);
+    let mut n = 0;
+    for i in 0..16u64 {
+        let p = pattern(4096, i as u8);
+        io.wire().write_region(region, i as usize * 4096, &p);
+        let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
+        io.submit(cmd::write(1, i, 1, d), &[], 0).unwrap();
+        n += 1;
+    }
+    for j in 0..2u64 {
+        let off = 16 * 4096 + j * 65536;
+        io.wire()
+            .write_region(region, off as usize, &pattern(65536, 50 + j as u8));
+        let d = SglDescriptor::keyed(region.addr + off, 65536, region.key, false);
+        io.submit(cmd::write(1, 100 + 16 * j, 16, d), &[], 0)
+            .unwrap();
+        n += 1;
+    }
+    let icd = pattern(4096, 77);
+    io.submit(
+        cmd::write(1, 500, 1, SglDescriptor::in_capsule(0, 4096)),
+        &icd,
+        0,
+    )
+    .unwrap();
+    n += 1;
+    let cs = collect(&mut rig, &mut io, n);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    for i in 0..16usize {
+        assert_eq!(sim.namespace_bytes(i * 4096, 4096), pattern(4096, i as u8));
+    }
+    assert_eq!(sim.namespace_bytes(100 * 4096, 65536), pattern(65536, 50));
+    assert_eq!(sim.namespace_bytes(116 * 4096, 65536), pattern(65536, 51));
+    assert_eq!(sim.namespace_bytes(500 * 4096, 4096), icd);
+
+    // Read everything back in one burst.
+    let back = io.wire().register(16 * 4096 + 65536);
+    for i in 0..16u64 {
+        let d = SglDescriptor::keyed(back.addr + i * 4096, 4096, back.key, false);
+        io.submit(cmd::read(1, i, 1, d), &[], 0).unwrap();
+    }
+    let d = SglDescriptor::keyed(back.addr + 16 * 4096, 65536, back.key, false);
+    io.submit(cmd::read(1, 116, 16, d), &[], 0).unwrap();
+    let cs = collect(&mut rig, &mut io, 17);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    let got = io.wire().read_region(back);
+    for i in 0..16usize {
+        assert_eq!(&got[i * 4096..(i + 1) * 4096], &pattern(4096, i as u8)[..]);
+    }
+    assert_eq!(&got[16 * 4096..], &pattern(65536, 51)[..]);
+
+    // Flush, Write Zeroes (asynchronous) and Dataset Management (synchronous path).
+    io.submit(cmd::flush(1), &[], 0).unwrap();
+    io.submit(cmd::write_zeroes(1, 0, 2), &[], 0).unwrap();
+    let cs = collect(&mut rig, &mut io, 2);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
+    assert!(sim.namespace_bytes(0, 8192).iter().all(|&b| b == 0));
+    let range = DsmRange::new(5, 1);
+    io.submit(
+        cmd::deallocate(1, 1, SglDescriptor::in_capsule(0, 16)),
+        range.as_bytes(),
+        0,
+    )
+    .unwrap();
+    let cs = collect(&mut rig, &mut io, 1);
+    assert_eq!(cs[0].status(), Status::SUCCESS);
+
+    // A device error comes back as the device's status.
+    sim.faults().fail_next_io(1, Status::UNRECOVERED_READ_ERROR);
+    let d = SglDescriptor::keyed(back.addr, 4096, back.key, false);
+    io.submit(cmd::read(1, 3, 1, d), &[], 0).unwrap();
+    let cs = collect(&mut rig, &mut io, 1);
+    assert!(cs[0].status().same_code(Status::UNRECOVERED_READ_ERROR));
+
+    let s = rig.group.queue_stats();
+    assert_eq!(s.iter().map(|q| q.backend_commands).sum::<u64>(), 19 + 17 + 2 + 1);
+    assert_eq!(rig.group.free_buffers(), 16);
+    assert_eq!(rig.group.backend_in_flight(), 0);
+}
