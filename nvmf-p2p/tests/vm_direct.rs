@@ -347,8 +347,15 @@ fn direct_mode_end_to_end() {
         ],
     );
 
-    // 6. Figures (not assertions): direct randread/randwrite at QD1 and QD32, target CPU.
-    for (rw, qd) in [("randread", "1"), ("randread", "32"), ("randwrite", "32")] {
+    // 6. Figures (not assertions), same boot, same namespace: direct mode vs standard
+    //    mode (our initiator, `nvmf-p2p perf`), 4 KiB random at QD1 and QD32; target
+    //    process CPU per I/O; RDMA operations per I/O (direct: counted by the host).
+    for (rw, qd) in [
+        ("randread", "1"),
+        ("randread", "32"),
+        ("randwrite", "1"),
+        ("randwrite", "32"),
+    ] {
         let cpu0 = serve.cpu_seconds();
         let r = direct(
             &serve,
@@ -357,13 +364,47 @@ fn direct_mode_end_to_end() {
         let cpu = serve.cpu_seconds() - cpu0;
         let ios = r["ios"].as_f64().unwrap().max(1.0);
         eprintln!(
-            "FIGURE direct {rw} QD{qd}: {:.0} IOPS p50 {:.0} us p99 {:.0} us, {:.2} RDMA ops/IO, target CPU {:.1} us/IO",
+            "FIGURE direct   {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO, {:.2} RDMA ops/IO",
             r["iops"].as_f64().unwrap(),
             r["p50_us"].as_f64().unwrap(),
             r["p99_us"].as_f64().unwrap(),
+            cpu / ios * 1e6,
             r["rdma_ops_per_io"].as_f64().unwrap(),
-            cpu / ios * 1e6
         );
+        let cpu0 = serve.cpu_seconds();
+        let out = Command::new(BIN)
+            .args([
+                "perf",
+                "--traddr",
+                &addr,
+                "--trsvcid",
+                &port,
+                "--subnqn",
+                NQN,
+                "-q",
+                qd,
+                "-w",
+                rw,
+                "-t",
+                "4",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        let cpu = serve.cpu_seconds() - cpu0;
+        match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            Ok(p) if out.status.success() => eprintln!(
+                "FIGURE standard {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO",
+                p["iops"].as_f64().unwrap_or(0.0),
+                p["lat_us"]["p50"].as_f64().unwrap_or(0.0),
+                p["lat_us"]["p99"].as_f64().unwrap_or(0.0),
+                cpu / p["ios"].as_f64().unwrap_or(1.0).max(1.0) * 1e6,
+            ),
+            _ => eprintln!(
+                "FIGURE standard {rw} QD{qd}: perf failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
 
     // 7. Device reset under direct-mode load: the host re-attaches and retries; every
