@@ -14,6 +14,9 @@
 //! back, when the group routes the channel's completion here, to TRANSFER_OUT (reads) or
 //! COMPLETING.
 //!
+//! In TRANSFER_OUT the response is sent right behind the posted RDMA WRITE (the
+//! connection is reliable and ordered); the request is freed when the WRITE completes.
+//!
 //! A request waits in NEED_BUFFER while the pool is empty, in EXECUTING while the backend
 //! channel is full, and in NEED_BUFFER / TRANSFER_OUT / COMPLETING while the wire is busy:
 //! commands are never dropped. Teardown waits for requests in TRANSFER_IN/OUT and BACKEND
@@ -121,6 +124,8 @@ impl Outcome {
 struct Request {
     state: ReqState,
     posted: bool,
+    /// TRANSFER_OUT: the response went out behind the posted RDMA WRITE.
+    responded: bool,
     cmd: Sqe,
     icd: Box<[u8]>,
     icd_len: usize,
@@ -208,6 +213,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             .map(|_| Request {
                 state: ReqState::Free,
                 posted: false,
+                responded: false,
                 cmd: Sqe::default(),
                 icd: vec![0u8; icd].into_boxed_slice(),
                 icd_len: 0,
@@ -343,7 +349,7 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
         let mut work = 0;
         while let Some(t) = self.qp.poll_transfer() {
-            self.transfer_done(t);
+            self.transfer_done(t, pool);
             work += 1;
         }
         while let Some(&tag) = self.free.last() {
@@ -357,6 +363,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             req.icd_len = r.icd_len;
             req.state = ReqState::New;
             req.posted = false;
+            req.responded = false;
             req.data = Data::None;
             self.ctx.sqhd = (self.ctx.sqhd + 1) % self.ctx.entries.max(1);
             self.ctx.stats.commands += 1;
@@ -370,10 +377,16 @@ impl<Q: Qpair> QueueHandler<Q> {
         work
     }
 
-    fn transfer_done(&mut self, t: TransferDone) {
+    fn transfer_done(&mut self, t: TransferDone, pool: &mut BufferPool) {
         let Some(req) = self.reqs.get_mut(usize::from(t.tag)) else {
             return;
         };
+        if req.state == ReqState::TransferOut && req.responded {
+            // The response already went out behind this WRITE (a failed WRITE breaks the
+            // connection, so the host never takes that response): the buffer is ours again.
+            self.finish(usize::from(t.tag), pool);
+            return;
+        }
         match (req.state, t.ok) {
             (ReqState::TransferIn, true) => req.state = ReqState::Executing,
             (ReqState::TransferOut, true) => req.state = ReqState::Completing,
@@ -494,23 +507,33 @@ impl<Q: Qpair> QueueHandler<Q> {
                     }
                 }
                 ReqState::TransferOut => {
-                    if req.posted {
-                        break;
-                    }
-                    let Data::Pool { idx, len } = req.data else {
-                        req.state = ReqState::Completing;
-                        continue;
-                    };
-                    let n = req.out.out_len.min(len);
-                    let mut remote = remote_of(req.sgl);
-                    remote.len = n as u32;
-                    match self.qp.post_write(tag as u16, remote, pool.slice(idx, n)) {
-                        Ok(()) => req.posted = true,
-                        Err(_) => {
-                            self.ctx.stats.wire_busy += 1;
-                            break;
+                    if !req.posted {
+                        let Data::Pool { idx, len } = req.data else {
+                            req.state = ReqState::Completing;
+                            continue;
+                        };
+                        let n = req.out.out_len.min(len);
+                        let mut remote = remote_of(req.sgl);
+                        remote.len = n as u32;
+                        match self.qp.post_write(tag as u16, remote, pool.slice(idx, n)) {
+                            Ok(()) => req.posted = true,
+                            Err(_) => {
+                                self.ctx.stats.wire_busy += 1;
+                                break;
+                            }
                         }
                     }
+                    if !req.responded {
+                        // A reliable connection delivers the WRITE's data before the
+                        // response that follows it, so the response need not wait for the
+                        // WRITE's completion (Linux nvmet-rdma chains them the same way);
+                        // the buffer stays the NIC's until that completion.
+                        if self.respond(tag) {
+                            self.reqs[tag].responded = true;
+                            steps += 1;
+                        }
+                    }
+                    break;
                 }
                 ReqState::Completing => {
                     if !self.complete(tag, pool) {
@@ -526,9 +549,18 @@ impl<Q: Qpair> QueueHandler<Q> {
         steps
     }
 
-    /// Sends the response of request `tag`; false when the wire is busy.
+    /// Sends the response of request `tag` and frees it; false when the wire is busy.
     fn complete(&mut self, tag: usize, pool: &mut BufferPool) -> bool {
-        let req = &mut self.reqs[tag];
+        if !self.respond(tag) {
+            return false;
+        }
+        self.finish(tag, pool);
+        true
+    }
+
+    /// Sends the response of request `tag`; false when the wire is busy.
+    fn respond(&mut self, tag: usize) -> bool {
+        let req = &self.reqs[tag];
         let out = req.out;
         let cid = req.cmd.cid();
         let cqe = Cqe {
@@ -568,6 +600,12 @@ impl<Q: Qpair> QueueHandler<Q> {
                 ctrl.log_error(self.ctx.qid, cid, out.status, out.loc, lba, c.nsid.get());
             }
         }
+        true
+    }
+
+    /// Returns request `tag`'s buffer and slot.
+    fn finish(&mut self, tag: usize, pool: &mut BufferPool) {
+        let req = &mut self.reqs[tag];
         if let Data::Pool { idx, .. } = req.data {
             pool.release(idx);
         }
@@ -575,8 +613,8 @@ impl<Q: Qpair> QueueHandler<Q> {
         req.sgl = None;
         req.state = ReqState::Free;
         req.posted = false;
+        req.responded = false;
         self.free.push(tag as u16);
-        true
     }
 
     /// Teardown: wait for posted transfers to be flushed, then free everything.
