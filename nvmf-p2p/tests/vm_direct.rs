@@ -359,7 +359,7 @@ fn direct_mode_end_to_end() {
         let cpu0 = serve.cpu_seconds();
         let r = direct(
             &serve,
-            &["--rw", rw, "--qd", qd, "--time", "4", "--blocks", "65536"],
+            &["--rw", rw, "--qd", qd, "--time", "3", "--blocks", "65536"],
         );
         let cpu = serve.cpu_seconds() - cpu0;
         let ios = r["ios"].as_f64().unwrap().max(1.0);

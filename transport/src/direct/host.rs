@@ -35,6 +35,9 @@ use crate::rdma::RdmaHost;
 
 const T: Duration = Duration::from_secs(10);
 const RECV_SLACK: u32 = 16;
+/// CQEs the target packs into one SEND at most (64 bytes: inline on every provider).
+pub const CQES_PER_SEND: usize = 4;
+const RECV_SLOT: usize = 16 * CQES_PER_SEND;
 const KIND_CHAIN: u64 = 1 << 32;
 const KIND_RECV: u64 = 2 << 32;
 const KIND_READ: u64 = 3 << 32;
@@ -310,7 +313,7 @@ impl DirectQueue {
         init.max_inline_data = 64;
         let data = RegisteredBuffer::new(&pd, usize::from(depth) * stride, Access::ALL)
             .map_err(rdma_err("data buffers"))?;
-        let recv = RegisteredBuffer::new(&pd, 16 * recv_slots as usize, Access::LOCAL_WRITE)
+        let recv = RegisteredBuffer::new(&pd, RECV_SLOT * recv_slots as usize, Access::LOCAL_WRITE)
             .map_err(rdma_err("CQE ring"))?;
         let private = ConnectPrivate::new(desc.token.get());
         let conn = connector
@@ -383,7 +386,7 @@ impl DirectQueue {
         let sge = self
             .recv
             .mr()
-            .sge(i as usize * 16, 16)
+            .sge(i as usize * RECV_SLOT, RECV_SLOT)
             .map_err(rdma_err("recv sge"))?;
         let mut b = RecvBatch::<1>::new();
         b.recv(KIND_RECV | u64::from(i), Some(sge))
@@ -531,23 +534,29 @@ impl DirectQueue {
             let id = wc.wr_id();
             match id & KIND_MASK {
                 KIND_RECV => {
+                    // One SEND carries 1..=CQES_PER_SEND completions.
                     let idx = id as u32;
-                    let mut raw = [0u8; 16];
+                    let count = (wc.byte_len() as usize / 16).min(CQES_PER_SEND);
+                    let mut raw = [0u8; 16 * CQES_PER_SEND];
                     self.recv
-                        .read(idx as usize * 16, &mut raw)
+                        .read(idx as usize * RECV_SLOT, &mut raw[..count * 16])
                         .map_err(rdma_err("read CQE"))?;
                     self.post_recv(idx % self.recv_slots)?;
                     self.ops.recvs += 1;
-                    let cqe = Cqe::read_from_bytes(&raw).unwrap_or_default();
-                    let cid = cqe.cid.get();
-                    let Some(s) = self.slots.get_mut(usize::from(cid)).filter(|s| s.busy) else {
-                        continue;
-                    };
-                    s.status = cqe.status();
-                    if s.write || !s.status.is_success() {
-                        done += self.finish(cid, false, &mut f);
-                    } else {
-                        self.post_read(cid)?;
+                    for k in 0..count {
+                        let cqe =
+                            Cqe::read_from_bytes(&raw[k * 16..k * 16 + 16]).unwrap_or_default();
+                        let cid = cqe.cid.get();
+                        let Some(s) = self.slots.get_mut(usize::from(cid)).filter(|s| s.busy)
+                        else {
+                            continue;
+                        };
+                        s.status = cqe.status();
+                        if s.write || !s.status.is_success() {
+                            done += self.finish(cid, false, &mut f);
+                        } else {
+                            self.post_read(cid)?;
+                        }
                     }
                 }
                 KIND_READ => done += self.finish(id as u16, true, &mut f),

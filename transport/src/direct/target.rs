@@ -35,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvme::ctrl::RawQueuePair;
-use nvme::spec::{Cqe, Status};
+use nvme::spec::Status;
 use nvme::vfio::NvmeDevice;
 use nvme::DmaBuffer;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
@@ -44,8 +44,8 @@ use rdma::{
     RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
 };
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, IntoBytes};
 
+use super::host::CQES_PER_SEND;
 use super::proto::{
     reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion, FLAG_CQE_PUSH,
     FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
@@ -162,6 +162,7 @@ struct Active {
     phase: bool,
     tail: u16,
     mirror_last: u16,
+    ring: bool,
     in_flight: u32,
     sends_out: u32,
     send_max: u32,
@@ -609,12 +610,16 @@ impl Poller {
                 .active
                 .iter()
                 .any(|a| a.in_flight > 0 || a.att.report.level == Level::P2p);
-            if idle < Duration::from_micros(200) {
+            // Commands in flight: yield briefly, then nap (the device takes tens of
+            // microseconds at best); nothing in flight: sleep on the channels.
+            if idle < Duration::from_micros(20) {
                 std::thread::yield_now();
             } else if busy {
                 std::thread::sleep(Duration::from_micros(50));
-            } else {
+            } else if idle >= Duration::from_micros(200) {
                 self.sleep();
+            } else {
+                std::thread::yield_now();
             }
         }
         for a in &self.active {
@@ -769,6 +774,7 @@ impl Poller {
             phase: true,
             tail: 0,
             mirror_last: 0,
+            ring: false,
             in_flight: 0,
             sends_out: 0,
             send_max: depth + SLACK,
@@ -816,6 +822,9 @@ impl Poller {
                 _ => {}
             }
         }
+        for a in &mut self.active {
+            ring(a);
+        }
         n
     }
 
@@ -836,10 +845,12 @@ impl Poller {
         }
         a.mirror_last = t;
         advance_tail(a, u32::from(t));
+        ring(a);
         1
     }
 
-    /// Pushes new CQEs to the host, then rings the CQ head doorbell.
+    /// Pushes new CQEs to the host (up to [`CQES_PER_SEND`] per SEND), then rings the CQ
+    /// head doorbell once.
     fn push_completions(&mut self, i: usize) -> usize {
         let a = &mut self.active[i];
         if a.dead {
@@ -856,26 +867,40 @@ impl Poller {
         }
         let depth = a.att.raw.depth();
         let mut n = 0;
-        let mut raw = [0u8; 16];
-        while n < 32 && a.sends_out < a.send_max {
-            let off = usize::from(a.head) * 16;
-            // Phase tag first (volatile load of DW3), then the rest of the entry.
-            let Ok(dw3) = a.att.raw.cq().read_u32(off + 12) else {
-                break;
-            };
-            if ((dw3 >> 16) & 1 == 1) != a.phase {
+        let mut batch = [0u8; 16 * CQES_PER_SEND];
+        while n < 64 && a.sends_out < a.send_max {
+            let mut k = 0;
+            while k < CQES_PER_SEND {
+                let off = usize::from(a.head) * 16;
+                // Phase tag first (volatile load of DW3), then the rest of the entry.
+                let Ok(dw3) = a.att.raw.cq().read_u32(off + 12) else {
+                    break;
+                };
+                if ((dw3 >> 16) & 1 == 1) != a.phase {
+                    break;
+                }
+                std::sync::atomic::fence(Ordering::Acquire);
+                if a.att
+                    .raw
+                    .cq()
+                    .read(off, &mut batch[k * 16..k * 16 + 16])
+                    .is_err()
+                {
+                    break;
+                }
+                k += 1;
+                a.head += 1;
+                if a.head == depth {
+                    a.head = 0;
+                    a.phase = !a.phase;
+                }
+            }
+            if k == 0 {
                 break;
             }
-            std::sync::atomic::fence(Ordering::Acquire);
-            if a.att.raw.cq().read(off, &mut raw).is_err() {
-                break;
-            }
-            let Ok(cqe) = Cqe::read_from_bytes(&raw) else {
-                break;
-            };
             let mut b = SendBatch::<1>::new();
             let posted = b
-                .send_inline(KIND_SEND, cqe.as_bytes(), SendFlags::SIGNALED)
+                .send_inline(KIND_SEND, &batch[..k * 16], SendFlags::SIGNALED)
                 .map(|_| ())
                 .and_then(|_| a.conn.qp().post_send(&mut b));
             if let Err(e) = posted {
@@ -884,14 +909,9 @@ impl Poller {
                 break;
             }
             a.sends_out += 1;
-            a.in_flight = a.in_flight.saturating_sub(1);
-            a.att.report.cqes_pushed += 1;
-            a.head += 1;
-            if a.head == depth {
-                a.head = 0;
-                a.phase = !a.phase;
-            }
-            n += 1;
+            a.in_flight = a.in_flight.saturating_sub(k as u32);
+            a.att.report.cqes_pushed += k as u64;
+            n += k;
         }
         if n > 0 {
             a.att.raw.ring_cq(a.head);
@@ -917,6 +937,14 @@ fn advance_tail(a: &mut Active, t: u32) {
     }
     a.tail = t;
     a.in_flight += added;
-    a.att.report.doorbells_forwarded += 1;
-    a.att.raw.ring_sq(t);
+    a.ring = true;
+}
+
+/// Rings the SQ doorbell once for every tail update gathered since the last call.
+fn ring(a: &mut Active) {
+    if a.ring {
+        a.ring = false;
+        a.att.report.doorbells_forwarded += 1;
+        a.att.raw.ring_sq(a.tail);
+    }
 }
