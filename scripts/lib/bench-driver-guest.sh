@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Inside the testbed (called by scripts/bench-driver): our VFIO driver (`perf --local`)
-# vs fio libaio on the kernel nvme driver, same device, same boot. $1 = seconds per run.
+# Inside the testbed (called by scripts/bench-driver): our VFIO driver (`perf --local`,
+# with shadow doorbells and with plain MMIO doorbells) vs fio libaio on the kernel nvme
+# driver, same device, same boot. $1 = seconds per run.
 set -uo pipefail
 SECS=${1:-10}
 . "$(dirname "$0")/guest-lib.sh"
 BIN=$NVMF_P2P_ROOT/target/release/nvmf-p2p
 OUT=$NVMF_P2P_SCRATCH/bench-driver; mkdir -p "$OUT"
-declare -A OURS KERN
+declare -A SHADOW MMIO KERN
+nvme_rebind vfio-pci || exit 1
+# warm-up (the first seconds after boot run slow), not reported
+"$BIN" perf --local "$NVMF_P2P_BDF" -q 32 -t 3 > /dev/null || { echo "perf --local failed"; exit 1; }
 for qd in 1 32; do
-  nvme_rebind vfio-pci || exit 1
-  "$BIN" perf --local "$NVMF_P2P_BDF" -q $qd -o 4k -w randread -t "$SECS" --json > "$OUT/ours-$qd.json" ||
-    { echo "perf --local failed"; exit 1; }
-  OURS[$qd]=$(jq -r '.iops | floor' "$OUT/ours-$qd.json")
+  "$BIN" perf --local "$NVMF_P2P_BDF" -q $qd -o 4k -w randread -t "$SECS" --json > "$OUT/shadow-$qd.json" || exit 1
+  SHADOW[$qd]=$(jq -r '.iops | floor' "$OUT/shadow-$qd.json")
+  "$BIN" perf --local "$NVMF_P2P_BDF" -q $qd -o 4k -w randread -t "$SECS" --no-shadow-doorbells --json > "$OUT/mmio-$qd.json" || exit 1
+  MMIO[$qd]=$(jq -r '.iops | floor' "$OUT/mmio-$qd.json")
 done
 nvme_rebind nvme || exit 1
 dev=$(nvme_kernel_blockdev) || exit 1
@@ -20,11 +24,12 @@ for qd in 1 32; do
   KERN[$qd]=$(fio_get "$OUT/kernel-$qd.json" read iops)
 done
 nvme_rebind vfio-pci
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 echo
-echo "4K randread, ${SECS}s each, same emulated NVMe, same boot"
-printf '%-6s %14s %14s %8s\n' QD "ours (VFIO)" "kernel+libaio" ratio
+echo "4K randread IOPS, ${SECS}s each, same emulated NVMe, same boot"
+printf '%-4s %14s %8s %14s %8s %14s\n' QD "ours shadow-db" ratio "ours mmio-db" ratio "kernel+libaio"
 for qd in 1 32; do
-  printf '%-6s %14s %14s %8s\n' "$qd" "${OURS[$qd]}" "${KERN[$qd]}" \
-    "$(awk -v a="${OURS[$qd]}" -v b="${KERN[$qd]}" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }')"
+  printf '%-4s %14s %8s %14s %8s %14s\n' "$qd" "${SHADOW[$qd]}" "$(ratio "${SHADOW[$qd]}" "${KERN[$qd]}")" \
+    "${MMIO[$qd]}" "$(ratio "${MMIO[$qd]}" "${KERN[$qd]}")" "${KERN[$qd]}"
 done
 echo "(reference on this testbed: SPDK's spdk_nvme_perf reaches 5.8x at QD32, 2.6x at QD1)"

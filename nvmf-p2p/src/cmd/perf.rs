@@ -63,6 +63,10 @@ pub struct Args {
     /// Run time in seconds.
     #[arg(short = 't', long = "time", default_value_t = 10)]
     pub secs: u64,
+    /// With --local: do not use Doorbell Buffer Config (shadow doorbells + EventIdx) even
+    /// when the controller offers it.
+    #[arg(long, requires = "local")]
+    pub no_shadow_doorbells: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -436,7 +440,11 @@ fn run_local(bdf: &str, a: &Args) -> Result<Report, CliError> {
     use nvme::vfio::NvmeDevice;
     use nvme::{ControllerOptions, QueueOptions};
     let nerr = |e: nvme::Error| CliError(e.to_string());
-    let dev = NvmeDevice::open(bdf, ControllerOptions::default()).map_err(nerr)?;
+    let opts = ControllerOptions {
+        shadow_doorbells: !a.no_shadow_doorbells,
+        ..ControllerOptions::default()
+    };
+    let dev = NvmeDevice::open(bdf, opts).map_err(nerr)?;
     let ctrl = dev.controller();
     let ns = ctrl
         .info()
@@ -559,6 +567,7 @@ mod tests {
             workload: w,
             rwmixread: 70,
             secs: 1,
+            no_shadow_doorbells: false,
             json: false,
         };
         for w in [Workload::Randread, Workload::Randrw, Workload::Write] {
