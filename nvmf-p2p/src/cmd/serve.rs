@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use transport::config::TargetConfig;
-use transport::rdma::{serve, ServeOptions};
+use transport::rdma::{serve_with, ServeOptions};
 use transport::target::Target;
 
 use super::{CliError, CliResult};
@@ -77,28 +77,42 @@ pub fn run(a: Args) -> CliResult {
             }
         })
     };
-    let _control = control::Server::start(&cfg.control_socket, handler).map_err(CliError)?;
-    for l in &cfg.listeners {
-        tracing::info!(address = %l.address, port = l.port, "listening");
+    // The control socket opens once the listeners are bound: whoever waits for it (the
+    // demo, tests, an operator's script) can connect right away.
+    let mut control = None;
+    let on_ready = || {
+        match control::Server::start(&cfg.control_socket, handler) {
+            Ok(server) => control = Some(Ok(server)),
+            Err(e) => {
+                control = Some(Err(e));
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+        eprintln!(
+            "nvmf-p2p: serving {} subsystem(s) on {}; control socket {}",
+            cfg.subsystems.len(),
+            cfg.listeners
+                .iter()
+                .map(|l| format!("{}:{}", l.address, l.port))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cfg.control_socket.display()
+        );
+    };
+    serve_with(&target, &cfg, &stop, ServeOptions::default(), on_ready)
+        .map_err(|e| CliError(e.to_string()))?;
+    if let Some(Err(e)) = control {
+        return Err(CliError(e));
     }
-    eprintln!(
-        "nvmf-p2p: serving {} subsystem(s) on {}; control socket {}",
-        cfg.subsystems.len(),
-        cfg.listeners
-            .iter()
-            .map(|l| format!("{}:{}", l.address, l.port))
-            .collect::<Vec<_>>()
-            .join(", "),
-        cfg.control_socket.display()
-    );
-    serve(&target, &cfg, &stop, ServeOptions::default()).map_err(|e| CliError(e.to_string()))?;
     if stop.load(Ordering::Relaxed) {
         eprintln!("nvmf-p2p: stopped (queues drained, namespaces flushed)");
     }
     Ok(())
 }
 
-/// The `stats` reply: subsystems with their namespaces, and live controllers.
+/// The `stats` reply: subsystems with their namespaces, and live controllers with their
+/// command, byte and error counters.
 fn stats(target: &Target) -> serde_json::Value {
     let subsystems: Vec<_> = target
         .subsystems()
@@ -119,17 +133,6 @@ fn stats(target: &Target) -> serde_json::Value {
             json!({ "nqn": s.nqn, "namespaces": namespaces })
         })
         .collect();
-    let controllers: Vec<_> = target
-        .controllers()
-        .iter()
-        .map(|c| {
-            json!({
-                "cntlid": c.cntlid(),
-                "subnqn": c.subsystem().nqn,
-                "hostnqn": c.hostnqn(),
-                "ready": c.is_ready(),
-            })
-        })
-        .collect();
+    let controllers = serde_json::to_value(target.controller_stats()).unwrap_or_default();
     json!({ "subsystems": subsystems, "controllers": controllers })
 }
