@@ -17,8 +17,11 @@ use crate::config::TargetConfig;
 use crate::error::Result;
 use crate::target::{PollGroup, Target};
 
-/// Longest sleep of a group while commands are in its NVMe backend channels.
-const BACKEND_NAP: Duration = Duration::from_micros(50);
+/// Sleeps of a group while commands are in its NVMe backend channels: a quarter of the
+/// time idle so far, within these bounds (a slow device is not polled in a tight loop,
+/// a fast one is seen soon).
+const BACKEND_NAP_MIN: Duration = Duration::from_micros(50);
+const BACKEND_NAP_MAX: Duration = Duration::from_millis(1);
 
 /// How often a busy group 0 looks for RDMA CM events.
 const CM_POLL_PERIOD: Duration = Duration::from_millis(1);
@@ -206,7 +209,7 @@ fn idle(
     // Commands in an NVMe backend complete without an event to sleep on (polled queues):
     // nap briefly so their completions are seen soon, yet leave the CPU to the device.
     let sleep = if group.backend_in_flight() > 0 {
-        BACKEND_NAP
+        (now.duration_since(*last_work) / 4).clamp(BACKEND_NAP_MIN, BACKEND_NAP_MAX)
     } else {
         opts.max_sleep
     };

@@ -202,6 +202,9 @@ pub(crate) struct QueueHandler<Q: Qpair> {
     ctx: QueueCtx,
     phase: Phase,
     next_ka_check: Option<Instant>,
+    /// Some request can move without a new event (it waited for a buffer, the wire, the
+    /// backend channel, or an asynchronous event), or a backend completion arrived.
+    kick: bool,
 }
 
 const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
@@ -242,6 +245,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             },
             phase: Phase::Live,
             next_ka_check: None,
+            kick: false,
         }
     }
 
@@ -263,6 +267,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             tracing::warn!(tag, state = ?req.state, "backend completion for a request not in the backend");
             return;
         }
+        self.kick = true;
         if !status.is_success() {
             // The device's status goes to the host as is (DNR and all: an abort by a
             // controller reset stays retryable).
@@ -369,9 +374,18 @@ impl<Q: Qpair> QueueHandler<Q> {
             self.ctx.stats.commands += 1;
             work += 1;
         }
-        if self.free.len() < self.reqs.len() {
+        // Requests waiting for an event (RDMA transfer, backend completion) cannot move
+        // until one arrives: skip the pass over the slots when nothing happened.
+        if self.free.len() < self.reqs.len() && (work > 0 || self.kick) {
+            self.kick = false;
             for tag in 0..self.reqs.len() {
                 work += self.advance(tag, pool, chans, now);
+                let r = &self.reqs[tag];
+                self.kick |= match r.state {
+                    ReqState::Free | ReqState::TransferIn | ReqState::Backend => false,
+                    ReqState::TransferOut => !(r.posted && r.responded),
+                    _ => true,
+                };
             }
         }
         work
