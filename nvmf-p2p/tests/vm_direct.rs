@@ -386,7 +386,7 @@ fn direct_mode_end_to_end() {
                 "-w",
                 rw,
                 "-t",
-                "4",
+                "3",
                 "--json",
             ])
             .output()

@@ -578,6 +578,7 @@ impl Poller {
         let mut last_work = Instant::now();
         let mut last_report = Instant::now();
         let mut last_cm = Instant::now();
+        let mut nap = Duration::from_micros(25);
         while !self.inner.stop.load(Ordering::Relaxed) {
             self.polls += 1;
             // CM events cost a syscall: look at most every millisecond while busy.
@@ -603,6 +604,7 @@ impl Poller {
             let now = Instant::now();
             if work > 0 {
                 last_work = now;
+                nap = Duration::from_micros(25);
                 continue;
             }
             let idle = now.duration_since(last_work);
@@ -615,7 +617,10 @@ impl Poller {
             if idle < Duration::from_micros(20) {
                 std::thread::yield_now();
             } else if busy {
-                std::thread::sleep(Duration::from_micros(50));
+                // Back off 25 µs → 800 µs: a nap costs a timer and two context switches,
+                // which on a TCG guest cost as much as the nap itself.
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_micros(800));
             } else if idle >= Duration::from_micros(200) {
                 self.sleep();
             } else {
