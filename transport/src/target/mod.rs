@@ -380,10 +380,11 @@ impl Target {
                     "no asynchronous channel: this namespace takes the synchronous path"),
             }
         }
-        tracing::debug!(
+        tracing::info!(
             channels = channels.len(),
             backend = %provider.describe(),
-            "buffer pool in DMA memory"
+            buffers = count,
+            "poll group: buffer pool in the backend's DMA memory (zero-copy asynchronous I/O)"
         );
         (Some(pool), channels)
     }
