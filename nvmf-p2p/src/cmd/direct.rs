@@ -384,6 +384,7 @@ fn add_ops(total: &mut OpCounts, q: &OpCounts) {
     total.write_imms += q.write_imms;
     total.reads += q.reads;
     total.recvs += q.recvs;
+    total.pushed_reads += q.pushed_reads;
 }
 
 fn attach_err(e: AttachError) -> CliError {

@@ -27,7 +27,9 @@ use rdma::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::proto::{detach_sqe, AttachRequest, ConnectPrivate, Descriptor, Level};
+use super::proto::{
+    detach_sqe, reply_flags, AttachRequest, ConnectPrivate, Descriptor, Level, ACCEPT_READS_PUSHED,
+};
 use crate::error::{Error, Result};
 use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use crate::initiator::{cmd, execute, InitiatorQueue};
@@ -222,14 +224,16 @@ pub struct OpCounts {
     pub write_imms: u64,
     /// RDMA READs posted (read data).
     pub reads: u64,
-    /// SENDs received (CQEs pushed by the target).
+    /// SENDs received (CQEs pushed by the target, up to 4 each).
     pub recvs: u64,
+    /// RDMA WRITEs of read data by the target (pushed ahead of the CQE).
+    pub pushed_reads: u64,
 }
 
 impl OpCounts {
     /// All operations.
     pub fn total(&self) -> u64 {
-        self.writes + self.write_imms + self.reads + self.recvs
+        self.writes + self.write_imms + self.reads + self.recvs + self.pushed_reads
     }
 }
 
@@ -274,6 +278,7 @@ pub struct DirectQueue {
     wcs: Box<[WorkCompletion; 32]>,
     scratch: Box<[u8]>,
     last_cm_check: Instant,
+    reads_pushed: bool,
     /// RDMA operation counters.
     pub ops: OpCounts,
 }
@@ -315,10 +320,15 @@ impl DirectQueue {
             .map_err(rdma_err("data buffers"))?;
         let recv = RegisteredBuffer::new(&pd, RECV_SLOT * recv_slots as usize, Access::LOCAL_WRITE)
             .map_err(rdma_err("CQE ring"))?;
-        let private = ConnectPrivate::new(desc.token.get());
+        // Ask the target to push read data into our buffer before each read's CQE.
+        let mut private = ConnectPrivate::new(desc.token.get());
+        private.read_addr = data.mr().addr().into();
+        private.read_rkey = data.mr().rkey().into();
+        private.read_stride = (stride as u32).into();
         let conn = connector
             .connect(&pd, &init, private.as_bytes(), T)
             .map_err(rdma_err("connect (direct)"))?;
+        let reads_pushed = reply_flags(conn.peer_private_data()) & ACCEPT_READS_PUSHED != 0;
         let now = Instant::now();
         let q = DirectQueue {
             conn,
@@ -346,6 +356,7 @@ impl DirectQueue {
             wcs: Box::new([WorkCompletion::default(); 32]),
             scratch: vec![0u8; stride].into_boxed_slice(),
             last_cm_check: now,
+            reads_pushed,
             ops: OpCounts::default(),
         };
         for i in 0..recv_slots {
@@ -357,6 +368,11 @@ impl DirectQueue {
     /// The descriptor the target returned.
     pub fn descriptor(&self) -> &Descriptor {
         &self.desc
+    }
+
+    /// Whether the target pushes read data (else the host RDMA READs it).
+    pub fn reads_pushed(&self) -> bool {
+        self.reads_pushed
     }
 
     /// The level.
@@ -554,6 +570,10 @@ impl DirectQueue {
                         s.status = cqe.status();
                         if s.write || !s.status.is_success() {
                             done += self.finish(cid, false, &mut f);
+                        } else if self.reads_pushed {
+                            // The data came by RDMA WRITE ahead of this SEND (RC order).
+                            self.ops.pushed_reads += 1;
+                            done += self.finish(cid, true, &mut f);
                         } else {
                             self.post_read(cid)?;
                         }

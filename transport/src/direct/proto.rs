@@ -240,7 +240,7 @@ pub fn detach_token(s: &Sqe) -> u64 {
     u64::from(s.cdw10.get()) | (u64::from(s.cdw11.get()) << 32)
 }
 
-/// CM private data of the direct connection request (16 bytes).
+/// CM private data of the direct connection request (32 bytes).
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct ConnectPrivate {
@@ -252,27 +252,51 @@ pub struct ConnectPrivate {
     pub rsvd: U16,
     /// `Descriptor::token` of the attachment.
     pub token: U64,
+    /// Host buffer for pushed read data (command id × `read_stride`); rkey 0: the host
+    /// fetches read data itself by RDMA READ.
+    pub read_addr: U64,
+    /// Remote key of the read buffer.
+    pub read_rkey: U32,
+    /// Bytes per command id in the read buffer.
+    pub read_stride: U32,
 }
+
+const _: () = assert!(size_of::<ConnectPrivate>() == 32);
+
+/// Accept private data `flags` bit: read data is pushed before each read's CQE.
+pub const ACCEPT_READS_PUSHED: u16 = 1;
 
 /// Rejection reason in the direct connection's reject private data ({magic u32, code u16}).
 pub const REJECT_UNKNOWN_TOKEN: u16 = 1;
 
-/// Accept/reject private data: {magic, code, 0}.
-pub fn reply_private(code: u16) -> [u8; 8] {
+/// Accept/reject private data: {magic u32, code u16, flags u16}.
+pub fn reply_private(code: u16, flags: u16) -> [u8; 8] {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&CONNECT_MAGIC.to_le_bytes());
     b[4..6].copy_from_slice(&code.to_le_bytes());
+    b[6..8].copy_from_slice(&flags.to_le_bytes());
     b
 }
 
+/// The flags of an accept's private data (0 when absent or foreign).
+pub fn reply_flags(b: &[u8]) -> u16 {
+    if b.len() < 8 || b[..4] != CONNECT_MAGIC.to_le_bytes() {
+        return 0;
+    }
+    u16::from_le_bytes([b[6], b[7]])
+}
+
 impl ConnectPrivate {
-    /// Private data naming `token`.
+    /// Private data naming `token`, without pushed reads.
     pub fn new(token: u64) -> Self {
         ConnectPrivate {
             magic: U32::new(CONNECT_MAGIC),
             version: U16::new(VERSION),
             rsvd: U16::new(0),
             token: U64::new(token),
+            read_addr: U64::new(0),
+            read_rkey: U32::new(0),
+            read_stride: U32::new(0),
         }
     }
     /// Parses; `None` unless magic and version match.
@@ -314,6 +338,9 @@ mod tests {
         assert_eq!(detach_token(&detach_sqe(u64::MAX - 5)), u64::MAX - 5);
         let c = ConnectPrivate::new(42);
         assert_eq!(ConnectPrivate::parse(c.as_bytes()).unwrap().token.get(), 42);
-        assert!(ConnectPrivate::parse(&[0u8; 16]).is_none());
+        assert!(ConnectPrivate::parse(&[0u8; 32]).is_none());
+        assert!(ConnectPrivate::parse(&c.as_bytes()[..16]).is_none());
+        assert_eq!(reply_flags(&reply_private(0, ACCEPT_READS_PUSHED)), 1);
+        assert_eq!(reply_flags(&[1, 2, 3]), 0);
     }
 }

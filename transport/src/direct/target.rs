@@ -41,14 +41,15 @@ use nvme::DmaBuffer;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
 use rdma::{
     Access, CompletionChannel, CompletionQueue, MemoryRegion, ProtectionDomain, QpInit, RecvBatch,
-    RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
+    RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, WorkCompletion,
 };
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 
 use super::host::CQES_PER_SEND;
 use super::proto::{
-    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion, FLAG_CQE_PUSH,
-    FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
+    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion,
+    ACCEPT_READS_PUSHED, FLAG_CQE_PUSH, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN,
+    STATUS_ACCESS_DENIED,
 };
 use super::DirectAttach;
 use crate::error::{Error, Result};
@@ -60,6 +61,7 @@ const SLACK: u32 = 16;
 const PENDING_TTL: Duration = Duration::from_secs(20);
 const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
+const KIND_WRITE: u64 = 3;
 
 /// A namespace that direct mode may expose.
 #[derive(Clone)]
@@ -119,6 +121,8 @@ pub struct QueueReport {
     pub doorbells_forwarded: u64,
     /// CQEs pushed to the host.
     pub cqes_pushed: u64,
+    /// Read data pushed to the host (RDMA WRITE before the CQE).
+    pub reads_pushed: u64,
 }
 
 /// Service-wide counters and state, for stats.
@@ -144,10 +148,13 @@ struct Attachment {
     _db_mr: Option<MemoryRegion>,
     _sq_mr: MemoryRegion,
     _cq_mr: MemoryRegion,
-    _pool_mr: MemoryRegion,
+    pool_mr: MemoryRegion,
     mirror: RegisteredBuffer,
     raw: RawQueuePair,
     _pool: DmaBuffer,
+    pool_iova: u64,
+    pool_len: u64,
+    lba_size: u32,
     generation: u64,
     report: QueueReport,
     created: Instant,
@@ -163,10 +170,22 @@ struct Active {
     tail: u16,
     mirror_last: u16,
     ring: bool,
+    /// Host buffer for pushed read data: (addr, rkey, stride).
+    push: Option<(u64, u32, u32)>,
+    /// Reads in flight by command id (parsed from the SQEs when the tail moves).
+    cmds: Box<[Cmd]>,
     in_flight: u32,
     sends_out: u32,
     send_max: u32,
     dead: bool,
+}
+
+/// What the poller needs to push a read's data: pool offset and length (0: not a read
+/// it can push).
+#[derive(Clone, Copy, Default)]
+struct Cmd {
+    off: u32,
+    len: u32,
 }
 
 struct Control {
@@ -502,9 +521,12 @@ impl DirectService {
             _db_mr: db_mr,
             _sq_mr: sq_mr,
             _cq_mr: cq_mr,
-            _pool_mr: pool_mr,
+            pool_mr,
             mirror,
             raw,
+            pool_iova: pool.iova(),
+            pool_len: pool_len as u64,
+            lba_size: nsinfo.block_size,
             _pool: pool,
             generation: ctrl.generation(),
             report: QueueReport {
@@ -518,6 +540,7 @@ impl DirectService {
                 connected: false,
                 doorbells_forwarded: 0,
                 cqes_pushed: 0,
+                reads_pushed: 0,
             },
             created: Instant::now(),
         };
@@ -726,26 +749,36 @@ impl Poller {
     }
 
     fn connect(&mut self, req: ConnectRequest) {
-        let token = ConnectPrivate::parse(req.private_data()).map(|p| p.token.get());
+        let private = ConnectPrivate::parse(req.private_data());
+        let token = private.map(|p| p.token.get());
         let att = token.and_then(|t| lock(&self.inner.control).pending.remove(&t));
         let Some(mut att) = att else {
             tracing::info!("direct connection with an unknown token: rejected");
-            let _ = req.reject(&reply_private(REJECT_UNKNOWN_TOKEN));
+            let _ = req.reject(&reply_private(REJECT_UNKNOWN_TOKEN, 0));
             return;
         };
         let depth = u32::from(att.raw.depth());
+        let push = private
+            .filter(|p| p.read_rkey.get() != 0 && p.read_stride.get() >= 512)
+            .map(|p| (p.read_addr.get(), p.read_rkey.get(), p.read_stride.get()));
+        let send_max = 2 * depth + SLACK;
         let init = QpInit {
             send_cq: self.cq.clone(),
             recv_cq: self.cq.clone(),
             srq: None,
-            max_send_wr: depth + SLACK,
+            max_send_wr: send_max,
             max_recv_wr: depth + SLACK,
             max_send_sge: 1,
             max_recv_sge: 1,
             max_inline_data: 64,
             sq_sig_all: false,
         };
-        let conn = match req.accept(&self.inner.pd, &init, &reply_private(0)) {
+        let flags = if push.is_some() {
+            ACCEPT_READS_PUSHED
+        } else {
+            0
+        };
+        let conn = match req.accept(&self.inner.pd, &init, &reply_private(0, flags)) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "direct: accept");
@@ -780,9 +813,11 @@ impl Poller {
             tail: 0,
             mirror_last: 0,
             ring: false,
+            push,
+            cmds: vec![Cmd::default(); depth as usize].into_boxed_slice(),
             in_flight: 0,
             sends_out: 0,
-            send_max: depth + SLACK,
+            send_max,
             dead: false,
         });
         self.publish();
@@ -823,7 +858,9 @@ impl Poller {
                         a.dead = true;
                     }
                 }
-                KIND_SEND => a.sends_out = a.sends_out.saturating_sub(1),
+                id if id & 0xff == KIND_SEND => {
+                    a.sends_out = a.sends_out.saturating_sub((id >> 8) as u32)
+                }
                 _ => {}
             }
         }
@@ -873,7 +910,8 @@ impl Poller {
         let depth = a.att.raw.depth();
         let mut n = 0;
         let mut batch = [0u8; 16 * CQES_PER_SEND];
-        while n < 64 && a.sends_out < a.send_max {
+        // A chain is at most CQES_PER_SEND data WRITEs and one SEND.
+        while n < 64 && a.sends_out + (CQES_PER_SEND as u32) < a.send_max {
             let mut k = 0;
             while k < CQES_PER_SEND {
                 let off = usize::from(a.head) * 16;
@@ -903,19 +941,42 @@ impl Poller {
             if k == 0 {
                 break;
             }
-            let mut b = SendBatch::<1>::new();
-            let posted = b
-                .send_inline(KIND_SEND, &batch[..k * 16], SendFlags::SIGNALED)
-                .map(|_| ())
-                .and_then(|_| a.conn.qp().post_send(&mut b));
-            if let Err(e) = posted {
+            let mut chain = SendBatch::<{ CQES_PER_SEND + 1 }>::new();
+            let mut wrs = 1u32;
+            let built = (|| -> rdma::Result<()> {
+                if let Some((addr, rkey, stride)) = a.push {
+                    for j in 0..k {
+                        let e = &batch[j * 16..j * 16 + 16];
+                        let cid = u16::from_le_bytes([e[12], e[13]]);
+                        let ok = u16::from_le_bytes([e[14], e[15]]) >> 1 == 0;
+                        let Some(c) = a.cmds.get(usize::from(cid)).copied() else {
+                            continue;
+                        };
+                        if c.len == 0 || !ok || c.len > stride {
+                            continue;
+                        }
+                        let sge = a.att.pool_mr.sge(c.off as usize, c.len as usize)?;
+                        let dst = RemoteAddr {
+                            addr: addr + u64::from(cid) * u64::from(stride),
+                            rkey,
+                        };
+                        chain.write(KIND_WRITE, sge, dst, SendFlags::NONE)?;
+                        wrs += 1;
+                    }
+                }
+                let id = KIND_SEND | (u64::from(wrs) << 8);
+                chain.send_inline(id, &batch[..k * 16], SendFlags::SIGNALED)?;
+                a.conn.qp().post_send(&mut chain)
+            })();
+            if let Err(e) = built {
                 tracing::info!(error = %e, "direct: push CQE");
                 a.dead = true;
                 break;
             }
-            a.sends_out += 1;
+            a.sends_out += wrs;
             a.in_flight = a.in_flight.saturating_sub(k as u32);
             a.att.report.cqes_pushed += k as u64;
+            a.att.report.reads_pushed += u64::from(wrs - 1);
             n += k;
         }
         if n > 0 {
@@ -940,9 +1001,49 @@ fn advance_tail(a: &mut Active, t: u32) {
     if added == 0 {
         return;
     }
+    if a.push.is_some() {
+        let mut slot = a.tail;
+        while slot != t {
+            note_command(a, slot);
+            slot = if u32::from(slot) + 1 == depth {
+                0
+            } else {
+                slot + 1
+            };
+        }
+    }
     a.tail = t;
     a.in_flight += added;
     a.ring = true;
+}
+
+/// Reads the SQE in `slot` and remembers where a read's data will be (pool offset and
+/// length) so that it can be pushed with the completion. Anything else — or a read whose
+/// PRPs are not one contiguous pool range — is not pushed.
+fn note_command(a: &mut Active, slot: u16) {
+    let mut e = [0u8; 64];
+    if a.att.raw.sq().read(usize::from(slot) * 64, &mut e).is_err() {
+        return;
+    }
+    let cid = u16::from_le_bytes([e[2], e[3]]);
+    let Some(c) = a.cmds.get_mut(usize::from(cid)) else {
+        return;
+    };
+    *c = Cmd::default();
+    let le64 = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (opc, prp1, prp2) = (e[0], le64(24), le64(32));
+    let nlb = u64::from(u16::from_le_bytes([e[48], e[49]])) + 1;
+    let len = nlb * u64::from(a.att.lba_size);
+    let contiguous = len <= 4096 && prp2 == 0 || len <= 8192 && prp2 == prp1 + 4096;
+    let in_pool = prp1 >= a.att.pool_iova
+        && prp1 - a.att.pool_iova + len <= a.att.pool_len
+        && prp1 % 4096 + len.min(4096) <= 4096;
+    if opc == nvme::spec::io_opc::READ && contiguous && in_pool {
+        *c = Cmd {
+            off: (prp1 - a.att.pool_iova) as u32,
+            len: len as u32,
+        };
+    }
 }
 
 /// Rings the SQ doorbell once for every tail update gathered since the last call.
