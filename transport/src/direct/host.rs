@@ -448,8 +448,13 @@ impl DirectQueue {
                 return Err(rdma_err("stage data")(e));
             }
         }
-        let iova = self.desc.pool_iova.get() + off as u64;
-        let prp2 = if len > 4096 { iova + 4096 } else { 0 };
+        // Target-provided values: wrapping arithmetic, never a panic.
+        let iova = self.desc.pool_iova.get().wrapping_add(off as u64);
+        let prp2 = if len > 4096 {
+            iova.wrapping_add(4096)
+        } else {
+            0
+        };
         let nsid = self.desc.nsid.get();
         let mut sqe = if write {
             Sqe::write(nsid, lba, (nlb - 1) as u16, iova, prp2)
@@ -462,11 +467,11 @@ impl DirectQueue {
         let new_tail = if slot + 1 == depth { 0 } else { slot + 1 };
         let tail_bytes = u32::from(new_tail).to_le_bytes();
         let sq = RemoteAddr {
-            addr: self.desc.sq.addr.get() + u64::from(slot) * 64,
+            addr: self.desc.sq.addr.get().wrapping_add(u64::from(slot) * 64),
             rkey: self.desc.sq.rkey.get(),
         };
         let pool = RemoteAddr {
-            addr: self.desc.pool.addr.get() + off as u64,
+            addr: self.desc.pool.addr.get().wrapping_add(off as u64),
             rkey: self.desc.pool.rkey.get(),
         };
         let inline = |b: &[u8]| Sge {
@@ -622,7 +627,7 @@ impl DirectQueue {
             .sge(off, s.len as usize)
             .map_err(rdma_err("read sge"))?;
         let pool = RemoteAddr {
-            addr: self.desc.pool.addr.get() + off as u64,
+            addr: self.desc.pool.addr.get().wrapping_add(off as u64),
             rkey: self.desc.pool.rkey.get(),
         };
         let mut b = SendBatch::<1>::new();

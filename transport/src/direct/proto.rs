@@ -326,6 +326,26 @@ mod tests {
         assert!(Descriptor::parse(&[0u8; 10]).is_none());
     }
 
+    proptest::proptest! {
+        /// Network input never panics the parsers, and what parses round-trips.
+        #[test]
+        fn parsers_take_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            if let Some(d) = Descriptor::parse(&bytes) {
+                proptest::prop_assert_eq!(d.as_bytes(), &bytes[..256]);
+                let _ = d.reason();
+            }
+            if let Some(p) = ConnectPrivate::parse(&bytes) {
+                proptest::prop_assert_eq!(p.as_bytes(), &bytes[..32]);
+            }
+            let _ = reply_flags(&bytes);
+            let mut sqe = Sqe::default();
+            let n = bytes.len().min(64);
+            sqe.as_mut_bytes()[..n].copy_from_slice(&bytes[..n]);
+            let _ = AttachRequest::from_sqe(&sqe);
+            let _ = detach_token(&sqe);
+        }
+    }
+
     #[test]
     fn attach_and_detach_commands() {
         let r = AttachRequest {

@@ -957,7 +957,7 @@ impl Poller {
                         }
                         let sge = a.att.pool_mr.sge(c.off as usize, c.len as usize)?;
                         let dst = RemoteAddr {
-                            addr: addr + u64::from(cid) * u64::from(stride),
+                            addr: addr.wrapping_add(u64::from(cid) * u64::from(stride)),
                             rkey,
                         };
                         chain.write(KIND_WRITE, sge, dst, SendFlags::NONE)?;
@@ -1034,9 +1034,13 @@ fn note_command(a: &mut Active, slot: u16) {
     let (opc, prp1, prp2) = (e[0], le64(24), le64(32));
     let nlb = u64::from(u16::from_le_bytes([e[48], e[49]])) + 1;
     let len = nlb * u64::from(a.att.lba_size);
-    let contiguous = len <= 4096 && prp2 == 0 || len <= 8192 && prp2 == prp1 + 4096;
-    let in_pool = prp1 >= a.att.pool_iova
-        && prp1 - a.att.pool_iova + len <= a.att.pool_len
+    // Host-written values: no arithmetic that can overflow.
+    let contiguous =
+        len <= 4096 && prp2 == 0 || len <= 8192 && prp1.checked_add(4096) == Some(prp2);
+    let in_pool = prp1
+        .checked_sub(a.att.pool_iova)
+        .and_then(|off| off.checked_add(len))
+        .is_some_and(|end| end <= a.att.pool_len)
         && prp1 % 4096 + len.min(4096) <= 4096;
     if opc == nvme::spec::io_opc::READ && contiguous && in_pool {
         *c = Cmd {
