@@ -20,7 +20,7 @@ run() { # NAME CMD...
   fi
   echo "---- vm: $name took $(( $(date +%s) - t0 ))s"
 }
-run testbed-selftest scripts/testbed-selftest
+run testbed-selftest scripts/testbed-selftest --quick
 while read -r name path; do
   [ -n "$name" ] || continue
   run "$name" env RUST_BACKTRACE=1 "$path" --test-threads=1
