@@ -40,6 +40,8 @@ const RECV_SLACK: u32 = 16;
 /// CQEs the target packs into one SEND at most (64 bytes: inline on every provider).
 pub const CQES_PER_SEND: usize = 4;
 const RECV_SLOT: usize = 16 * CQES_PER_SEND;
+/// Commands per `ibv_post_send` in [`DirectQueue::flush`].
+pub const FLUSH_BATCH: usize = 16;
 const KIND_CHAIN: u64 = 1 << 32;
 const KIND_RECV: u64 = 2 << 32;
 const KIND_READ: u64 = 3 << 32;
@@ -260,6 +262,7 @@ struct Slot {
     user: u64,
     start: Instant,
     status: Status,
+    sq_slot: u16,
 }
 
 /// One attached direct queue. Field order is drop order: the connection first.
@@ -279,6 +282,8 @@ pub struct DirectQueue {
     scratch: Box<[u8]>,
     last_cm_check: Instant,
     reads_pushed: bool,
+    sqes: Box<[Sqe]>,
+    queued: Vec<u16>,
     /// RDMA operation counters.
     pub ops: OpCounts,
 }
@@ -345,6 +350,7 @@ impl DirectQueue {
                     user: 0,
                     start: now,
                     status: Status::SUCCESS,
+                    sq_slot: 0,
                 };
                 usize::from(depth)
             ]
@@ -357,6 +363,8 @@ impl DirectQueue {
             scratch: vec![0u8; stride].into_boxed_slice(),
             last_cm_check: now,
             reads_pushed,
+            sqes: vec![Sqe::default(); usize::from(depth)].into_boxed_slice(),
+            queued: Vec::with_capacity(usize::from(depth)),
             ops: OpCounts::default(),
         };
         for i in 0..recv_slots {
@@ -464,65 +472,9 @@ impl DirectQueue {
         sqe.set_cid(cid);
         let depth = self.desc.depth.get();
         let slot = self.tail;
-        let new_tail = if slot + 1 == depth { 0 } else { slot + 1 };
-        let tail_bytes = u32::from(new_tail).to_le_bytes();
-        let sq = RemoteAddr {
-            addr: self.desc.sq.addr.get().wrapping_add(u64::from(slot) * 64),
-            rkey: self.desc.sq.rkey.get(),
-        };
-        let pool = RemoteAddr {
-            addr: self.desc.pool.addr.get().wrapping_add(off as u64),
-            rkey: self.desc.pool.rkey.get(),
-        };
-        let inline = |b: &[u8]| Sge {
-            addr: b.as_ptr() as u64,
-            len: b.len() as u32,
-            lkey: 0,
-        };
-        let id = KIND_CHAIN | u64::from(cid);
-        let p2p = self.desc.level() == Level::P2p;
-        let mut chain = SendBatch::<3>::new();
-        let built = (|| -> rdma::Result<()> {
-            if write {
-                let sge = self.data.mr().sge(off, len)?;
-                chain.write(id, sge, pool, SendFlags::NONE)?;
-            }
-            if p2p {
-                let db = RemoteAddr {
-                    addr: self.desc.sq_doorbell.addr.get(),
-                    rkey: self.desc.sq_doorbell.rkey.get(),
-                };
-                chain.write(id, inline(sqe.as_bytes()), sq, SendFlags::INLINE)?;
-                chain.write(
-                    id,
-                    inline(&tail_bytes),
-                    db,
-                    SendFlags::INLINE | SendFlags::SIGNALED,
-                )?;
-            } else {
-                chain.write_imm(
-                    id,
-                    Some(inline(sqe.as_bytes())),
-                    sq,
-                    u32::from(new_tail),
-                    SendFlags::INLINE | SendFlags::SIGNALED,
-                )?;
-            }
-            self.conn.qp().post_send(&mut chain)
-        })();
-        if let Err(e) = built {
-            self.free.push(cid);
-            return Err(rdma_err("post direct submission")(e));
-        }
-        if write {
-            self.ops.writes += 1;
-        }
-        if p2p {
-            self.ops.writes += 2;
-        } else {
-            self.ops.write_imms += 1;
-        }
-        self.tail = new_tail;
+        self.sqes[usize::from(slot)] = sqe;
+        self.queued.push(cid);
+        self.tail = if slot + 1 == depth { 0 } else { slot + 1 };
         self.slots[usize::from(cid)] = Slot {
             busy: true,
             write,
@@ -530,14 +482,101 @@ impl DirectQueue {
             user,
             start: Instant::now(),
             status: Status::SUCCESS,
+            sq_slot: slot,
         };
         Ok(cid)
+    }
+
+    /// Posts every submission queued since the last flush: one `ibv_post_send` per up to
+    /// [`FLUSH_BATCH`] commands — data WRITEs and SQE WRITEs, the last SQE as a WRITE WITH
+    /// IMMEDIATE carrying the new tail (forwarded: one doorbell, one receive completion at
+    /// the target per batch), or followed by one doorbell WRITE (P2P). Only the last WR
+    /// of a post is signaled. [`poll`](Self::poll) flushes too.
+    pub fn flush(&mut self) -> Result<()> {
+        let mut done = 0;
+        while done < self.queued.len() {
+            let n = (self.queued.len() - done).min(FLUSH_BATCH);
+            let r = self.post_batch(done, n);
+            if let Err(e) = r {
+                self.queued.clear();
+                return Err(rdma_err("post direct submissions")(e));
+            }
+            done += n;
+        }
+        self.queued.clear();
+        Ok(())
+    }
+
+    fn post_batch(&mut self, first: usize, n: usize) -> rdma::Result<()> {
+        let depth = self.desc.depth.get();
+        let p2p = self.desc.level() == Level::P2p;
+        let inline = |b: &[u8]| Sge {
+            addr: b.as_ptr() as u64,
+            len: b.len() as u32,
+            lkey: 0,
+        };
+        let last_slot = self.slots[usize::from(self.queued[first + n - 1])].sq_slot;
+        let new_tail = if last_slot + 1 == depth {
+            0
+        } else {
+            last_slot + 1
+        };
+        let tail_bytes = u32::from(new_tail).to_le_bytes();
+        let mut chain = SendBatch::<{ 2 * FLUSH_BATCH + 1 }>::new();
+        for i in 0..n {
+            let cid = self.queued[first + i];
+            let s = self.slots[usize::from(cid)];
+            let id = KIND_CHAIN | u64::from(cid);
+            let off = usize::from(cid) * self.stride;
+            if s.write {
+                let pool = RemoteAddr {
+                    addr: self.desc.pool.addr.get().wrapping_add(off as u64),
+                    rkey: self.desc.pool.rkey.get(),
+                };
+                chain.write(
+                    id,
+                    self.data.mr().sge(off, s.len as usize)?,
+                    pool,
+                    SendFlags::NONE,
+                )?;
+                self.ops.writes += 1;
+            }
+            let sq = RemoteAddr {
+                addr: self
+                    .desc
+                    .sq
+                    .addr
+                    .get()
+                    .wrapping_add(u64::from(s.sq_slot) * 64),
+                rkey: self.desc.sq.rkey.get(),
+            };
+            let sqe = inline(self.sqes[usize::from(s.sq_slot)].as_bytes());
+            if i + 1 == n && !p2p {
+                let flags = SendFlags::INLINE | SendFlags::SIGNALED;
+                chain.write_imm(id, Some(sqe), sq, u32::from(new_tail), flags)?;
+                self.ops.write_imms += 1;
+            } else {
+                chain.write(id, sqe, sq, SendFlags::INLINE)?;
+                self.ops.writes += 1;
+            }
+        }
+        if p2p {
+            let db = RemoteAddr {
+                addr: self.desc.sq_doorbell.addr.get(),
+                rkey: self.desc.sq_doorbell.rkey.get(),
+            };
+            let flags = SendFlags::INLINE | SendFlags::SIGNALED;
+            chain.write(KIND_CHAIN, inline(&tail_bytes), db, flags)?;
+            self.ops.writes += 1;
+        }
+        self.conn.qp().post_send(&mut chain)
     }
 
     /// Reaps completions: `f` gets each finished I/O and, for reads, its data. An error
     /// means the queue is gone (target reset or disconnect): re-attach and resubmit
     /// [`outstanding_users`](Self::outstanding_users).
     pub fn poll(&mut self, mut f: impl FnMut(&DirectCompletion, &[u8])) -> Result<usize> {
+        self.flush()?;
         let n = self
             .cq
             .poll(&mut self.wcs[..])
