@@ -318,7 +318,10 @@ fn nvme_backend_on_simulator_zero_copy() {
     assert!(cs[0].status().same_code(Status::UNRECOVERED_READ_ERROR));
 
     let s = rig.group.queue_stats();
-    assert_eq!(s.iter().map(|q| q.backend_commands).sum::<u64>(), 19 + 17 + 2 + 1);
+    assert_eq!(
+        s.iter().map(|q| q.backend_commands).sum::<u64>(),
+        19 + 17 + 2 + 1
+    );
     assert_eq!(rig.group.free_buffers(), 16);
     assert_eq!(rig.group.backend_in_flight(), 0);
 }
