@@ -6,37 +6,17 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{blockdev_of, env, sh, sh_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
 const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-direct";
 const DIRECT_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d1";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000e2";
 const PORT: u16 = 4430;
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run inside scripts/testbed"))
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
-}
-
-fn sh_ok(cmd: &str, args: &[&str]) -> String {
-    let out = sh(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 struct Serve {
     child: Child,
@@ -165,43 +145,6 @@ fn direct(serve: &Serve, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("direct --json is JSON")
 }
 
-/// The namespace block device of `NQN` under the kernel initiator.
-fn blockdev() -> String {
-    let t0 = Instant::now();
-    loop {
-        for dir in ["/sys/class/nvme-subsystem", "/sys/class/nvme"] {
-            let Ok(rd) = std::fs::read_dir(dir) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                let sub = std::fs::read_to_string(p.join("subsysnqn")).unwrap_or_default();
-                if sub.trim() != NQN {
-                    continue;
-                }
-                for n in std::fs::read_dir(&p).unwrap().flatten() {
-                    let name = n.file_name().to_string_lossy().into_owned();
-                    let is_ns = name.starts_with("nvme")
-                        && name[4..].split_once('n').is_some_and(|(a, b)| {
-                            !a.is_empty()
-                                && a.bytes().all(|c| c.is_ascii_digit())
-                                && !b.is_empty()
-                                && b.bytes().all(|c| c.is_ascii_digit())
-                        });
-                    if is_ns && std::path::Path::new(&format!("/dev/{name}")).exists() {
-                        return format!("/dev/{name}");
-                    }
-                }
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no namespace of {NQN} appeared"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn expected(seed: u64, lba: u64, blocks: u64, lba_size: usize) -> Vec<u8> {
     let mut v = vec![0u8; blocks as usize * lba_size];
     for (i, c) in v.chunks_mut(lba_size).enumerate() {
@@ -297,7 +240,7 @@ fn direct_mode_end_to_end() {
             "connect", "-t", "rdma", "-n", NQN, "-a", &addr, "-s", &port, "-q", OTHER_HOST,
         ],
     );
-    let dev = blockdev();
+    let dev = blockdev_of(NQN);
     let got = dd_read(&dev, 0, blocks, lba_size);
     assert!(
         got == expected(11, 0, blocks, lba_size),
