@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{blockdev_of, env, sh, sh_ok};
+use common::{blockdev_of, discover, env, sh, sh_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
 const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-direct";
@@ -83,19 +83,7 @@ fn start_serve() -> Serve {
             panic!("serve exited early ({st}):\n{}", s.log_text());
         }
         if s.sock.exists() && s.log_text().contains("direct mode on") {
-            let port = PORT.to_string();
-            let d = sh(
-                "nvme",
-                &[
-                    "discover",
-                    "-t",
-                    "rdma",
-                    "-a",
-                    &env("NVMF_P2P_ADDR"),
-                    "-s",
-                    &port,
-                ],
-            );
+            let d = discover(PORT);
             if d.status.success() {
                 return s;
             }

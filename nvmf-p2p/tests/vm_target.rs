@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{blockdev_of, env, sh, sh_ok};
+use common::{blockdev_of, discover, env, sh, sh_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
 
@@ -54,31 +54,15 @@ impl Serve {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        // The control socket comes up before the RDMA listener: wait until discovery answers.
-        let port = port.to_string();
-        loop {
-            let d = sh(
-                "nvme",
-                &[
-                    "discover",
-                    "-t",
-                    "rdma",
-                    "-a",
-                    &env("NVMF_P2P_ADDR"),
-                    "-s",
-                    &port,
-                ],
-            );
-            if d.status.success() {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "discovery never answered:\n{}",
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        // serve opens its control socket only once its listeners are bound: discovery
+        // must answer right away.
+        let d = discover(port);
+        assert!(
+            d.status.success(),
+            "discovery did not answer once the control socket was up:\n{}\n{}",
+            String::from_utf8_lossy(&d.stderr),
+            s.log_text()
+        );
         s
     }
 

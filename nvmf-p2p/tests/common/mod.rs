@@ -68,3 +68,20 @@ pub fn blockdev_of(nqn: &str) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `nvme discover` against the testbed address on `port` (the kernel initiator).
+pub fn discover(port: u16) -> Output {
+    let port = port.to_string();
+    sh(
+        "nvme",
+        &[
+            "discover",
+            "-t",
+            "rdma",
+            "-a",
+            &env("NVMF_P2P_ADDR"),
+            "-s",
+            &port,
+        ],
+    )
+}
