@@ -10,6 +10,7 @@ use zerocopy::FromBytes;
 
 use crate::dma::{DmaBuffer, DmaRegion, Mmio, Platform};
 use crate::error::{Error, Result};
+use crate::irq::EventFd;
 use crate::queue::{Completion, IoQueuePair, QueueParts, Shadow};
 use crate::spec::{
     self, cns, reg, Aqa, Cap, Cc, CmbLoc, CmbMsc, CmbSts, CmbSz, Cqe, Csts, IdentifyController,
@@ -150,6 +151,8 @@ pub(crate) struct QueueRec {
     depth: u16,
     sq_iova: u64,
     cq: DmaBuffer,
+    /// Interrupt vector of the CQ (IEN = 1), or None for a polled CQ.
+    iv: Option<u16>,
 }
 
 struct CmbAlloc {
@@ -206,6 +209,9 @@ pub(crate) struct Shared {
     shadow: Option<(DmaBuffer, DmaBuffer)>,
     cmb: Mutex<Option<CmbState>>,
     info: ControllerInfo,
+    /// Eventfds of the enabled interrupt vectors (empty until the first queue with
+    /// interrupts; vector 0 is the admin queue's).
+    irqs: Mutex<Vec<Arc<EventFd>>>,
 }
 
 /// How [`Controller::recover`] got a timed-out command back.
@@ -625,6 +631,7 @@ impl Controller {
                 shadow,
                 cmb: Mutex::new(cmb),
                 info,
+                irqs: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -729,7 +736,44 @@ impl Controller {
 
     /// Create an I/O queue pair (CQ then SQ; polled, no interrupts).
     pub fn create_io_queue_pair(&self, qopts: QueueOptions) -> Result<IoQueuePair> {
+        self.create_queue_pair(qopts, false)
+    }
+
+    /// Interrupt vectors the platform can deliver (MSI-X through VFIO eventfds, or the
+    /// simulator's); 0 = none, queues are polled only.
+    pub fn interrupt_vectors(&self) -> u16 {
+        self.shared.platform.interrupt_vectors()
+    }
+
+    /// Create an I/O queue pair whose CQ raises an interrupt (IEN = 1) on its own MSI-X
+    /// vector when the controller posts completions (vectors are shared once there are
+    /// more queues than vectors; vector 0 is the admin queue's). The first such queue
+    /// enables MSI-X on the device. Sleep on it with [`IoQueuePair::arm_interrupt`] +
+    /// [`IoQueuePair::interrupt_fd`] in poll(2), or [`IoQueuePair::wait_interrupt`];
+    /// [`IoQueuePair::poll`] works as on a polled queue.
+    pub fn create_io_queue_pair_with_interrupts(&self, qopts: QueueOptions) -> Result<IoQueuePair> {
+        self.create_queue_pair(qopts, true)
+    }
+
+    /// Set Features Interrupt Coalescing (08h): the controller may hold an I/O queue's
+    /// interrupt until `threshold + 1` completions are posted or `time_100us` × 100 µs
+    /// have passed (0, 0 = no coalescing; the controller may ignore it).
+    pub fn set_interrupt_coalescing(&self, threshold: u8, time_100us: u8) -> Result<()> {
+        let dw11 = threshold as u32 | ((time_100us as u32) << 8);
+        self.admin_command(
+            Sqe::set_features(spec::feat::INTERRUPT_COALESCING, dw11),
+            None,
+        )
+        .map(|_| ())
+    }
+
+    fn create_queue_pair(&self, qopts: QueueOptions, interrupts: bool) -> Result<IoQueuePair> {
         let s = &self.shared;
+        let irq_fds = if interrupts {
+            s.enable_irqs()?
+        } else {
+            Vec::new()
+        };
         let depth = qopts
             .depth
             .clamp(2, (s.cap.mqes() as u32 + 1).clamp(2, 65535) as u16);
@@ -759,11 +803,14 @@ impl Controller {
                 depth,
                 sq_iova: sq_buf.iova(),
                 cq: cq_buf.clone(),
+                iv: vector_for(qid, irq_fds.len()),
             };
             s.create_queue_locked(&mut a, &rec)?;
             qs.push(rec);
             qid
         };
+        let irq = vector_for(qid, irq_fds.len())
+            .and_then(|v| irq_fds.get(v as usize).map(|e| (v, e.clone())));
         let d = s.cap.dstrd();
         let regs = &s.regs;
         let missing = || Error::InvalidArgument(format!("doorbell of queue {qid} outside BAR0"));
@@ -793,6 +840,7 @@ impl Controller {
             max_transfer: s.info.max_transfer,
             ns_shift,
             generation: s.generation.load(Ordering::Acquire),
+            irq,
         };
         Ok(IoQueuePair::from_parts(parts, s.clone()))
     }
@@ -852,6 +900,7 @@ impl Controller {
                 depth,
                 sq_iova: sq.iova(),
                 cq: cq.clone(),
+                iv: None,
             };
             s.create_queue_locked(&mut a, &rec)?;
             qs.push(rec);
@@ -919,6 +968,17 @@ impl Controller {
     pub fn reset_device(&self) -> Result<()> {
         self.shared.platform.device_reset()?;
         self.shared.reset()
+    }
+}
+
+/// The interrupt vector of I/O queue `qid` when `vectors` are enabled: its own one
+/// (1..) while they last, then shared round-robin; vector 0 (the admin queue's) only if
+/// it is the only one. None without vectors.
+fn vector_for(qid: u16, vectors: usize) -> Option<u16> {
+    match vectors {
+        0 => None,
+        1 => Some(0),
+        n => Some(1 + (qid.saturating_sub(1) as usize % (n - 1)) as u16),
     }
 }
 
@@ -1005,13 +1065,11 @@ impl Shared {
                 ev.write_u32(o, 0)?;
             }
         }
-        a.exec(
-            &self.regs,
-            self.cap,
-            &self.name,
-            Sqe::create_io_cq(rec.qid, rec.depth - 1, rec.cq.iova()),
-            t,
-        )?;
+        let create_cq = match rec.iv {
+            Some(iv) => Sqe::create_io_cq_irq(rec.qid, rec.depth - 1, rec.cq.iova(), iv),
+            None => Sqe::create_io_cq(rec.qid, rec.depth - 1, rec.cq.iova()),
+        };
+        a.exec(&self.regs, self.cap, &self.name, create_cq, t)?;
         if let Err(e) = a.exec(
             &self.regs,
             self.cap,
@@ -1029,6 +1087,24 @@ impl Shared {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The interrupt vectors' eventfds, enabling them on first use: one vector for the
+    /// admin queue plus one per grantable I/O queue, as far as the platform has them.
+    fn enable_irqs(&self) -> Result<Vec<Arc<EventFd>>> {
+        let mut irqs = lock(&self.irqs);
+        if irqs.is_empty() {
+            let have = self.platform.interrupt_vectors();
+            if have == 0 {
+                return Err(Error::Unsupported {
+                    what: format!("interrupts on {} (no MSI-X vectors)", self.name),
+                });
+            }
+            let want = have.min(self.granted.saturating_add(1));
+            *irqs = self.platform.enable_interrupts(want)?;
+            tracing::debug!(controller = %self.name, vectors = irqs.len(), "interrupts enabled");
+        }
+        Ok(irqs.clone())
     }
 
     fn shadow_ptrs(&self, qid: u16) -> Option<Shadow> {

@@ -271,4 +271,18 @@ pub trait Platform: Send + Sync + 'static {
     fn map_bar(&self, bir: u8) -> Result<BarMapping>;
     /// A device-level reset (FLR). Registers read CC=0 afterwards.
     fn device_reset(&self) -> Result<()>;
+    /// Interrupt vectors (MSI-X) the device can signal through eventfds; 0 = none (the
+    /// controller is then polled only).
+    fn interrupt_vectors(&self) -> u16 {
+        0
+    }
+    /// Route vectors `0..count` (count <= [`interrupt_vectors`](Self::interrupt_vectors))
+    /// to one eventfd each and enable them. Once enabled, later calls return the same
+    /// eventfds (at most as many as first enabled).
+    fn enable_interrupts(&self, count: u16) -> Result<Vec<Arc<crate::irq::EventFd>>> {
+        let _ = count;
+        Err(Error::Unsupported {
+            what: format!("interrupts on {}", self.name()),
+        })
+    }
 }

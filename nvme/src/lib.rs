@@ -34,6 +34,7 @@
 pub mod ctrl;
 pub mod dma;
 pub mod error;
+pub mod irq;
 pub mod pci;
 pub mod queue;
 pub mod sim;
@@ -46,4 +47,5 @@ pub use ctrl::{
 };
 pub use dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 pub use error::{Error, Result};
+pub use irq::EventFd;
 pub use queue::{Batch, Completion, IoQueuePair, QueueStats};

@@ -1,5 +1,6 @@
 //! I/O queue pairs: one per thread, no locks and no heap allocation per command.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::ctrl::Shared;
 use crate::dma::DmaBuffer;
 use crate::error::{Error, Result};
+use crate::irq::EventFd;
 use crate::spec::{Sqe, Status, PAGE_SIZE};
 
 /// One completed command as [`IoQueuePair::poll`] reports it.
@@ -92,6 +94,8 @@ pub struct IoQueuePair {
     epoch: u32,
     epoch_start: Instant,
     sq_in_cmb: bool,
+    /// The CQ's interrupt vector and the eventfd it signals (IEN = 1), if any.
+    irq: Option<(u16, Arc<EventFd>)>,
     stats: QueueStats,
     // Keep the rings mapped.
     _sq_buf: DmaBuffer,
@@ -116,6 +120,7 @@ pub(crate) struct QueueParts {
     pub max_transfer: usize,
     pub ns_shift: Vec<(u32, u32)>,
     pub generation: u64,
+    pub irq: Option<(u16, Arc<EventFd>)>,
 }
 
 #[cold]
@@ -188,6 +193,7 @@ impl IoQueuePair {
             epoch: 0,
             epoch_start: Instant::now(),
             sq_in_cmb: p.sq_in_cmb,
+            irq: p.irq,
             stats: QueueStats::default(),
             _sq_buf: p.sq_buf,
             _cq_buf: p.cq_buf,
@@ -215,6 +221,74 @@ impl IoQueuePair {
     pub fn shadow_doorbells(&self) -> bool {
         self.shadow.is_some()
     }
+    /// The interrupt vector of this queue's CQ, if it was created with interrupts
+    /// ([`crate::Controller::create_io_queue_pair_with_interrupts`]).
+    pub fn interrupt_vector(&self) -> Option<u16> {
+        self.irq.as_ref().map(|(v, _)| *v)
+    }
+    /// The eventfd the CQ's interrupt signals (readable after [`arm_interrupt`] once a
+    /// completion is posted), for poll(2)/epoll. None on a polled queue.
+    ///
+    /// [`arm_interrupt`]: Self::arm_interrupt
+    pub fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.irq.as_ref().map(|(_, e)| e.as_fd())
+    }
+    /// The eventfd itself (shared by every queue on the same vector).
+    pub fn interrupt_eventfd(&self) -> Option<&Arc<EventFd>> {
+        self.irq.as_ref().map(|(_, e)| e)
+    }
+
+    /// Whether [`poll`](Self::poll) has something to report now (a CQE with the current
+    /// phase at the head, or commands lost in a controller reset). No side effects on
+    /// the rings.
+    #[inline]
+    pub fn completion_ready(&mut self) -> bool {
+        self.sync_generation();
+        if self.lost > 0 {
+            return true;
+        }
+        let entry = self.cq.wrapping_add(self.cq_head as usize * 16);
+        // SAFETY: cq_head < depth; the CQ ring holds depth 16-byte entries.
+        let st = unsafe { ptr::read_volatile(entry.add(14) as *const u16) };
+        (st & 1 == 1) == self.phase
+    }
+
+    /// Prepare to sleep on [`interrupt_fd`](Self::interrupt_fd): clear the eventfd, then
+    /// look at the CQ once more (a completion posted before the clear raised an event
+    /// that is now gone; one posted after it signals the fd again). Returns true when the
+    /// caller may sleep; false when a completion is already there (poll instead) or the
+    /// queue has no interrupt.
+    #[inline]
+    pub fn arm_interrupt(&mut self) -> bool {
+        let Some((_, e)) = &self.irq else {
+            return false;
+        };
+        e.clear();
+        // The eventfd read is a syscall (a full barrier); the CQ read comes after it.
+        fence(Ordering::SeqCst);
+        !self.completion_ready()
+    }
+
+    /// Sleep until a completion may be ready or `timeout` passes: arm, then wait on the
+    /// eventfd. Returns at once if a completion is already there. Errors on a polled
+    /// queue.
+    pub fn wait_interrupt(&mut self, timeout: Duration) -> Result<()> {
+        if self.irq.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "queue {} was created without interrupts",
+                self.qid
+            )));
+        }
+        if !self.arm_interrupt() {
+            return Ok(());
+        }
+        if let Some((_, e)) = &self.irq {
+            e.wait(timeout)
+                .map_err(|err| Error::io("waiting for an NVMe interrupt", err))?;
+        }
+        Ok(())
+    }
+
     /// Largest transfer one command may carry, in bytes.
     pub fn max_transfer(&self) -> usize {
         self.max_transfer

@@ -16,6 +16,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 use crate::error::{Error, Result};
+use crate::irq::EventFd;
 use crate::spec::{
     self, admin_opc, cns, feat, io_opc, log, nidt, reg, Aqa, Cc, Cqe, IdentifyController,
     IdentifyNamespace, LbaFormat, NsIdDescriptor, Sqe, Status, PAGE_SIZE, U16, U32, U64,
@@ -44,6 +45,9 @@ pub struct SimConfig {
     pub timeout_units: u8,
     /// Never sleep when idle: spin, then yield (for benchmarks; costs a core).
     pub busy_poll: bool,
+    /// MSI-X vectors offered (0 = no interrupts). Vector 0 is the admin queue's; an I/O
+    /// CQ created with IEN = 1 signals its vector's eventfd when a CQE is posted.
+    pub msix_vectors: u16,
 }
 
 impl Default for SimConfig {
@@ -59,6 +63,7 @@ impl Default for SimConfig {
             dstrd: 0,
             timeout_units: 2,
             busy_poll: false,
+            msix_vectors: 17,
         }
     }
 }
@@ -72,6 +77,7 @@ pub struct Faults {
     ignore_abort: AtomicBool,
     fatal: AtomicBool,
     never_ready: AtomicBool,
+    mute_interrupts: AtomicBool,
 }
 
 impl Faults {
@@ -91,6 +97,10 @@ impl Faults {
     /// Raise CSTS.CFS and stop processing until the host resets the controller.
     pub fn set_fatal(&self) {
         self.fatal.store(true, Ordering::SeqCst);
+    }
+    /// CQEs are posted without raising their interrupt (a lost interrupt).
+    pub fn mute_interrupts(&self, on: bool) {
+        self.mute_interrupts.store(on, Ordering::SeqCst);
     }
     /// CSTS.RDY never becomes 1 after CC.EN = 1.
     pub fn never_ready(&self, on: bool) {
@@ -144,6 +154,10 @@ struct SimShared {
     flr_done: AtomicU32,
     commands: AtomicU64,
     ns: Mutex<Vec<u8>>,
+    /// Enabled interrupt vectors' eventfds (empty: interrupts off).
+    irqs: Mutex<Vec<Arc<EventFd>>>,
+    /// Interrupts raised (eventfd signals) so far.
+    interrupts: AtomicU64,
 }
 impl DmaRegion for SimShared {}
 
@@ -264,6 +278,27 @@ impl Platform for SimPlatform {
             }),
         }
     }
+    fn interrupt_vectors(&self) -> u16 {
+        self.shared.cfg.msix_vectors
+    }
+    fn enable_interrupts(&self, count: u16) -> Result<Vec<Arc<EventFd>>> {
+        let mut irqs = lock(&self.shared.irqs);
+        if irqs.is_empty() {
+            if count == 0 || count > self.shared.cfg.msix_vectors {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{count} interrupt vectors on the simulator (it has {})",
+                        self.shared.cfg.msix_vectors
+                    ),
+                });
+            }
+            *irqs = (0..count)
+                .map(|_| EventFd::new().map(Arc::new))
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Error::io("creating an eventfd", e))?;
+        }
+        Ok(irqs.clone())
+    }
     fn device_reset(&self) -> Result<()> {
         let req = self.shared.flr_req.fetch_add(1, Ordering::SeqCst) + 1;
         let start = Instant::now();
@@ -314,6 +349,8 @@ impl Simulator {
             flr_done: AtomicU32::new(0),
             commands: AtomicU64::new(0),
             ns: Mutex::new(vec![0u8; ns_len]),
+            irqs: Mutex::new(Vec::new()),
+            interrupts: AtomicU64::new(0),
             cfg,
         });
         reset_registers(&shared);
@@ -353,6 +390,10 @@ impl Simulator {
         ns.get(off..off.saturating_add(len))
             .map(|s| s.to_vec())
             .unwrap_or_default()
+    }
+    /// Interrupts raised so far (eventfd signals for CQEs posted to IEN queues).
+    pub fn interrupts_raised(&self) -> u64 {
+        self.shared.interrupts.load(Ordering::Acquire)
     }
     /// Number of live DMA mappings (host buffers + the CMB).
     pub fn dma_mappings(&self) -> usize {
@@ -410,6 +451,8 @@ struct SimCq {
     size: u16,
     tail: u16,
     phase: bool,
+    /// Interrupt vector when IEN = 1.
+    iv: Option<u16>,
 }
 
 struct Engine {
@@ -490,6 +533,7 @@ impl Engine {
                     size: aqa.acqs() + 1,
                     tail: 0,
                     phase: true,
+                    iv: Some(0),
                 });
                 self.enabled = true;
                 regs.write32(reg::CSTS, 1);
@@ -623,6 +667,16 @@ impl Engine {
             cq.phase = !cq.phase;
         }
         self.cqs[sq.cqid as usize] = Some(cq);
+        // The interrupt follows the CQE (MSI-X: a posted write after the entry's).
+        if let Some(iv) = cq.iv {
+            if !self.s.faults.mute_interrupts.load(Ordering::SeqCst) {
+                if let Some(e) = lock(&self.s.irqs).get(iv as usize) {
+                    // Counted first: whoever the signal wakes sees the count.
+                    self.s.interrupts.fetch_add(1, Ordering::Release);
+                    e.signal();
+                }
+            }
+        }
     }
 
     /// PRP list walk into (address, length) segments.
@@ -826,12 +880,18 @@ impl Engine {
                     || !sqe.prp1.get().is_multiple_of(PAGE_SIZE as u64)
                 {
                     Status::INVALID_FIELD
+                } else if sqe.cdw11.get() & 2 != 0
+                    && (sqe.cdw11.get() >> 16) as u16 >= self.s.cfg.msix_vectors
+                {
+                    Status::INVALID_INTERRUPT_VECTOR
                 } else {
+                    let ien = sqe.cdw11.get() & 2 != 0;
                     self.cqs[qid as usize] = Some(SimCq {
                         base: sqe.prp1.get(),
                         size: size as u16,
                         tail: 0,
                         phase: true,
+                        iv: ien.then_some((sqe.cdw11.get() >> 16) as u16),
                     });
                     Status::SUCCESS
                 }

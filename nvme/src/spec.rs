@@ -262,6 +262,16 @@ impl Sqe {
             ..Self::new(admin_opc::CREATE_IO_CQ)
         }
     }
+    /// Create I/O Completion Queue, physically contiguous, interrupts on (IEN = 1) on
+    /// interrupt vector `iv`.
+    pub fn create_io_cq_irq(qid: u16, qsize0: u16, prp1: u64, iv: u16) -> Self {
+        Sqe {
+            prp1: U64::new(prp1),
+            cdw10: U32::new(qid as u32 | ((qsize0 as u32) << 16)),
+            cdw11: U32::new(1 | 2 | ((iv as u32) << 16)), // PC=1, IEN=1, IV
+            ..Self::new(admin_opc::CREATE_IO_CQ)
+        }
+    }
     /// Create I/O Submission Queue, physically contiguous, medium priority, bound to `cqid`.
     pub fn create_io_sq(qid: u16, qsize0: u16, cqid: u16, prp1: u64) -> Self {
         Sqe {
@@ -426,6 +436,7 @@ impl Status {
     pub const INVALID_QUEUE_ID: Status = Status::new(sct::COMMAND_SPECIFIC, 0x01);
     pub const INVALID_QUEUE_SIZE: Status = Status::new(sct::COMMAND_SPECIFIC, 0x02);
     pub const ABORT_LIMIT_EXCEEDED: Status = Status::new(sct::COMMAND_SPECIFIC, 0x03);
+    pub const INVALID_INTERRUPT_VECTOR: Status = Status::new(sct::COMMAND_SPECIFIC, 0x08);
     pub const INVALID_LOG_PAGE: Status = Status::new(sct::COMMAND_SPECIFIC, 0x09);
     pub const INVALID_QUEUE_DELETION: Status = Status::new(sct::COMMAND_SPECIFIC, 0x0c);
     pub const FEATURE_NOT_SAVEABLE: Status = Status::new(sct::COMMAND_SPECIFIC, 0x0d);

@@ -18,6 +18,7 @@ use vfio_bindings::bindings::vfio as vb;
 use crate::ctrl::{Controller, ControllerOptions};
 use crate::dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 use crate::error::{Error, Result};
+use crate::irq::EventFd;
 use crate::pci;
 use crate::spec::{self, PAGE_SIZE};
 
@@ -44,6 +45,8 @@ mod sys {
     pub const GROUP_GET_DEVICE_FD: libc::c_ulong = io(6);
     pub const DEVICE_GET_INFO: libc::c_ulong = io(7);
     pub const DEVICE_GET_REGION_INFO: libc::c_ulong = io(8);
+    pub const DEVICE_GET_IRQ_INFO: libc::c_ulong = io(9);
+    pub const DEVICE_SET_IRQS: libc::c_ulong = io(10);
     pub const DEVICE_RESET: libc::c_ulong = io(11);
     pub const IOMMU_GET_INFO: libc::c_ulong = io(12);
     pub const IOMMU_MAP_DMA: libc::c_ulong = io(13);
@@ -372,6 +375,10 @@ pub struct VfioPlatform {
     flags: u32,
     regs: Mmio,
     bars: Mutex<Vec<(u8, BarMapping)>>,
+    /// MSI-X vectors VFIO offers (VFIO_DEVICE_GET_IRQ_INFO, index MSI-X).
+    msix_vectors: u16,
+    /// The eventfds of the enabled MSI-X vectors (vector i signals `irqs[i]`).
+    irqs: Mutex<Vec<Arc<EventFd>>>,
 }
 
 fn open_node(path: &str, bdf: &str) -> Result<File> {
@@ -527,7 +534,12 @@ impl VfioPlatform {
             // Placeholder until BAR0 is mapped below.
             regs: empty_mmio(),
             bars: Mutex::new(Vec::new()),
+            msix_vectors: 0,
+            irqs: Mutex::new(Vec::new()),
         };
+        p.msix_vectors = p
+            .irq_count(vb::VFIO_PCI_MSIX_IRQ_INDEX)
+            .min(u16::MAX as u32) as u16;
         p.enable_decode_and_master()?;
         // Keep every BAR's bus window (the CMB's in particular) out of the IOVA space.
         let forbidden: Vec<(u64, u64)> = (0..6u8)
@@ -565,6 +577,91 @@ impl VfioPlatform {
     /// Whether VFIO_DEVICE_RESET is available.
     pub fn supports_reset(&self) -> bool {
         self.flags & vb::VFIO_DEVICE_FLAGS_RESET != 0
+    }
+
+    /// Vectors of VFIO interrupt index `index` (0 INTx, 1 MSI, 2 MSI-X) that can signal
+    /// an eventfd; 0 when the index is absent or has no eventfd support.
+    pub fn irq_count(&self, index: u32) -> u32 {
+        let info = vb::vfio_irq_info {
+            argsz: std::mem::size_of::<vb::vfio_irq_info>() as u32,
+            flags: 0,
+            index,
+            count: 0,
+        };
+        let mut b = struct_buf(&info);
+        match sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_GET_IRQ_INFO, &mut b) {
+            Ok(_) if u32_at(&b, 4) & vb::VFIO_IRQ_INFO_EVENTFD != 0 => u32_at(&b, 12),
+            _ => 0,
+        }
+    }
+
+    /// MSI-X vectors the device offers through VFIO.
+    pub fn msix_vectors(&self) -> u16 {
+        self.msix_vectors
+    }
+
+    /// Enable MSI-X vectors `0..count`, each signalling its own new eventfd
+    /// (`VFIO_DEVICE_SET_IRQS`, DATA_EVENTFD | ACTION_TRIGGER). Enabled once: later calls
+    /// return the eventfds of the first (VFIO cannot grow an enabled MSI-X block).
+    pub fn enable_msix(&self, count: u16) -> Result<Vec<Arc<EventFd>>> {
+        let mut irqs = self.irqs.lock().unwrap_or_else(|p| p.into_inner());
+        if !irqs.is_empty() {
+            return Ok(irqs.clone());
+        }
+        if count == 0 || count > self.msix_vectors {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{count} MSI-X vectors on {} (VFIO offers {})",
+                    self.bdf, self.msix_vectors
+                ),
+            });
+        }
+        let fds = (0..count)
+            .map(|_| EventFd::new().map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| Error::io("creating an eventfd", e))?;
+        // struct vfio_irq_set { argsz, flags, index, start, count; s32 data[count] }
+        let total = 20 + 4 * count as usize;
+        let mut b = Vec::with_capacity(total);
+        b.extend_from_slice(&(total as u32).to_le_bytes());
+        b.extend_from_slice(
+            &(vb::VFIO_IRQ_SET_DATA_EVENTFD | vb::VFIO_IRQ_SET_ACTION_TRIGGER).to_le_bytes(),
+        );
+        b.extend_from_slice(&vb::VFIO_PCI_MSIX_IRQ_INDEX.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(count as u32).to_le_bytes());
+        for f in &fds {
+            b.extend_from_slice(&f.as_raw_fd().to_le_bytes());
+        }
+        sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b).map_err(|e| {
+            Error::Vfio {
+                bdf: self.bdf.clone(),
+                op: "VFIO_DEVICE_SET_IRQS (MSI-X eventfds; the IOMMU may lack interrupt remapping: see vfio_iommu_type1.allow_unsafe_interrupts)",
+                source: e,
+            }
+        })?;
+        *irqs = fds.clone();
+        Ok(fds)
+    }
+
+    /// Turn MSI-X off again (`VFIO_DEVICE_SET_IRQS`, DATA_NONE, count 0).
+    fn disable_msix(&self) {
+        let mut irqs = self.irqs.lock().unwrap_or_else(|p| p.into_inner());
+        if irqs.is_empty() {
+            return;
+        }
+        let mut b = Vec::with_capacity(20);
+        b.extend_from_slice(&20u32.to_le_bytes());
+        b.extend_from_slice(
+            &(vb::VFIO_IRQ_SET_DATA_NONE | vb::VFIO_IRQ_SET_ACTION_TRIGGER).to_le_bytes(),
+        );
+        b.extend_from_slice(&vb::VFIO_PCI_MSIX_IRQ_INDEX.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        if let Err(e) = sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b) {
+            tracing::warn!(bdf = %self.bdf, "disabling MSI-X: {e}");
+        }
+        irqs.clear();
     }
 
     /// Read `buf.len()` bytes of PCI config space at `off`.
@@ -705,6 +802,14 @@ impl VfioPlatform {
     }
 }
 
+impl Drop for VfioPlatform {
+    fn drop(&mut self) {
+        // Closing the device fd would do it too; explicit, so the eventfds are released
+        // by VFIO before they are closed.
+        self.disable_msix();
+    }
+}
+
 fn empty_mmio() -> Mmio {
     struct Nothing;
     impl DmaRegion for Nothing {}
@@ -739,6 +844,12 @@ impl Platform for VfioPlatform {
         let m = BarMapping { mem };
         bars.push((bir, m.clone()));
         Ok(m)
+    }
+    fn interrupt_vectors(&self) -> u16 {
+        self.msix_vectors
+    }
+    fn enable_interrupts(&self, count: u16) -> Result<Vec<Arc<EventFd>>> {
+        self.enable_msix(count)
     }
     fn device_reset(&self) -> Result<()> {
         if !self.supports_reset() {
@@ -826,6 +937,8 @@ mod tests {
         assert_eq!(sys::IOMMU_MAP_DMA, 0x3b71);
         assert_eq!(sys::DEVICE_RESET, 0x3b6f);
         assert_eq!(sys::DEVICE_FEATURE, 0x3b75);
+        assert_eq!(sys::DEVICE_GET_IRQ_INFO, 0x3b6d);
+        assert_eq!(sys::DEVICE_SET_IRQS, 0x3b6e);
     }
 
     #[test]
