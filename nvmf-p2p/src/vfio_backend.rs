@@ -14,12 +14,31 @@ use transport::nvme_backend::NvmeBackend;
 use transport::{Error, Result};
 
 /// Opens NVMe controllers through VFIO, one per BDF, and hands out namespace backends.
-#[derive(Default)]
 pub struct VfioOpener {
     devices: Mutex<HashMap<String, Arc<NvmeDevice>>>,
+    shadow_doorbells: bool,
+    interrupts: bool,
+}
+
+impl Default for VfioOpener {
+    /// Shadow doorbells and interrupts on (where the controller has them).
+    fn default() -> Self {
+        VfioOpener::new(true, true)
+    }
 }
 
 impl VfioOpener {
+    /// An opener whose controllers use shadow doorbells if `shadow_doorbells` (and the
+    /// controller offers them), and whose poll-group queues raise MSI-X interrupts if
+    /// `interrupts` (and the device has vectors).
+    pub fn new(shadow_doorbells: bool, interrupts: bool) -> Self {
+        VfioOpener {
+            devices: Mutex::new(HashMap::new()),
+            shadow_doorbells,
+            interrupts,
+        }
+    }
+
     /// The controllers opened so far (for `ctl reset-device` and stats).
     pub fn devices(&self) -> Vec<(String, Arc<NvmeDevice>)> {
         let map = self.devices.lock().unwrap_or_else(|p| p.into_inner());
@@ -33,21 +52,29 @@ impl VfioOpener {
             match map.get(bdf) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = Arc::new(
-                        NvmeDevice::open(bdf, ControllerOptions::default())
-                            .map_err(|e| io_err(bdf, "open", e))?,
+                    let opts = ControllerOptions {
+                        shadow_doorbells: self.shadow_doorbells,
+                        ..ControllerOptions::default()
+                    };
+                    let d =
+                        Arc::new(NvmeDevice::open(bdf, opts).map_err(|e| io_err(bdf, "open", e))?);
+                    let info = d.controller().info();
+                    tracing::info!(
+                        bdf,
+                        shadow_doorbells = info.shadow_doorbells_in_use,
+                        msix_vectors = d.vfio().msix_vectors(),
+                        interrupts = self.interrupts,
+                        "NVMe controller opened"
                     );
                     map.insert(bdf.to_string(), d.clone());
                     d
                 }
             }
         };
-        Ok(Arc::new(NvmeBackend::open(
-            dev,
-            format!("vfio:{bdf}:{nsid}"),
-            nsid,
-            max_io,
-        )?))
+        Ok(Arc::new(
+            NvmeBackend::open(dev, format!("vfio:{bdf}:{nsid}"), nsid, max_io)?
+                .with_interrupts(self.interrupts),
+        ))
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`BackendOpener`] without this module depending on the driver.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -129,6 +130,20 @@ pub trait IoChannel: Send {
     fn in_flight(&self) -> usize;
     /// Largest Read/Write one command may carry, in bytes.
     fn max_transfer(&self) -> usize;
+    /// An fd that becomes readable when a completion may be ready (an NVMe queue's
+    /// interrupt eventfd), so a poll group with commands in the device can sleep in
+    /// poll(2) instead of napping. None: completions must be polled for.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Clears the event of [`IoChannel::wake_fd`] before a sleep. The caller then asks
+    /// [`IoChannel::ready`] of every channel (clear all first, check all after: channels
+    /// may share an fd) and sleeps only if none is ready.
+    fn clear_wake(&mut self) {}
+    /// Whether [`IoChannel::poll`] would report something now. True when unsure.
+    fn ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// Checks that `nlb` blocks at `slba` fit in `backend` and that a buffer has the right size.

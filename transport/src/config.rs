@@ -70,6 +70,17 @@ pub struct TargetConfig {
     /// CPU cores for poll groups (one poll group per entry); empty = one poll group, unpinned.
     #[serde(default)]
     pub cores: Vec<usize>,
+    /// NVMe controllers of `vfio:` namespaces use shadow doorbells (Doorbell Buffer
+    /// Config, fewer MMIO writes) when they offer them. Off: every doorbell is an MMIO
+    /// write — what direct mode's P2P doorbell level needs on real hardware, where RDMA
+    /// writes into the doorbell page bypass the shadow buffer.
+    #[serde(default = "default_true")]
+    pub shadow_doorbells: bool,
+    /// Poll groups' NVMe queues (`vfio:` namespaces) raise MSI-X interrupts through VFIO
+    /// eventfds, so a group with commands in the device sleeps until one completes. Off
+    /// (or no MSI-X): polled queues, the group naps while commands are in the device.
+    #[serde(default = "default_true")]
+    pub nvme_interrupts: bool,
     /// Control socket path used by `nvmf-p2p stats` / `ctl`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
@@ -275,6 +286,9 @@ impl<'de> Deserialize<'de> for BackendSpec {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_queue_depth() -> u16 {
     DEFAULT_QUEUE_DEPTH
 }
@@ -312,6 +326,8 @@ impl Default for TargetConfig {
             max_io_size: DEFAULT_MAX_IO_SIZE,
             data_buffers: DEFAULT_DATA_BUFFERS,
             cores: Vec::new(),
+            shadow_doorbells: true,
+            nvme_interrupts: true,
             control_socket: default_control_socket(),
             listeners: Vec::new(),
             subsystems: Vec::new(),
@@ -678,6 +694,24 @@ backend = "file:/tmp/disk.img"
         assert_eq!(line, 12, "{msg}");
         assert_eq!(field, "backend");
         assert!(msg.contains("ram:lots"), "{msg}");
+    }
+
+    #[test]
+    fn nvme_switches_default_on_and_bad_values_name_the_line() {
+        let cfg = TargetConfig::parse("", Path::new("t.toml")).unwrap();
+        assert!(cfg.shadow_doorbells && cfg.nvme_interrupts);
+        let cfg = TargetConfig::parse(
+            "shadow_doorbells = false\nnvme_interrupts = false\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(!cfg.shadow_doorbells && !cfg.nvme_interrupts);
+        let again = TargetConfig::parse(&cfg.to_toml(), Path::new("t.toml")).unwrap();
+        assert_eq!(again, cfg);
+        let (line, field, msg) = config_err("queue_depth = 64\nshadow_doorbells = \"off\"\n");
+        assert_eq!((line, field.as_str()), (2, "shadow_doorbells"), "{msg}");
+        let (line, field, _) = config_err("\n\nnvme_interrupts = 1\n");
+        assert_eq!((line, field.as_str()), (3, "nvme_interrupts"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   cover (Dataset Management, a flush of every namespace, a poll group whose pool is
 //!   another device's memory, shutdown).
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +68,8 @@ pub struct NvmeBackend {
     block_size: u32,
     blocks: u64,
     io: Mutex<SyncIo>,
+    /// Poll groups' queue pairs raise interrupts (when the controller has vectors).
+    interrupts: bool,
     // The controller outlives its queue pairs (field order: `io` drops first).
     dev: Arc<dyn NvmeController>,
 }
@@ -112,8 +115,17 @@ impl NvmeBackend {
             block_size: ns.block_size,
             blocks: ns.blocks,
             io: Mutex::new(SyncIo { qp, bounce }),
+            interrupts: true,
             dev,
         })
+    }
+
+    /// Whether the poll groups' queue pairs are created with interrupts (default: yes,
+    /// when the controller has MSI-X vectors), so a group with commands in the device
+    /// sleeps on their eventfds instead of napping. Off: polled queues.
+    pub fn with_interrupts(mut self, on: bool) -> Self {
+        self.interrupts = on;
+        self
     }
 
     fn with_io<T>(
@@ -223,14 +235,29 @@ impl Backend for NvmeBackend {
             .map_err(|e| io_err(&self.name, "allocate DMA buffer pool", e))
     }
     fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
-        let qp = self
-            .dev
-            .controller()
-            .create_io_queue_pair(QueueOptions {
-                depth: CHANNEL_DEPTH,
-                sq_in_cmb: false,
-            })
-            .map_err(|e| io_err(&self.name, "create a poll group's I/O queue", e))?;
+        let ctrl = self.dev.controller();
+        let qopts = QueueOptions {
+            depth: CHANNEL_DEPTH,
+            sq_in_cmb: false,
+        };
+        let with_irq = if self.interrupts && ctrl.interrupt_vectors() > 0 {
+            match ctrl.create_io_queue_pair_with_interrupts(qopts) {
+                Ok(qp) => Some(qp),
+                Err(e) => {
+                    tracing::warn!(backend = %self.name, error = %e, "no interrupts: the poll group's NVMe queue is polled");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let qp = match with_irq {
+            Some(qp) => qp,
+            None => ctrl
+                .create_io_queue_pair(qopts)
+                .map_err(|e| io_err(&self.name, "create a poll group's I/O queue", e))?,
+        };
+        tracing::debug!(backend = %self.name, qid = qp.qid(), vector = ?qp.interrupt_vector(), "poll group NVMe queue");
         let depth = usize::from(qp.depth());
         Ok(Some(Box::new(NvmeChannel {
             nsid: self.nsid,
@@ -335,5 +362,20 @@ impl IoChannel for NvmeChannel {
 
     fn max_transfer(&self) -> usize {
         self.qp.max_transfer()
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        self.qp.interrupt_fd().map(|fd| fd.as_raw_fd())
+    }
+
+    fn clear_wake(&mut self) {
+        if let Some(e) = self.qp.interrupt_eventfd() {
+            e.clear();
+        }
+    }
+
+    fn ready(&mut self) -> bool {
+        // Refused submissions are reported by the next poll.
+        !self.failed.is_empty() || !self.pending.is_empty() || self.qp.completion_ready()
     }
 }

@@ -325,3 +325,76 @@ fn nvme_backend_on_simulator_zero_copy() {
     assert_eq!(rig.group.free_buffers(), 16);
     assert_eq!(rig.group.backend_in_flight(), 0);
 }
+
+#[test]
+fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
+    use transport::target::BackendWait;
+    for interrupts in [true, false] {
+        let sim = Simulator::start(SimConfig {
+            blocks: 1024,
+            block_size: 4096,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let ctrl = Arc::new(Controller::new(sim.platform(), ControllerOptions::default()).unwrap());
+        let backend = NvmeBackend::open(ctrl.clone(), "sim:1".into(), 1, 128 * 1024)
+            .unwrap()
+            .with_interrupts(interrupts);
+        let mut rig = rig_with(&config(""), Arc::new(backend));
+        let (_admin, cntlid) = rig.admin(0);
+        let mut io = rig.io(1, cntlid);
+        let mut fds = [-1; 4];
+        assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Idle);
+
+        // One read the device holds (stalled) until it is aborted.
+        sim.faults().stall_next_io(1);
+        let region = io.wire().register(4096);
+        let d = SglDescriptor::keyed(region.addr, 4096, region.key, false);
+        io.submit(cmd::read(1, 7, 1, d), &[], 0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rig.group.backend_in_flight() == 0 {
+            rig.group.poll();
+            assert!(
+                Instant::now() < deadline,
+                "the read never reached the device"
+            );
+        }
+        let n0 = sim.commands_processed();
+        while sim.commands_processed() == n0 {
+            rig.group.poll();
+            assert!(
+                Instant::now() < deadline,
+                "the device never fetched the read"
+            );
+        }
+        assert_eq!(rig.group.poll(), 0, "nothing to do but wait for the device");
+        if !interrupts {
+            assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Nap);
+            assert!(ctrl.abort(2, 0).unwrap());
+            let cs = collect(&mut rig, &mut io, 1);
+            assert!(cs[0].status().same_code(Status::ABORT_REQUESTED));
+            continue;
+        }
+        assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Sleep(1));
+        let fd = fds[0];
+        assert!(fd >= 0);
+        assert_eq!(
+            nvme::irq::wait_readable(&[fd], Duration::from_millis(20)).unwrap(),
+            0,
+            "woke with nothing completed"
+        );
+        // The poll group's queue is qid 2 (the synchronous one is 1); the read is cid 0.
+        assert!(ctrl.abort(2, 0).unwrap());
+        assert_eq!(
+            nvme::irq::wait_readable(&[fd], Duration::from_secs(5)).unwrap(),
+            1,
+            "the completion's interrupt did not wake the sleeper"
+        );
+        // Arming again clears the event but finds the CQE: poll, do not sleep.
+        assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Ready);
+        let cs = collect(&mut rig, &mut io, 1);
+        assert!(cs[0].status().same_code(Status::ABORT_REQUESTED));
+        assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Idle);
+        assert!(sim.interrupts_raised() >= 1);
+    }
+}

@@ -20,10 +20,21 @@ pub struct Args {
     /// Print the configuration with every default filled in, and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Open `vfio:` controllers without shadow doorbells (every doorbell an MMIO write;
+    /// what direct mode's P2P doorbell level needs on real hardware). Same as
+    /// `shadow_doorbells = false` in the configuration.
+    #[arg(long)]
+    pub no_shadow_doorbells: bool,
+    /// Poll `vfio:` NVMe queues instead of sleeping on their MSI-X interrupts. Same as
+    /// `nvme_interrupts = false` in the configuration.
+    #[arg(long)]
+    pub no_nvme_interrupts: bool,
 }
 
 pub fn run(a: Args) -> CliResult {
-    let cfg = TargetConfig::load(&a.config).map_err(|e| CliError(e.to_string()))?;
+    let mut cfg = TargetConfig::load(&a.config).map_err(|e| CliError(e.to_string()))?;
+    cfg.shadow_doorbells &= !a.no_shadow_doorbells;
+    cfg.nvme_interrupts &= !a.no_nvme_interrupts;
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
@@ -34,7 +45,7 @@ pub fn run(a: Args) -> CliResult {
             a.config.display()
         )));
     }
-    let opener = Arc::new(VfioOpener::default());
+    let opener = Arc::new(VfioOpener::new(cfg.shadow_doorbells, cfg.nvme_interrupts));
     let max_io = cfg.max_io_size as usize;
     let open = {
         let opener = opener.clone();

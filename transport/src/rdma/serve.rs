@@ -4,7 +4,9 @@
 //! their own threads and receive new connections round-robin over a channel. Every group
 //! busy-polls while work flows and, after `idle_spell` without work, arms its CQ and
 //! sleeps in poll(2) on the CQ channel (and, for group 0, the CM channel) for at most
-//! `max_sleep` — so an idle target costs no CPU.
+//! `max_sleep` — so an idle target costs no CPU. With commands in an NVMe backend whose
+//! queues raise interrupts, the sleep also waits on their eventfds (woken by the
+//! completion); with polled queues it is a short nap instead.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,13 +17,16 @@ use crossbeam::channel::{unbounded, Receiver, Sender};
 use super::{RdmaIncoming, RdmaTransport};
 use crate::config::TargetConfig;
 use crate::error::Result;
-use crate::target::{PollGroup, Target};
+use crate::target::{BackendWait, PollGroup, Target};
 
 /// Sleeps of a group while commands are in its NVMe backend channels: a quarter of the
 /// time idle so far, within these bounds (a slow device is not polled in a tight loop,
 /// a fast one is seen soon).
 const BACKEND_NAP_MIN: Duration = Duration::from_micros(50);
 const BACKEND_NAP_MAX: Duration = Duration::from_millis(1);
+
+/// Most backend wake fds (NVMe interrupt eventfds) one group sleeps on; with more, it naps.
+const MAX_BACKEND_FDS: usize = 8;
 
 /// How often a busy group 0 looks for RDMA CM events.
 const CM_POLL_PERIOD: Duration = Duration::from_millis(1);
@@ -196,22 +201,37 @@ fn idle(
         *last_work = Instant::now();
         return;
     }
-    let mut fds = [libc::pollfd {
-        fd: group.wire().wake_fd(),
+    const NO_FD: libc::pollfd = libc::pollfd {
+        fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    }; 2];
+    };
+    let mut fds = [NO_FD; 2 + MAX_BACKEND_FDS];
+    fds[0].fd = group.wire().wake_fd();
     let mut n = 1;
     if let Some(&fd) = extra_fds.first() {
-        fds[1].fd = fd;
-        n = 2;
+        fds[n].fd = fd;
+        n += 1;
     }
-    // Commands in an NVMe backend complete without an event to sleep on (polled queues):
-    // nap briefly so their completions are seen soon, yet leave the CPU to the device.
-    let sleep = if group.backend_in_flight() > 0 {
-        (now.duration_since(*last_work) / 4).clamp(BACKEND_NAP_MIN, BACKEND_NAP_MAX)
-    } else {
-        opts.max_sleep
+    let mut backend_fds = [-1; MAX_BACKEND_FDS];
+    let sleep = match group.arm_backends(&mut backend_fds) {
+        BackendWait::Idle => opts.max_sleep,
+        // A completion came in while arming: poll it now.
+        BackendWait::Ready => return,
+        // Commands in the device, each queue's completion signals its interrupt eventfd:
+        // sleep until one does (max_sleep bounds a lost interrupt).
+        BackendWait::Sleep(k) => {
+            for &fd in &backend_fds[..k] {
+                fds[n].fd = fd;
+                n += 1;
+            }
+            opts.max_sleep
+        }
+        // Commands in a polled backend complete without an event to sleep on: nap briefly
+        // so their completions are seen soon, yet leave the CPU to the device.
+        BackendWait::Nap => {
+            (now.duration_since(*last_work) / 4).clamp(BACKEND_NAP_MIN, BACKEND_NAP_MAX)
+        }
     };
     let ts = libc::timespec {
         tv_sec: sleep.as_secs().min(i32::MAX as u64) as libc::time_t,

@@ -11,6 +11,7 @@ mod queue;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -390,6 +391,20 @@ impl Target {
     }
 }
 
+/// What a poll group with nothing to do may wait on for its backend channels
+/// ([`PollGroup::arm_backends`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendWait {
+    /// No command in any channel.
+    Idle,
+    /// A completion is already there: poll, do not sleep.
+    Ready,
+    /// Commands are in the device; sleep on the first `n` fds written (plus the wire's).
+    Sleep(usize),
+    /// Commands are in a channel without a wake fd: nap briefly and poll.
+    Nap,
+}
+
 /// A poll group: the queues one core drives, with their wire state and buffer pool.
 ///
 /// Field order is drop order: queues (QPs) first, then the backend channels (a dropped
@@ -511,6 +526,39 @@ impl<T: Transport> PollGroup<T> {
     /// Commands in this group's asynchronous backend channels right now.
     pub fn backend_in_flight(&self) -> usize {
         self.channels.iter().map(|c| c.chan.in_flight()).sum()
+    }
+
+    /// Prepares to sleep while commands are in the backend channels: clears the wake
+    /// event of every channel with commands in flight, then checks each for completions
+    /// (that order: a completion after the clear signals its fd again), and writes the
+    /// distinct wake fds to `fds`. Does not allocate.
+    pub fn arm_backends(&mut self, fds: &mut [RawFd]) -> BackendWait {
+        let mut n = 0;
+        let mut busy = false;
+        for ch in self.channels.iter().filter(|c| c.chan.in_flight() > 0) {
+            busy = true;
+            match ch.chan.wake_fd() {
+                Some(fd) if fds[..n].contains(&fd) => {}
+                Some(fd) if n < fds.len() => {
+                    fds[n] = fd;
+                    n += 1;
+                }
+                _ => return BackendWait::Nap,
+            }
+        }
+        if !busy {
+            return BackendWait::Idle;
+        }
+        for ch in self.channels.iter_mut().filter(|c| c.chan.in_flight() > 0) {
+            ch.chan.clear_wake();
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for ch in self.channels.iter_mut().filter(|c| c.chan.in_flight() > 0) {
+            if ch.chan.ready() {
+                return BackendWait::Ready;
+            }
+        }
+        BackendWait::Sleep(n)
     }
 
     /// The wire side of this group.
