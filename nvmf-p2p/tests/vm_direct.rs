@@ -1,8 +1,10 @@
 //! VM test of direct mode against `nvmf-p2p serve` with a `vfio:` namespace over
 //! soft-RoCE (one serve, one boot): the level is `forwarded` with the EOPNOTSUPP reason,
 //! a host not on `direct_hosts` is refused, data crosses between direct mode and the
-//! kernel initiator both ways, pattern verify at QD1 and QD32, a device reset under
-//! direct-mode load loses no acknowledged write. Prints direct-mode figures.
+//! kernel initiator both ways, pattern verify at QD1 and QD32, with pushed and with polled
+//! completions (and across the two), a device reset under direct-mode load loses no
+//! acknowledged write in either variant. Prints direct-mode figures (both variants next to
+//! standard mode) when `NVMF_P2P_FIGURES` is set.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -206,21 +208,34 @@ fn direct_mode_end_to_end() {
     .unwrap();
     assert!(st["direct"]["refused"].as_u64().unwrap() >= 1, "{st}");
 
-    // 3. Direct write → kernel initiator read.
+    // 3. Direct write → kernel initiator read, with pushed and with polled completions.
     let blocks = 1024u64; // 512 KiB with 512-byte LBAs
+    let nblocks = blocks.to_string();
     direct(
         &serve,
         &[
+            "--fill", "11", "--lba", "0", "--blocks", &nblocks, "--qd", "32",
+        ],
+    );
+    let pa = direct(&serve, &["--attach-only", "--completions", "polled"]);
+    assert_eq!(pa["completions"], "polled", "{pa}");
+    let polled_base = 4096u64;
+    let r = direct(
+        &serve,
+        &[
+            "--completions",
+            "polled",
             "--fill",
-            "11",
+            "12",
             "--lba",
-            "0",
+            &polled_base.to_string(),
             "--blocks",
-            &blocks.to_string(),
+            &nblocks,
             "--qd",
             "32",
         ],
     );
+    assert_polled(&r, false);
     let port = PORT.to_string();
     sh_ok(
         "nvme",
@@ -234,54 +249,72 @@ fn direct_mode_end_to_end() {
         got == expected(11, 0, blocks, lba_size),
         "direct-written data differs through the kernel initiator"
     );
+    let got = dd_read(&dev, polled_base, blocks, lba_size);
+    assert!(
+        got == expected(12, polled_base, blocks, lba_size),
+        "data written with polled completions differs through the kernel initiator"
+    );
 
-    // 4. Kernel write → direct read.
+    // 4. Kernel write → direct read (pushed, then polled).
     let base = 8192u64;
     dd_write(&dev, base, &expected(22, base, blocks, lba_size), lba_size);
+    let b = base.to_string();
     direct(
         &serve,
         &[
+            "--check", "22", "--lba", &b, "--blocks", &nblocks, "--qd", "32",
+        ],
+    );
+    let r = direct(
+        &serve,
+        &[
+            "--completions",
+            "polled",
             "--check",
             "22",
             "--lba",
-            &base.to_string(),
+            &b,
             "--blocks",
-            &blocks.to_string(),
+            &nblocks,
             "--qd",
             "32",
         ],
     );
+    assert_polled(&r, true);
     sh_ok("nvme", &["disconnect", "-n", NQN]);
 
-    // 5. Pattern verify at QD1 and QD32 (fill at one depth, check at the other).
+    // 5. Pattern verify at QD1 and QD32 (fill at one depth, check at the other), across
+    //    the two completion variants both ways, and polled at QD32 both ways.
     let b2 = "16384";
-    direct(
-        &serve,
-        &[
-            "--fill", "33", "--lba", b2, "--blocks", "2048", "--qd", "32",
-        ],
-    );
-    direct(
-        &serve,
-        &[
-            "--check", "33", "--lba", b2, "--blocks", "2048", "--qd", "1",
-        ],
-    );
-    direct(
-        &serve,
-        &["--fill", "44", "--lba", b2, "--blocks", "512", "--qd", "1"],
-    );
-    direct(
-        &serve,
-        &[
-            "--check", "44", "--lba", b2, "--blocks", "512", "--qd", "32",
-        ],
-    );
+    let pushed = ["--completions", "pushed"];
+    let polled = ["--completions", "polled"];
+    for (fill_with, fill_qd, check_with, check_qd, seed) in [
+        (pushed, "32", polled, "1", "33"),
+        (polled, "1", pushed, "32", "44"),
+        (polled, "32", polled, "32", "45"),
+        (pushed, "1", pushed, "32", "46"),
+    ] {
+        let fill = [
+            "--fill", seed, "--lba", b2, "--blocks", "2048", "--qd", fill_qd,
+        ];
+        let r = direct(&serve, &[&fill_with[..], &fill[..]].concat());
+        if fill_with == polled {
+            assert_polled(&r, false);
+        }
+        let check = [
+            "--check", seed, "--lba", b2, "--blocks", "2048", "--qd", check_qd,
+        ];
+        let r = direct(&serve, &[&check_with[..], &check[..]].concat());
+        if check_with == polled {
+            assert_polled(&r, true);
+        }
+    }
 
-    // 6. Figures (not assertions), same boot, same namespace: direct mode vs standard
-    //    mode (our initiator, `nvmf-p2p perf`), 4 KiB random at QD1 and QD32; target
-    //    process CPU per I/O; RDMA operations per I/O (direct: counted by the host).
-    //    Benchmarks are not part of scripts/test: scripts/bench-direct sets the variable.
+    // 6. Figures (not assertions), same boot, same namespace: direct mode with pushed and
+    //    with polled completions vs standard mode (our initiator, `nvmf-p2p perf`), 4 KiB
+    //    random at QD1 and QD32; target process CPU per I/O; RDMA operations per I/O
+    //    (direct: counted by the host). Benchmarks are not part of scripts/test:
+    //    scripts/bench-direct sets the variable.
     let figures = std::env::var_os("NVMF_P2P_FIGURES").is_some();
     if !figures {
         eprintln!("figures skipped: NVMF_P2P_FIGURES is not set (scripts/bench-direct sets it)");
@@ -297,21 +330,41 @@ fn direct_mode_end_to_end() {
         &[]
     };
     for &(rw, qd) in figure_runs {
-        let cpu0 = serve.cpu_seconds();
-        let r = direct(
-            &serve,
-            &["--rw", rw, "--qd", qd, "--time", "3", "--blocks", "65536"],
-        );
-        let cpu = serve.cpu_seconds() - cpu0;
-        let ios = r["ios"].as_f64().unwrap().max(1.0);
-        eprintln!(
-            "FIGURE direct   {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO, {:.2} RDMA ops/IO",
-            r["iops"].as_f64().unwrap(),
-            r["p50_us"].as_f64().unwrap(),
-            r["p99_us"].as_f64().unwrap(),
-            cpu / ios * 1e6,
-            r["rdma_ops_per_io"].as_f64().unwrap(),
-        );
+        let mut cpu_per_io = Vec::new();
+        for variant in ["pushed", "polled"] {
+            let cpu0 = serve.cpu_seconds();
+            let r = direct(
+                &serve,
+                &[
+                    "--completions",
+                    variant,
+                    "--rw",
+                    rw,
+                    "--qd",
+                    qd,
+                    "--time",
+                    "3",
+                    "--blocks",
+                    "65536",
+                ],
+            );
+            let cpu = serve.cpu_seconds() - cpu0;
+            let ios = r["ios"].as_f64().unwrap().max(1.0);
+            let per = |k: &str| r["rdma_ops"][k].as_f64().unwrap_or(0.0) / ios;
+            cpu_per_io.push(cpu / ios * 1e6);
+            eprintln!(
+                "FIGURE direct-{variant} {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO, {:.2} RDMA ops/IO (CQ reads {:.2}, empty {:.2}, data reads {:.2}, SENDs {:.2})",
+                r["iops"].as_f64().unwrap(),
+                r["p50_us"].as_f64().unwrap(),
+                r["p99_us"].as_f64().unwrap(),
+                cpu / ios * 1e6,
+                r["rdma_ops_per_io"].as_f64().unwrap(),
+                per("cq_reads"),
+                per("empty_polls"),
+                per("reads"),
+                per("recvs"),
+            );
+        }
         let cpu0 = serve.cpu_seconds();
         let out = Command::new(BIN)
             .args([
@@ -334,13 +387,21 @@ fn direct_mode_end_to_end() {
             .unwrap();
         let cpu = serve.cpu_seconds() - cpu0;
         match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            Ok(p) if out.status.success() => eprintln!(
-                "FIGURE standard {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO",
-                p["iops"].as_f64().unwrap_or(0.0),
-                p["lat_us"]["p50"].as_f64().unwrap_or(0.0),
-                p["lat_us"]["p99"].as_f64().unwrap_or(0.0),
-                cpu / p["ios"].as_f64().unwrap_or(1.0).max(1.0) * 1e6,
-            ),
+            Ok(p) if out.status.success() => {
+                let std_cpu = cpu / p["ios"].as_f64().unwrap_or(1.0).max(1.0) * 1e6;
+                eprintln!(
+                    "FIGURE standard      {rw:9} QD{qd:2}: {:6.0} IOPS p50 {:6.0} us p99 {:7.0} us, target CPU {:6.1} us/IO",
+                    p["iops"].as_f64().unwrap_or(0.0),
+                    p["lat_us"]["p50"].as_f64().unwrap_or(0.0),
+                    p["lat_us"]["p99"].as_f64().unwrap_or(0.0),
+                    std_cpu,
+                );
+                eprintln!(
+                    "FIGURE cpu-ratio     {rw:9} QD{qd:2}: target CPU per I/O vs standard: pushed {:.2}x, polled {:.2}x",
+                    cpu_per_io[0] / std_cpu.max(1e-9),
+                    cpu_per_io[1] / std_cpu.max(1e-9),
+                );
+            }
             _ => eprintln!(
                 "FIGURE standard {rw} QD{qd}: perf failed: {}",
                 String::from_utf8_lossy(&out.stderr)
@@ -348,14 +409,50 @@ fn direct_mode_end_to_end() {
         }
     }
 
-    // 7. Device reset under direct-mode load: the host re-attaches and retries; every
-    //    acknowledged write reads back.
-    let b3 = "65536";
+    // 7. Device reset under direct-mode load, pushed then polled: the host notices the
+    //    dead queue, re-attaches and retries; every acknowledged write reads back.
+    reset_under_load(&serve, "pushed", "55", "65536");
+    reset_under_load(&serve, "polled", "56", "65536");
+}
+
+/// A polled run's operation counts: CQ READs, no SENDs, no pushed read data, and (reads)
+/// one data READ per I/O.
+fn assert_polled(r: &serde_json::Value, reads: bool) {
+    assert_eq!(r["completions"], "polled", "{r}");
+    let ops = &r["rdma_ops"];
+    let n = |k: &str| ops[k].as_u64().unwrap();
+    assert!(n("cq_reads") > 0, "no CQ READs: {r}");
+    assert_eq!(n("recvs"), 0, "CQEs pushed to a polled queue: {r}");
+    assert_eq!(n("pushed_reads"), 0, "{r}");
+    let ios = r["ios"].as_u64().unwrap();
+    assert!(ios > 0, "{r}");
+    // Up to 8 CQEs per READ.
+    assert!(
+        n("cq_reads") * 8 >= ios,
+        "fewer CQ READs than CQEs / 8: {r}"
+    );
+    if reads {
+        assert_eq!(n("reads"), ios, "one data READ per read I/O: {r}");
+    } else {
+        assert_eq!(n("reads"), 0, "{r}");
+    }
+}
+
+fn reset_under_load(serve: &Serve, completions: &str, seed: &str, lba: &str) {
     let load = Command::new(BIN)
         .args(direct_args(
             DIRECT_HOST,
             &[
-                "--fill", "55", "--lba", b3, "--blocks", "65536", "--qd", "32",
+                "--completions",
+                completions,
+                "--fill",
+                seed,
+                "--lba",
+                lba,
+                "--blocks",
+                "65536",
+                "--qd",
+                "32",
             ],
         ))
         .stdout(Stdio::piped())
@@ -370,15 +467,17 @@ fn direct_mode_end_to_end() {
             &["stats", "--json", "--socket", serve.sock.to_str().unwrap()],
         ))
         .unwrap();
-        let flowing = st["direct"]["queues"]
-            .as_array()
-            .is_some_and(|q| q.iter().any(|q| q["cqes_pushed"].as_u64() > Some(200)));
+        let flowing = st["direct"]["queues"].as_array().is_some_and(|q| {
+            q.iter().any(|q| {
+                q["completions"] == completions && q["doorbells_forwarded"].as_u64() > Some(20)
+            })
+        });
         if flowing {
             break;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "direct load never started: {st}"
+            "direct load ({completions}) never started: {st}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -391,25 +490,25 @@ fn direct_mode_end_to_end() {
             "reset-device",
         ],
     );
-    eprintln!("reset: {}", reset.trim());
+    eprintln!("reset ({completions}): {}", reset.trim());
     let out = load.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "direct load across the reset failed:\n{}\n{}\n--- serve log ---\n{}",
+        "direct load ({completions}) across the reset failed:\n{}\n{}\n--- serve log ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         serve.log_text()
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("across reset: {r}");
+    eprintln!("across reset ({completions}): {r}");
     assert!(
         r["reattaches"].as_u64().unwrap() >= 1,
-        "the load did not see the reset: {r}"
+        "the load ({completions}) did not see the reset: {r}"
     );
     direct(
-        &serve,
+        serve,
         &[
-            "--check", "55", "--lba", b3, "--blocks", "65536", "--qd", "32",
+            "--check", seed, "--lba", lba, "--blocks", "65536", "--qd", "32",
         ],
     );
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use transport::config::{BackendSpec, TargetConfig};
-use transport::direct::host::{AttachError, DirectHost, HostOptions, OpCounts};
+use transport::direct::host::{AttachError, Completions, DirectHost, HostOptions, OpCounts};
 use transport::direct::target::{DirectConfig, DirectNamespace, DirectService, DirectSubsystem};
 use transport::direct::{pattern, DirectProvider};
 use transport::initiator::LatencyHistogram;
@@ -124,6 +124,10 @@ pub struct Args {
     /// Blocks of --fill/--check and of the random span (0: to the end, capped at 1 GiB).
     #[arg(long, default_value_t = 0)]
     pub blocks: u64,
+    /// How completions come back: pushed by the target (SEND, read data by RDMA WRITE) or
+    /// polled by this host (RDMA READ of the CQ ring, read data by RDMA READ).
+    #[arg(long, default_value_t = Completions::default())]
+    pub completions: Completions,
     /// Only attach, print the descriptor summary, detach.
     #[arg(long)]
     pub attach_only: bool,
@@ -141,6 +145,7 @@ struct Report {
     lba_size: u32,
     blocks: u64,
     mode: String,
+    completions: Completions,
     qd: u16,
     bs: usize,
     ios: u64,
@@ -169,6 +174,7 @@ pub fn run(a: Args) -> CliResult {
         nsid: a.nsid,
         depth: a.qd.saturating_add(1).max(2),
         io_size: a.bs,
+        completions: a.completions,
     };
     let mut host = DirectHost::connect(opts).map_err(|e| CliError::new(e.to_string()))?;
     let patience = Duration::from_secs(60);
@@ -184,6 +190,7 @@ pub fn run(a: Args) -> CliResult {
             "blocks": d.blocks.get(),
             "pool_len": d.pool_len.get(),
             "port": d.port.get(),
+            "completions": q.completions(),
         });
         let _ = host.detach(d.token.get());
         if a.json {
@@ -322,7 +329,7 @@ pub fn run(a: Args) -> CliResult {
             // command not acknowledged.
             tracing::info!(error = %e, "direct queue lost: re-attaching");
             retry.extend(q.outstanding_users().map(|(_, u)| u & !WRITE_BIT));
-            add_ops(&mut ops, &q.ops);
+            ops.add(&q.ops);
             drop(q);
             reattaches += 1;
             q = host.open_queue(patience).map_err(attach_err)?;
@@ -334,7 +341,8 @@ pub fn run(a: Args) -> CliResult {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    add_ops(&mut ops, &q.ops);
+    ops.add(&q.ops);
+    let completions = q.completions();
     let token = q.descriptor().token.get();
     let level = q.level();
     drop(q);
@@ -348,6 +356,7 @@ pub fn run(a: Args) -> CliResult {
         lba_size: d.lba_size.get(),
         blocks: d.blocks.get(),
         mode: mode.into(),
+        completions,
         qd: qd as u16,
         bs: a.bs,
         ios,
@@ -366,8 +375,8 @@ pub fn run(a: Args) -> CliResult {
         print_json(&r)?;
     } else {
         println!(
-            "direct {} ({}): {} QD{} bs {}: {} I/Os in {:.2} s = {:.0} IOPS, p50 {:.0} us, p99 {:.0} us; {:.2} RDMA ops/I/O; errors {}, mismatches {}, re-attaches {}",
-            r.level, r.reason, r.mode, r.qd, r.bs, r.ios, r.seconds, r.iops, r.p50_us, r.p99_us,
+            "direct {} ({}), {} completions: {} QD{} bs {}: {} I/Os in {:.2} s = {:.0} IOPS, p50 {:.0} us, p99 {:.0} us; {:.2} RDMA ops/I/O; errors {}, mismatches {}, re-attaches {}",
+            r.level, r.reason, r.completions, r.mode, r.qd, r.bs, r.ios, r.seconds, r.iops, r.p50_us, r.p99_us,
             r.rdma_ops_per_io, r.errors, r.mismatches, r.reattaches
         );
     }
@@ -377,14 +386,6 @@ pub fn run(a: Args) -> CliResult {
         )));
     }
     Ok(())
-}
-
-fn add_ops(total: &mut OpCounts, q: &OpCounts) {
-    total.writes += q.writes;
-    total.write_imms += q.write_imms;
-    total.reads += q.reads;
-    total.recvs += q.recvs;
-    total.pushed_reads += q.pushed_reads;
 }
 
 fn attach_err(e: AttachError) -> CliError {

@@ -61,6 +61,24 @@ pub const FLAG_CQE_PUSH: u8 = 1 << 0;
 /// `Descriptor::flags` bit: an RDMA WRITE WITH IMMEDIATE to the SQ carrying the new tail
 /// in the immediate rings the SQ doorbell (forwarded level).
 pub const FLAG_TAIL_IN_IMM: u8 = 1 << 1;
+/// `Descriptor::flags` bit: the target offers polled completions (the host reads the CQ
+/// ring by RDMA READ and hands the CQ head back, see [`CONNECT_CQ_POLLED`]). Targets
+/// without it only push CQEs.
+pub const FLAG_CQ_POLL: u8 = 1 << 2;
+
+/// CQ entries a polling host reads with one RDMA READ at most (128 bytes).
+pub const CQ_READ_ENTRIES: usize = 8;
+
+/// The immediate of a polled queue's doorbell WRITE WITH IMMEDIATE: new SQ tail in bits
+/// 15:0, CQ head in bits 31:16 (pushed queues carry the tail alone).
+pub fn polled_imm(sq_tail: u16, cq_head: u16) -> u32 {
+    u32::from(sq_tail) | u32::from(cq_head) << 16
+}
+
+/// (SQ tail, CQ head) of a polled queue's immediate.
+pub fn split_polled_imm(imm: u32) -> (u16, u16) {
+    (imm as u16, (imm >> 16) as u16)
+}
 
 /// A remote memory range: address and rkey (16 bytes).
 #[derive(
@@ -248,8 +266,9 @@ pub struct ConnectPrivate {
     pub magic: U32,
     /// [`VERSION`].
     pub version: U16,
-    /// Reserved.
-    pub rsvd: U16,
+    /// `CONNECT_*` bits (version 1 targets before polled completions treat this as
+    /// reserved and ignore it; the accept's flags say what the target agreed to).
+    pub flags: U16,
     /// `Descriptor::token` of the attachment.
     pub token: U64,
     /// Host buffer for pushed read data (command id × `read_stride`); rkey 0: the host
@@ -265,6 +284,13 @@ const _: () = assert!(size_of::<ConnectPrivate>() == 32);
 
 /// Accept private data `flags` bit: read data is pushed before each read's CQE.
 pub const ACCEPT_READS_PUSHED: u16 = 1;
+/// Accept private data `flags` bit: completions are polled by the host (the target
+/// agreed to [`CONNECT_CQ_POLLED`]); absent, the target pushes CQEs.
+pub const ACCEPT_CQ_POLLED: u16 = 2;
+
+/// `ConnectPrivate::flags` bit: the host polls the CQ ring by RDMA READ and carries the CQ
+/// head in its doorbells; the target pushes nothing.
+pub const CONNECT_CQ_POLLED: u16 = 1;
 
 /// Rejection reason in the direct connection's reject private data ({magic u32, code u16}).
 pub const REJECT_UNKNOWN_TOKEN: u16 = 1;
@@ -292,7 +318,7 @@ impl ConnectPrivate {
         ConnectPrivate {
             magic: U32::new(CONNECT_MAGIC),
             version: U16::new(VERSION),
-            rsvd: U16::new(0),
+            flags: U16::new(0),
             token: U64::new(token),
             read_addr: U64::new(0),
             read_rkey: U32::new(0),
@@ -362,5 +388,20 @@ mod tests {
         assert!(ConnectPrivate::parse(&c.as_bytes()[..16]).is_none());
         assert_eq!(reply_flags(&reply_private(0, ACCEPT_READS_PUSHED)), 1);
         assert_eq!(reply_flags(&[1, 2, 3]), 0);
+        let mut c = ConnectPrivate::new(7);
+        c.flags = U16::new(CONNECT_CQ_POLLED);
+        let p = ConnectPrivate::parse(c.as_bytes()).unwrap();
+        assert_eq!(p.flags.get(), CONNECT_CQ_POLLED);
+        // Byte 6 is the flags field on the wire.
+        assert_eq!(c.as_bytes()[6], 1);
+    }
+
+    #[test]
+    fn polled_immediate_carries_tail_and_head() {
+        assert_eq!(polled_imm(5, 0), 5);
+        assert_eq!(polled_imm(0x3ff, 0x2a), 0x002a_03ff);
+        for (t, h) in [(0u16, 0u16), (1023, 1022), (u16::MAX, 1), (7, u16::MAX)] {
+            assert_eq!(split_polled_imm(polled_imm(t, h)), (t, h));
+        }
     }
 }

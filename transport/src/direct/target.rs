@@ -15,11 +15,15 @@
 //! zero-length receives (for WRITE WITH IMMEDIATE doorbells), and from then on:
 //! - a receive with immediate `t` means "SQ tail is now `t`": ring the SQ doorbell;
 //! - the mirror page's SQ tail is also checked (hosts that write it by plain RDMA WRITE);
-//! - new CQEs (phase tag) are pushed to the host by SEND (16 bytes inline), then the CQ
-//!   head doorbell is rung once per batch.
+//! - pushed completions: new CQEs (phase tag) are pushed to the host by SEND (16 bytes
+//!   inline), then the CQ head doorbell is rung once per batch;
+//! - polled completions (the host asked for them in the CM private data): the host reads
+//!   the CQ ring itself and the immediate carries the CQ head too (`tail | head << 16`);
+//!   the poller rings the CQ head doorbell, then the SQ doorbell, and never reads the CQ.
 //!
-//! Adaptive: the poller spins while work flows, yields then naps while commands are in
-//! flight but idle, and sleeps on the completion and CM channels when nothing is in flight.
+//! Adaptive: the poller spins while work flows, yields then naps while commands of pushed
+//! queues are in flight but idle, and otherwise sleeps on the completion and CM channels
+//! (polled queues never keep it awake: their doorbells arrive as receive completions).
 //!
 //! Device reset: [`DirectService::quiesce`] drops every direct queue (the hosts see their
 //! connection go and re-attach; attaches are refused with Namespace Not Ready meanwhile),
@@ -45,11 +49,12 @@ use rdma::{
 };
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 
+use super::host::Completions;
 use super::host::CQES_PER_SEND;
 use super::proto::{
-    reply_private, AttachRequest, ConnectPrivate, Descriptor, Level, RemoteRegion,
-    ACCEPT_READS_PUSHED, FLAG_CQE_PUSH, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN,
-    STATUS_ACCESS_DENIED,
+    reply_private, split_polled_imm, AttachRequest, ConnectPrivate, Descriptor, Level,
+    RemoteRegion, ACCEPT_CQ_POLLED, ACCEPT_READS_PUSHED, CONNECT_CQ_POLLED, FLAG_CQE_PUSH,
+    FLAG_CQ_POLL, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
 };
 use super::DirectAttach;
 use crate::error::{Error, Result};
@@ -117,8 +122,12 @@ pub struct QueueReport {
     pub depth: u16,
     /// Whether the host's direct connection is up.
     pub connected: bool,
+    /// How completions reach the host (what the host asked for at connect).
+    pub completions: Completions,
     /// SQ tail doorbells forwarded to MMIO.
     pub doorbells_forwarded: u64,
+    /// CQ head doorbells forwarded to MMIO (polled completions).
+    pub cq_heads_forwarded: u64,
     /// CQEs pushed to the host.
     pub cqes_pushed: u64,
     /// Read data pushed to the host (RDMA WRITE before the CQE).
@@ -170,6 +179,12 @@ struct Active {
     tail: u16,
     mirror_last: u16,
     ring: bool,
+    /// Polled completions: the host reads the CQ; `host_head` is the CQ head it handed
+    /// over, `ring_head` says it changed since the last CQ head doorbell.
+    polled: bool,
+    host_head: u16,
+    mirror_head_last: u16,
+    ring_head: bool,
     /// Host buffer for pushed read data: (addr, rkey, stride).
     push: Option<(u64, u32, u32)>,
     /// Reads in flight by command id (parsed from the SQEs when the tail moves).
@@ -486,6 +501,7 @@ impl DirectService {
         let mut d = Descriptor::new();
         d.level = level.to_u8();
         d.flags = FLAG_CQE_PUSH
+            | FLAG_CQ_POLL
             | if level == Level::Forwarded {
                 FLAG_TAIL_IN_IMM
             } else {
@@ -538,7 +554,9 @@ impl DirectService {
                 qid,
                 depth,
                 connected: false,
+                completions: Completions::Pushed,
                 doorbells_forwarded: 0,
+                cq_heads_forwarded: 0,
                 cqes_pushed: 0,
                 reads_pushed: 0,
             },
@@ -631,20 +649,28 @@ impl Poller {
                 continue;
             }
             let idle = now.duration_since(last_work);
+            // Only pushed queues need the poller to watch their NVMe CQ (P2P pushed queues
+            // always: their doorbells bypass it). Polled queues wake it by their
+            // doorbells' receive completions.
             let busy = self
                 .active
                 .iter()
-                .any(|a| a.in_flight > 0 || a.att.report.level == Level::P2p);
+                .any(|a| !a.polled && (a.in_flight > 0 || a.att.report.level == Level::P2p));
+            let pushed = self.active.iter().any(|a| !a.polled);
             // Commands in flight: yield briefly, then nap (the device takes tens of
-            // microseconds at best); nothing in flight: sleep on the channels.
-            if idle < Duration::from_micros(20) {
-                std::thread::yield_now();
-            } else if busy {
-                // Back off 25 µs → 800 µs: a nap costs a timer and two context switches,
-                // which on a TCG guest cost as much as the nap itself.
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_micros(800));
-            } else if idle >= Duration::from_micros(200) {
+            // microseconds at best); nothing to watch: sleep on the channels — at once
+            // when only polled queues are attached (the next doorbell wakes the poller),
+            // after 200 µs with pushed queues (their hosts resubmit right after a CQE).
+            if busy {
+                if idle < Duration::from_micros(20) {
+                    std::thread::yield_now();
+                } else {
+                    // Back off 25 µs → 800 µs: a nap costs a timer and two context
+                    // switches, which on a TCG guest cost as much as the nap itself.
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_micros(800));
+                }
+            } else if !pushed || idle >= Duration::from_micros(200) {
                 self.sleep();
             } else {
                 std::thread::yield_now();
@@ -758,8 +784,10 @@ impl Poller {
             return;
         };
         let depth = u32::from(att.raw.depth());
+        let polled = private.is_some_and(|p| p.flags.get() & CONNECT_CQ_POLLED != 0);
+        // Read data is pushed with pushed CQEs only: polled queues are never watched.
         let push = private
-            .filter(|p| p.read_rkey.get() != 0 && p.read_stride.get() >= 512)
+            .filter(|p| !polled && p.read_rkey.get() != 0 && p.read_stride.get() >= 512)
             .map(|p| (p.read_addr.get(), p.read_rkey.get(), p.read_stride.get()));
         let send_max = 2 * depth + SLACK;
         let init = QpInit {
@@ -773,7 +801,9 @@ impl Poller {
             max_inline_data: 64,
             sq_sig_all: false,
         };
-        let flags = if push.is_some() {
+        let flags = if polled {
+            ACCEPT_CQ_POLLED
+        } else if push.is_some() {
             ACCEPT_READS_PUSHED
         } else {
             0
@@ -798,9 +828,15 @@ impl Poller {
             }
         }
         att.report.connected = true;
+        att.report.completions = if polled {
+            Completions::Polled
+        } else {
+            Completions::Pushed
+        };
         tracing::info!(
             token = att.report.token,
             qid = att.raw.qid(),
+            completions = att.report.completions.name(),
             "direct connection up"
         );
         let qp_num = conn.qp().qp_num();
@@ -813,6 +849,10 @@ impl Poller {
             tail: 0,
             mirror_last: 0,
             ring: false,
+            polled,
+            host_head: 0,
+            mirror_head_last: 0,
+            ring_head: false,
             push,
             cmds: vec![Cmd::default(); depth as usize].into_boxed_slice(),
             in_flight: 0,
@@ -846,8 +886,14 @@ impl Poller {
             }
             match wc.wr_id() {
                 KIND_RECV => {
-                    if let Some(t) = wc.imm_data() {
-                        advance_tail(a, t);
+                    if let Some(imm) = wc.imm_data() {
+                        if a.polled {
+                            let (t, h) = split_polled_imm(imm);
+                            set_cq_head(a, h);
+                            advance_tail(a, u32::from(t));
+                        } else {
+                            advance_tail(a, imm);
+                        }
                     }
                     let mut b = RecvBatch::<1>::new();
                     let posted = b
@@ -880,13 +926,20 @@ impl Poller {
             return 0;
         };
         // Only a change of the mirror is news: hosts that ring by immediate never
-        // write it.
-        let t = v as u32 as u16;
-        if t == a.mirror_last {
+        // write it. Polled queues may hand the CQ head over at offset 4 the same way.
+        let (t, h) = (v as u32 as u16, (v >> 32) as u32 as u16);
+        let head_news = a.polled && h != a.mirror_head_last;
+        if t == a.mirror_last && !head_news {
             return 0;
         }
-        a.mirror_last = t;
-        advance_tail(a, u32::from(t));
+        if head_news {
+            a.mirror_head_last = h;
+            set_cq_head(a, h);
+        }
+        if t != a.mirror_last {
+            a.mirror_last = t;
+            advance_tail(a, u32::from(t));
+        }
         ring(a);
         1
     }
@@ -906,6 +959,10 @@ impl Poller {
             let _ = a.conn.disconnect();
             a.dead = true;
             return 1;
+        }
+        if a.polled {
+            // The host reads the CQ itself.
+            return 0;
         }
         let depth = a.att.raw.depth();
         let mut n = 0;
@@ -1013,8 +1070,27 @@ fn advance_tail(a: &mut Active, t: u32) {
         }
     }
     a.tail = t;
-    a.in_flight += added;
+    if !a.polled {
+        a.in_flight += added;
+    }
     a.ring = true;
+}
+
+/// A polled queue's host consumed the CQ up to `h`: ring the CQ head doorbell with the
+/// next SQ doorbell (out of range values are ignored, like tails).
+fn set_cq_head(a: &mut Active, h: u16) {
+    if h >= a.att.raw.depth() {
+        tracing::debug!(
+            token = a.att.report.token,
+            head = h,
+            "direct: CQ head out of range ignored"
+        );
+        return;
+    }
+    if h != a.host_head {
+        a.host_head = h;
+        a.ring_head = true;
+    }
 }
 
 /// Reads the SQE in `slot` and remembers where a read's data will be (pool offset and
@@ -1050,8 +1126,15 @@ fn note_command(a: &mut Active, slot: u16) {
     }
 }
 
-/// Rings the SQ doorbell once for every tail update gathered since the last call.
+/// Rings the doorbells once for every update gathered since the last call: the CQ head
+/// first (polled queues), so the controller has the room before it sees new commands, then
+/// the SQ tail.
 fn ring(a: &mut Active) {
+    if a.ring_head {
+        a.ring_head = false;
+        a.att.report.cq_heads_forwarded += 1;
+        a.att.raw.ring_cq(a.host_head);
+    }
     if a.ring {
         a.ring = false;
         a.att.report.doorbells_forwarded += 1;
