@@ -4,6 +4,7 @@
 pub mod bind;
 pub mod direct;
 pub mod perf;
+pub mod perf_direct;
 pub mod probe;
 pub mod serve;
 pub mod stats;

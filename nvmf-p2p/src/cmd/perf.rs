@@ -1,6 +1,7 @@
 //! `nvmf-p2p perf` — random or sequential I/O at a fixed queue depth, like spdk_nvme_perf:
 //! over NVMe-oF/RDMA with our userspace initiator (`--traddr`), or on a local controller
-//! through our VFIO driver (`--local BDF`). Prints IOPS, MiB/s and latency percentiles.
+//! through our VFIO driver (`--local BDF`), or over direct-mode queues (`--direct`, see
+//! [`super::perf_direct`]). Prints IOPS, MiB/s and latency percentiles.
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,13 @@ pub struct Args {
     /// when the controller offers it.
     #[arg(long, requires = "local")]
     pub no_shadow_doorbells: bool,
+    /// Direct mode: attach direct queues (the host must be on the subsystem's
+    /// `direct_hosts`) and drive the backing controller by one-sided RDMA.
+    #[arg(long, conflicts_with = "local")]
+    pub direct: bool,
+    /// With --direct: direct queues to attach; --queue-depth is spread over them.
+    #[arg(short = 'P', long, default_value_t = 1, requires = "direct")]
+    pub queues: u16,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +121,9 @@ pub struct Report {
     pub iops: f64,
     pub mib_s: f64,
     pub lat_us: Latency,
+    /// Direct-mode details (`--direct`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct: Option<super::perf_direct::DirectReport>,
 }
 
 #[derive(Serialize)]
@@ -126,7 +137,7 @@ pub struct Latency {
 }
 
 impl Report {
-    fn new(
+    pub(super) fn new(
         target: String,
         a: &Args,
         secs: f64,
@@ -154,6 +165,7 @@ impl Report {
                 p99_9: us(h.percentile(99.9)),
                 max: us(h.max()),
             },
+            direct: None,
         }
     }
 
@@ -177,11 +189,17 @@ impl Report {
             "latency us: mean {:.1} p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
             l.mean, l.p50, l.p90, l.p99, l.p99_9, l.max
         );
+        if let Some(d) = &self.direct {
+            println!(
+                "direct: level {} ({}), {} queue(s) of {} entries, {:.2} RDMA ops/I/O, {} re-attach(es)",
+                d.level, d.reason, d.queues, d.queue_entries, d.rdma_ops_per_io, d.reattaches
+            );
+        }
     }
 }
 
 /// Next LBA and direction of a run: xorshift for random, a cursor for sequential.
-struct Pattern {
+pub(super) struct Pattern {
     rng: u64,
     cursor: u64,
     span: u64,
@@ -191,7 +209,7 @@ struct Pattern {
 }
 
 impl Pattern {
-    fn new(blocks: u64, nlb: u64, a: &Args) -> Result<Self, CliError> {
+    pub(super) fn new(blocks: u64, nlb: u64, a: &Args) -> Result<Self, CliError> {
         if blocks < nlb {
             return Err(CliError::new(format!(
                 "the namespace has {blocks} blocks, fewer than one {}-byte I/O",
@@ -216,7 +234,7 @@ impl Pattern {
     }
 
     /// (slba, is_read)
-    fn next(&mut self) -> (u64, bool) {
+    pub(super) fn next(&mut self) -> (u64, bool) {
         let slot = match self.workload {
             Workload::Read | Workload::Write => {
                 let s = self.cursor;
@@ -240,6 +258,7 @@ pub fn run(a: Args) -> CliResult {
     }
     let report = match &a.local {
         Some(bdf) => run_local(bdf, &a)?,
+        None if a.direct => super::perf_direct::run(&a)?,
         None => run_remote(&a)?,
     };
     if a.json {
@@ -568,6 +587,8 @@ mod tests {
             rwmixread: 70,
             secs: 1,
             no_shadow_doorbells: false,
+            direct: false,
+            queues: 1,
             json: false,
         };
         for w in [Workload::Randread, Workload::Randrw, Workload::Write] {
