@@ -211,7 +211,14 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
             tracing::info!(error = %e, "direct detach");
         }
     }
-    let mut r = Report::new(format!("direct:{dst}/{subnqn}"), a, secs, ios, errors, &hist);
+    let mut r = Report::new(
+        format!("direct:{dst}/{subnqn}"),
+        a,
+        secs,
+        ios,
+        errors,
+        &hist,
+    );
     r.first_error = first_error;
     r.direct = Some(DirectReport {
         level,
