@@ -75,6 +75,10 @@ pub struct Args {
     /// With --direct: direct queues to attach; --queue-depth is spread over them.
     #[arg(short = 'P', long, default_value_t = 1, requires = "direct")]
     pub queues: u16,
+    /// With --direct: completions pushed by the target (SEND, read data by RDMA WRITE) or
+    /// polled by this host (RDMA READ of the CQ ring, read data by RDMA READ).
+    #[arg(long, default_value_t = transport::direct::host::Completions::default(), requires = "direct")]
+    pub completions: transport::direct::host::Completions,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -191,8 +195,8 @@ impl Report {
         );
         if let Some(d) = &self.direct {
             println!(
-                "direct: level {} ({}), {} queue(s) of {} entries, {:.2} RDMA ops/I/O, {} re-attach(es)",
-                d.level, d.reason, d.queues, d.queue_entries, d.rdma_ops_per_io, d.reattaches
+                "direct: level {} ({}), {} completions, {} queue(s) of {} entries, {:.2} RDMA ops/I/O, {} re-attach(es)",
+                d.level, d.reason, d.completions, d.queues, d.queue_entries, d.rdma_ops_per_io, d.reattaches
             );
         }
     }
@@ -589,6 +593,7 @@ mod tests {
             no_shadow_doorbells: false,
             direct: false,
             queues: 1,
+            completions: Default::default(),
             json: false,
         };
         for w in [Workload::Randread, Workload::Randrw, Workload::Write] {

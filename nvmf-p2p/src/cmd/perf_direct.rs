@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use transport::direct::host::{AttachError, DirectHost, DirectQueue, HostOptions, OpCounts};
+use transport::direct::host::{
+    AttachError, Completions, DirectHost, DirectQueue, HostOptions, OpCounts,
+};
 use transport::initiator::LatencyHistogram;
 
 use super::perf::{Args, Pattern, Report};
@@ -30,6 +32,8 @@ pub struct DirectReport {
     pub level: String,
     /// Why that level (e.g. the dma-buf registration error).
     pub reason: String,
+    /// How completions came back (`pushed` by the target or `polled` by us).
+    pub completions: Completions,
     /// Direct queues used.
     pub queues: usize,
     /// Entries of each queue.
@@ -44,14 +48,6 @@ pub struct DirectReport {
 
 fn attach_err(e: AttachError) -> CliError {
     CliError::new(format!("direct attach: {e}"))
-}
-
-fn add_ops(total: &mut OpCounts, q: &OpCounts) {
-    total.writes += q.writes;
-    total.write_imms += q.write_imms;
-    total.reads += q.reads;
-    total.recvs += q.recvs;
-    total.pushed_reads += q.pushed_reads;
 }
 
 /// Commands in flight for queue `i` of `n` when `total` are spread round-robin.
@@ -93,6 +89,7 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
         nsid: a.nsid,
         depth: u16::try_from(per_queue + 1).unwrap_or(u16::MAX),
         io_size: bs,
+        completions: a.completions,
     };
     let mut host = DirectHost::connect(opts).map_err(|e| {
         CliError::new(format!(
@@ -176,7 +173,7 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
                     }
                     let users: Vec<u64> = lane.q.outstanding_users().map(|(_, u)| u).collect();
                     lane.retry.extend(users);
-                    add_ops(&mut ops, &lane.q.ops);
+                    ops.add(&lane.q.ops);
                     lane.q = host.open_queue(PATIENCE).map_err(attach_err)?;
                     progress += 1;
                 }
@@ -202,9 +199,10 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
     }
     let secs = started.elapsed().as_secs_f64();
     let level = lanes[0].q.level().name().to_string();
+    let completions = lanes[0].q.completions();
     let entries = lanes[0].q.descriptor().depth.get();
     for lane in lanes.drain(..) {
-        add_ops(&mut ops, &lane.q.ops);
+        ops.add(&lane.q.ops);
         let token = lane.q.descriptor().token.get();
         drop(lane.q);
         if let Err(e) = host.detach(token) {
@@ -223,6 +221,7 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
     r.direct = Some(DirectReport {
         level,
         reason: d.reason(),
+        completions,
         queues,
         queue_entries: entries,
         reattaches,
