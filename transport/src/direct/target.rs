@@ -116,6 +116,8 @@ pub struct QueueReport {
     pub level: Level,
     /// Why (the P2P registration error when forwarded).
     pub reason: String,
+    /// The SQ ring is in the controller memory buffer (P2P level only).
+    pub sq_in_cmb: bool,
     /// NVMe queue id on the backing controller.
     pub qid: u16,
     /// Entries.
@@ -149,6 +151,15 @@ pub struct ServiceReport {
     pub polls: u64,
     /// Queues.
     pub queues: Vec<QueueReport>,
+}
+
+/// A queue pair on the P2P level, before it becomes an [`Attachment`].
+struct P2pQueue {
+    db_mr: MemoryRegion,
+    sq_mr: MemoryRegion,
+    raw: RawQueuePair,
+    reason: String,
+    sq_in_cmb: bool,
 }
 
 /// An attachment: everything the host's descriptor names. Field order is drop order:
@@ -445,12 +456,9 @@ impl DirectService {
             usize::try_from(req.pool_bytes.min(inner.cfg.max_pool)).unwrap_or(PAGE)
         };
         let pool_len = page_round(pool_len.max(PAGE));
-        let sq = ctrl.alloc_dma(page_round(usize::from(depth) * 64))?;
+        let sq_len = page_round(usize::from(depth) * 64);
         let cq = ctrl.alloc_dma(page_round(usize::from(depth) * 16))?;
         let pool = ctrl.alloc_dma(pool_len)?;
-        sq.fill(0, sq.len(), 0)?;
-        let raw = ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)?;
-        let qid = raw.qid();
         let reg = |buf: &DmaBuffer, access: Access, what: &'static str| {
             // SAFETY: `buf` is VFIO-mapped memory kept alive by the attachment (the queue
             // pair holds the rings, `_pool` the pool) until after the MR is dropped (field
@@ -459,11 +467,35 @@ impl DirectService {
             unsafe { MemoryRegion::register(&inner.pd, buf.as_ptr(), buf.len(), access) }
                 .map_err(|e| nvme::Error::InvalidArgument(format!("{what}: {e}")))
         };
-        let sq_mr = reg(
-            &sq,
-            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-            "register SQ",
-        )?;
+        // P2P first; on any refusal the queue pair is (re-)created with the SQ in host
+        // memory and the host's doorbells go through the mirror page (forwarded).
+        let p2p = if inner.cfg.try_p2p {
+            self.p2p_queue(ns, &cq, depth, sq_len)
+        } else {
+            Err("P2P disabled by configuration".to_string())
+        };
+        let (raw, sq_mr, db_mr, level, reason, sq_in_cmb) = match p2p {
+            Ok(p) => (
+                p.raw,
+                p.sq_mr,
+                Some(p.db_mr),
+                Level::P2p,
+                p.reason,
+                p.sq_in_cmb,
+            ),
+            Err(reason) => {
+                let sq = ctrl.alloc_dma(sq_len)?;
+                sq.fill(0, sq.len(), 0)?;
+                let raw = ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)?;
+                let sq_mr = reg(
+                    &sq,
+                    Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+                    "register SQ",
+                )?;
+                (raw, sq_mr, None, Level::Forwarded, reason, false)
+            }
+        };
+        let qid = raw.qid();
         let cq_mr = reg(
             &cq,
             Access::LOCAL_WRITE | Access::REMOTE_READ,
@@ -473,30 +505,7 @@ impl DirectService {
         let mirror = RegisteredBuffer::new(&inner.pd, PAGE, Access::ALL)
             .map_err(|e| nvme::Error::InvalidArgument(format!("doorbell mirror: {e}")))?;
         let (sq_off, cq_off) = ctrl.doorbell_offsets(qid);
-        let (db_mr, level, reason) = if !inner.cfg.try_p2p {
-            (
-                None,
-                Level::Forwarded,
-                "P2P disabled by configuration".to_string(),
-            )
-        } else {
-            match self.p2p_doorbells(ns, sq_off, cq_off) {
-                Err(reason) => (None, Level::Forwarded, reason),
-                // The controller takes SQ tails from the shadow buffer when shadow
-                // doorbells are on, so a NIC writing the MMIO doorbell would be ignored.
-                Ok(_) if info.shadow_doorbells_in_use => (
-                    None,
-                    Level::Forwarded,
-                    "dma-buf MR ok, but shadow doorbells are in use".to_string(),
-                ),
-                Ok(mr) => (
-                    Some(mr),
-                    Level::P2p,
-                    "dma-buf doorbell MR registered".into(),
-                ),
-            }
-        };
-        tracing::info!(subnqn, hostnqn, qid, depth, level = level.name(), %reason, "direct queue attached");
+        tracing::info!(subnqn, hostnqn, qid, depth, level = level.name(), sq_in_cmb, %reason, "direct queue attached");
         let token = random_token();
         let mut d = Descriptor::new();
         d.level = level.to_u8();
@@ -551,6 +560,7 @@ impl DirectService {
                 subnqn: subnqn.to_owned(),
                 level,
                 reason,
+                sq_in_cmb,
                 qid,
                 depth,
                 connected: false,
@@ -563,6 +573,92 @@ impl DirectService {
             created: Instant::now(),
         };
         Ok((att, d))
+    }
+
+    /// The P2P level for one queue pair: the SQ ring in the CMB when the controller allows
+    /// SQs there (else in host memory), the queue pair created on it, the byte-exact
+    /// doorbell MR and the SQ MR registered from dma-bufs. The error text is the reason
+    /// for falling back to `forwarded`; the queue pair built so far is deleted on return.
+    fn p2p_queue(
+        &self,
+        ns: &DirectNamespace,
+        cq: &DmaBuffer,
+        depth: u16,
+        sq_len: usize,
+    ) -> std::result::Result<P2pQueue, String> {
+        let ctrl = ns.device.controller();
+        let info = ctrl.info();
+        let alloc_host = || {
+            ctrl.alloc_dma(sq_len)
+                .map_err(|e| format!("SQ memory: {e}"))
+        };
+        let (sq, where_) = match info.cmb.as_ref() {
+            Some(c) if c.sqs => match ctrl.alloc_cmb(sq_len) {
+                Ok(b) => (b, "SQ in the CMB".to_string()),
+                Err(e) => (alloc_host()?, format!("SQ in host memory ({e})")),
+            },
+            Some(_) => (
+                alloc_host()?,
+                "SQ in host memory (the CMB does not take SQs)".to_string(),
+            ),
+            None => (alloc_host()?, "SQ in host memory (no CMB)".to_string()),
+        };
+        let mut in_cmb = where_ == "SQ in the CMB";
+        let (mut sq, mut where_) = (sq, where_);
+        sq.fill(0, sq.len(), 0)
+            .map_err(|e| format!("SQ ring: {e}"))?;
+        let raw = match ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth) {
+            Ok(r) => r,
+            Err(e) if in_cmb => {
+                // The controller refused the CMB ring: P2P can still work with the SQ in
+                // host memory (the host writes SQEs there, the doorbell into the device).
+                tracing::info!(error = %e, "SQ in the CMB refused; trying host memory");
+                sq = alloc_host()?;
+                sq.fill(0, sq.len(), 0)
+                    .map_err(|e| format!("SQ ring: {e}"))?;
+                in_cmb = false;
+                where_ = format!("SQ in host memory (CMB SQ refused: {e})");
+                ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)
+                    .map_err(|e| format!("queue pair: {e}"))?
+            }
+            Err(e) => return Err(format!("queue pair with the {where_}: {e}")),
+        };
+        let (sq_off, cq_off) = ctrl.doorbell_offsets(raw.qid());
+        let db_mr = self
+            .p2p_doorbells(ns, sq_off, cq_off)
+            .map_err(|e| format!("{e} (attempted with the {where_})"))?;
+        // The controller takes SQ tails from the shadow buffer when shadow doorbells are
+        // on, so a NIC writing the MMIO doorbell would be ignored.
+        if info.shadow_doorbells_in_use {
+            return Err(
+                "dma-buf MR ok, but shadow doorbells are in use (set shadow_doorbells = false)"
+                    .into(),
+            );
+        }
+        let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
+        let sq_mr = if in_cmb {
+            let base = ctrl.cmb().map_or(0, |c| c.iova());
+            let off = sq.iova().wrapping_sub(base);
+            let fd = ns
+                .device
+                .export_cmb(off..off + sq.len() as u64)
+                .map_err(|e| format!("CMB dma-buf export: {e}"))?;
+            MemoryRegion::register_dmabuf(&self.inner.pd, fd.as_raw_fd(), 0, sq.len(), off, access)
+                .map_err(|e| format!("ibv_reg_dmabuf_mr of the CMB SQ: {e}"))?
+        } else {
+            // SAFETY: as in `build`: VFIO-mapped memory that the queue pair keeps alive
+            // until after the MR (field order of `Attachment`), touched only through
+            // DmaBuffer's raw accessors.
+            unsafe { MemoryRegion::register(&self.inner.pd, sq.as_ptr(), sq.len(), access) }
+                .map_err(|e| format!("register SQ: {e}"))?
+        };
+        Ok(P2pQueue {
+            raw,
+            sq_mr,
+            db_mr,
+            reason: format!("dma-buf doorbell MR registered; {where_}"),
+            sq_in_cmb: in_cmb,
+        })
     }
 
     /// Registers the byte-exact doorbell range of one queue (SQ tail .. CQ head + 4) from
