@@ -6,10 +6,15 @@
 //! acknowledged write in either variant. Prints direct-mode figures (both variants next to
 //! standard mode) when `NVMF_P2P_FIGURES` is set.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use transport::direct::host::{Completions, DirectHost, DirectQueue, HostOptions};
 
 mod common;
 use common::{blockdev_of, discover, env, sh, sh_ok};
@@ -19,6 +24,38 @@ const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-direct";
 const DIRECT_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d1";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000e2";
 const PORT: u16 = 4430;
+
+/// Counts heap allocations of this process while armed (the in-process direct host's
+/// I/O path must not allocate).
+struct Counting;
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 struct Serve {
     child: Child,
@@ -310,6 +347,12 @@ fn direct_mode_end_to_end() {
         }
     }
 
+    // 5b. The host's I/O path allocates nothing per I/O, in either variant (in-process
+    //     DirectQueue; writes then reads of the same blocks, data checked).
+    for c in [Completions::Pushed, Completions::Polled] {
+        host_io_does_not_allocate(c);
+    }
+
     // 6. Figures (not assertions), same boot, same namespace: direct mode with pushed and
     //    with polled completions vs standard mode (our initiator, `nvmf-p2p perf`), 4 KiB
     //    random at QD1 and QD32; target process CPU per I/O; RDMA operations per I/O
@@ -329,6 +372,16 @@ fn direct_mode_end_to_end() {
     } else {
         &[]
     };
+    if figures {
+        // The serve process's CPU with no I/O at all (poll groups, direct poller asleep):
+        // the floor under every per-I/O figure below.
+        let cpu0 = serve.cpu_seconds();
+        std::thread::sleep(Duration::from_secs(3));
+        eprintln!(
+            "FIGURE idle          serve process CPU with no I/O: {:.1} ms per second",
+            (serve.cpu_seconds() - cpu0) / 3.0 * 1e3
+        );
+    }
     for &(rw, qd) in figure_runs {
         let mut cpu_per_io = Vec::new();
         for variant in ["pushed", "polled"] {
@@ -413,6 +466,85 @@ fn direct_mode_end_to_end() {
     //    dead queue, re-attaches and retries; every acknowledged write reads back.
     reset_under_load(&serve, "pushed", "55", "65536");
     reset_under_load(&serve, "polled", "56", "65536");
+}
+
+fn host_io_does_not_allocate(completions: Completions) {
+    let opts = HostOptions {
+        addr: SocketAddr::new(env("NVMF_P2P_ADDR").parse().unwrap(), PORT),
+        subnqn: NQN.into(),
+        hostnqn: DIRECT_HOST.into(),
+        nsid: 1,
+        depth: 17,
+        io_size: 4096,
+        completions,
+    };
+    let mut host = DirectHost::connect(opts).expect("direct host connect");
+    let mut q = host
+        .open_queue(Duration::from_secs(30))
+        .expect("direct queue");
+    assert_eq!(q.completions(), completions);
+    let base = 24576u64;
+    let mut buf = vec![0u8; 4096];
+    let mut expect = vec![0u8; 4096];
+    // 64 writes of a pattern, then 64 reads of them, at up to 16 in flight.
+    let round = |q: &mut DirectQueue, seed: u64, buf: &mut [u8], expect: &mut [u8]| {
+        let (mut bad, mut done) = (0u64, 0u64);
+        for write in [true, false] {
+            let (mut next, mut finished) = (0u64, 0u64);
+            let t0 = Instant::now();
+            while finished < 64 {
+                while next < 64 && q.outstanding() < 16 {
+                    let lba = base + next * 8;
+                    if write {
+                        for (i, c) in buf.chunks_mut(512).enumerate() {
+                            transport::direct::pattern(seed, lba + i as u64, c);
+                        }
+                        q.submit_write(lba, buf, lba).unwrap();
+                    } else {
+                        q.submit_read(lba, 4096, lba).unwrap();
+                    }
+                    next += 1;
+                }
+                let n = q
+                    .poll(|c, data| {
+                        if !c.status.is_success() {
+                            bad += 1;
+                        } else if !c.write {
+                            for (i, got) in data.chunks(512).enumerate() {
+                                transport::direct::pattern(seed, c.user + i as u64, expect);
+                                if got != &expect[..512] {
+                                    bad += 1;
+                                }
+                            }
+                            if data.len() != 4096 {
+                                bad += 1;
+                            }
+                        }
+                    })
+                    .expect("direct poll");
+                finished += n as u64;
+                done += n as u64;
+                assert!(t0.elapsed() < Duration::from_secs(60), "direct I/O stalled");
+            }
+        }
+        (bad, done)
+    };
+    assert_eq!(round(&mut q, 90, &mut buf, &mut expect), (0, 128));
+    ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    let r = round(&mut q, 91, &mut buf, &mut expect);
+    ARMED.store(false, Ordering::SeqCst);
+    let allocs = ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(r, (0, 128), "{completions}: I/O errors or mismatches");
+    assert_eq!(
+        allocs, 0,
+        "{completions}: the direct host allocated {allocs} times in 128 I/Os"
+    );
+    let ops = q.ops;
+    eprintln!("no allocation in 128 I/Os ({completions}); ops {ops:?}");
+    let token = q.descriptor().token.get();
+    drop(q);
+    host.detach(token).unwrap();
 }
 
 /// A polled run's operation counts: CQ READs, no SENDs, no pushed read data, and (reads)

@@ -173,12 +173,18 @@ impl CqCursor {
 /// When a polling host reads the CQ again: at once after a READ that found entries;
 /// after an empty one, after a wait that doubles from 4 µs up to an eighth of the typical
 /// latency (8–256 µs); the first READ after the queue had nothing in the device waits
-/// half the typical latency (a command rarely completes faster). Typical latency is an
-/// exponential average of submission → CQE seen.
+/// three quarters of the shortest recent latency (no command completes much faster).
+/// Typical latency is an exponential average of submission → CQE seen; the shortest (the
+/// floor) drops at once with a faster completion and is reset to the minimum of the last
+/// [`PollBackoff::WINDOW`] completions at the end of each window (robust: one slow command
+/// does not delay the next one's first look).
 #[derive(Clone, Copy, Debug)]
 pub struct PollBackoff {
     wait: Duration,
     latency_ns: u64,
+    floor_ns: u64,
+    win_min_ns: u64,
+    win_n: u32,
 }
 
 impl Default for PollBackoff {
@@ -186,16 +192,26 @@ impl Default for PollBackoff {
         PollBackoff {
             wait: Self::MIN,
             latency_ns: 0,
+            floor_ns: 0,
+            win_min_ns: u64::MAX,
+            win_n: 0,
         }
     }
 }
 
 impl PollBackoff {
     const MIN: Duration = Duration::from_micros(4);
+    /// Completions per window of the latency floor.
+    pub const WINDOW: u32 = 64;
 
-    /// The latency estimate.
+    /// The typical latency (exponential average).
     pub fn latency(&self) -> Duration {
         Duration::from_nanos(self.latency_ns)
+    }
+
+    /// The shortest recent latency.
+    pub fn floor(&self) -> Duration {
+        Duration::from_nanos(self.floor_ns)
     }
 
     /// Longest wait after empty READs.
@@ -211,6 +227,20 @@ impl PollBackoff {
         } else {
             (self.latency_ns * 7 + ns) / 8
         };
+        // A faster completion lowers the floor at once; at the end of a window the floor
+        // becomes that window's minimum (so it can rise again).
+        self.floor_ns = if self.floor_ns == 0 {
+            ns
+        } else {
+            self.floor_ns.min(ns)
+        };
+        self.win_min_ns = self.win_min_ns.min(ns);
+        self.win_n += 1;
+        if self.win_n >= Self::WINDOW {
+            self.floor_ns = self.win_min_ns;
+            self.win_n = 0;
+            self.win_min_ns = u64::MAX;
+        }
     }
 
     /// A READ found entries: the next one goes at once.
@@ -227,7 +257,7 @@ impl PollBackoff {
 
     /// Delay of the first READ after commands entered an idle queue.
     pub fn first(&self) -> Duration {
-        (self.latency() / 2).min(Duration::from_millis(2))
+        (self.floor() * 3 / 4).min(Duration::from_millis(2))
     }
 }
 
@@ -370,6 +400,49 @@ fn slot_stride(io_size: usize) -> usize {
         io_size.max(512).next_power_of_two()
     } else {
         8192
+    }
+}
+
+/// How one posted batch of submissions rings the doorbells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Doorbells {
+    /// Forwarded level: the last SQE goes as WRITE WITH IMMEDIATE with this immediate
+    /// (new tail; polled: `tail | head << 16`).
+    pub imm: Option<u32>,
+    /// P2P level, polled: 4-byte WRITE of this CQ head to the CQ head doorbell, posted
+    /// before the SQ doorbell (only when the head moved since the last one).
+    pub cq_head: Option<u16>,
+    /// P2P level: 4-byte WRITE of this tail to the SQ tail doorbell (last in the chain).
+    pub sq_tail: Option<u16>,
+}
+
+/// The doorbells of a batch that makes the SQ tail `new_tail`. Polled queues hand the CQ
+/// head over with every SQ doorbell; that is what keeps the CQ from overflowing: beyond
+/// the head the controller knows, it can post at most (commands submitted − CQEs
+/// consumed) ≤ depth − 1 entries, and a CQ of `depth` entries holds depth − 1.
+pub fn doorbells(
+    level: Level,
+    completions: Completions,
+    new_tail: u16,
+    head: u16,
+    head_sent: u16,
+) -> Doorbells {
+    let polled = completions == Completions::Polled;
+    match level {
+        Level::Forwarded => Doorbells {
+            imm: Some(if polled {
+                polled_imm(new_tail, head)
+            } else {
+                u32::from(new_tail)
+            }),
+            cq_head: None,
+            sq_tail: None,
+        },
+        Level::P2p => Doorbells {
+            imm: None,
+            cq_head: (polled && head != head_sent).then_some(head),
+            sq_tail: Some(new_tail),
+        },
     }
 }
 
@@ -740,7 +813,6 @@ impl DirectQueue {
 
     fn post_batch(&mut self, first: usize, n: usize) -> rdma::Result<()> {
         let depth = self.desc.depth.get();
-        let p2p = self.desc.level() == Level::P2p;
         let inline = |b: &[u8]| Sge {
             addr: b.as_ptr() as u64,
             len: b.len() as u32,
@@ -752,20 +824,16 @@ impl DirectQueue {
         } else {
             last_slot + 1
         };
-        let tail_bytes = u32::from(new_tail).to_le_bytes();
-        // Polled: the CQ head travels with the tail (forwarded: in the immediate; P2P: a
-        // WRITE to the CQ head doorbell ahead of the SQ doorbell, when it changed). Handing
-        // it over with every doorbell is what keeps the CQ from overflowing: the
-        // controller may post at most (commands submitted − CQEs consumed) ≤ depth − 1
-        // entries beyond that head.
-        let polled = self.completions == Completions::Polled;
         let head = self.cqc.head();
+        let bells = doorbells(
+            self.desc.level(),
+            self.completions,
+            new_tail,
+            head,
+            self.head_sent,
+        );
+        let tail_bytes = u32::from(new_tail).to_le_bytes();
         let head_bytes = u32::from(head).to_le_bytes();
-        let imm = if polled {
-            polled_imm(new_tail, head)
-        } else {
-            u32::from(new_tail)
-        };
         let mut chain = SendBatch::<{ 2 * FLUSH_BATCH + 2 }>::new();
         for i in 0..n {
             let cid = self.queued[first + i];
@@ -795,16 +863,19 @@ impl DirectQueue {
                 rkey: self.desc.sq.rkey.get(),
             };
             let sqe = inline(self.sqes[usize::from(s.sq_slot)].as_bytes());
-            if i + 1 == n && !p2p {
-                let flags = SendFlags::INLINE | SendFlags::SIGNALED;
-                chain.write_imm(id, Some(sqe), sq, imm, flags)?;
-                self.ops.write_imms += 1;
-            } else {
-                chain.write(id, sqe, sq, SendFlags::INLINE)?;
-                self.ops.writes += 1;
+            match bells.imm {
+                Some(imm) if i + 1 == n => {
+                    let flags = SendFlags::INLINE | SendFlags::SIGNALED;
+                    chain.write_imm(id, Some(sqe), sq, imm, flags)?;
+                    self.ops.write_imms += 1;
+                }
+                _ => {
+                    chain.write(id, sqe, sq, SendFlags::INLINE)?;
+                    self.ops.writes += 1;
+                }
             }
         }
-        if p2p && polled && head != self.head_sent {
+        if bells.cq_head.is_some() {
             let db = RemoteAddr {
                 addr: self.desc.cq_doorbell.addr.get(),
                 rkey: self.desc.cq_doorbell.rkey.get(),
@@ -812,7 +883,7 @@ impl DirectQueue {
             chain.write(KIND_CHAIN, inline(&head_bytes), db, SendFlags::INLINE)?;
             self.ops.writes += 1;
         }
-        if p2p {
+        if bells.sq_tail.is_some() {
             let db = RemoteAddr {
                 addr: self.desc.sq_doorbell.addr.get(),
                 rkey: self.desc.sq_doorbell.rkey.get(),
@@ -1094,21 +1165,52 @@ mod tests {
         b.record(Duration::from_micros(800));
         assert_eq!(b.latency(), Duration::from_micros(800));
         assert_eq!(b.cap(), Duration::from_micros(100));
-        assert_eq!(b.first(), Duration::from_micros(400));
+        assert_eq!(b.first(), Duration::from_micros(600));
         let waits: Vec<u64> = (0..7).map(|_| b.empty().as_micros() as u64).collect();
         assert_eq!(waits, [4, 8, 16, 32, 64, 100, 100]);
         b.found();
         assert_eq!(b.empty(), Duration::from_micros(4));
         // The estimate follows the latency, and the cap stays within 8..=256 µs.
-        for _ in 0..100 {
+        // Slow outliers move the average (the cap) but not the floor within a window.
+        b.record(Duration::from_millis(50));
+        assert!(b.cap() > Duration::from_micros(100));
+        assert_eq!(b.first(), Duration::from_micros(600));
+        for _ in 0..200 {
             b.record(Duration::from_millis(50));
         }
         assert_eq!(b.cap(), Duration::from_micros(256));
+        assert_eq!(b.floor(), Duration::from_millis(50));
         assert_eq!(b.first(), Duration::from_millis(2));
-        for _ in 0..100 {
+        // The floor follows faster completions at once, the cap within a few.
+        b.record(Duration::from_micros(10));
+        assert_eq!(b.floor(), Duration::from_micros(10));
+        for _ in 0..200 {
             b.record(Duration::from_micros(10));
         }
         assert_eq!(b.cap(), Duration::from_micros(8));
+        assert_eq!(b.first(), Duration::from_nanos(7500));
+    }
+
+    #[test]
+    fn doorbells_per_level_and_variant() {
+        use Completions::{Polled, Pushed};
+        let d = |l, c, t, h, hs| doorbells(l, c, t, h, hs);
+        // Forwarded: the immediate alone; polled adds the head in bits 31:16.
+        let f = d(Level::Forwarded, Pushed, 7, 5, 0);
+        assert_eq!((f.imm, f.cq_head, f.sq_tail), (Some(7), None, None));
+        let f = d(Level::Forwarded, Polled, 7, 5, 5);
+        assert_eq!(
+            (f.imm, f.cq_head, f.sq_tail),
+            (Some(0x0005_0007), None, None)
+        );
+        // P2P: no immediate; the SQ doorbell WRITE, preceded by the CQ head WRITE when
+        // polled and the head moved.
+        let p = d(Level::P2p, Pushed, 3, 9, 0);
+        assert_eq!((p.imm, p.cq_head, p.sq_tail), (None, None, Some(3)));
+        let p = d(Level::P2p, Polled, 3, 9, 2);
+        assert_eq!((p.imm, p.cq_head, p.sq_tail), (None, Some(9), Some(3)));
+        let p = d(Level::P2p, Polled, 3, 9, 9);
+        assert_eq!((p.imm, p.cq_head, p.sq_tail), (None, None, Some(3)));
     }
 
     #[test]
