@@ -2,44 +2,13 @@
 //! allocations made by this thread while submit + poll run (the simulator thread's own
 //! allocations are not counted).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nvme::sim::{SimConfig, Simulator};
 use nvme::{Controller, ControllerOptions, QueueOptions};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-// SAFETY: forwards to the system allocator; only adds a counter.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 #[test]
 fn submit_and_poll_do_not_allocate() {
@@ -60,7 +29,7 @@ fn submit_and_poll_do_not_allocate() {
         let bufs = pool.chunks(16384); // 4 pages each: PRP lists are used
         let mut completed = 0u64;
         let mut errors = 0u64;
-        COUNTING.with(|c| c.set(true));
+        alloc_count::count_this_thread(true);
         let start = Instant::now();
         for round in 0..200u64 {
             for (i, b) in bufs.iter().enumerate() {
@@ -82,11 +51,11 @@ fn submit_and_poll_do_not_allocate() {
                 }
             }
         }
-        COUNTING.with(|c| c.set(false));
+        alloc_count::count_this_thread(false);
         assert_eq!(completed, 200 * 16);
         assert_eq!(errors, 0);
         assert_eq!(
-            ALLOCS.swap(0, Ordering::Relaxed),
+            alloc_count::take(),
             0,
             "heap allocations on the I/O path (shadow={shadow})"
         );

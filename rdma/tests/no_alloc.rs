@@ -1,8 +1,6 @@
 //! Host test (no RDMA device): the engine's poll/dispatch path and building and linking a
 //! work-request chain allocate nothing on the heap once warmed up.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
@@ -10,36 +8,8 @@ use std::sync::{Arc, Mutex};
 use rdma::engine::{CompletionSource, Engine, EngineConfig, Handler};
 use rdma::{RemoteAddr, SendBatch, SendFlags, Sge, WorkCompletion};
 
-thread_local! {
-    static ALLOCS: Cell<u64> = const { Cell::new(0) };
-}
-
-struct Counting;
-
-// SAFETY: forwards to the system allocator; only counts calls on the current thread.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn allocs() -> u64 {
-    ALLOCS.with(|c| c.get())
-}
+static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 /// Completions from a preallocated ring; never wakes (the test only polls).
 struct Ring(Mutex<VecDeque<u64>>);
@@ -88,7 +58,7 @@ fn engine_poll_and_wr_chains_do_not_allocate() {
     // Warm-up (lazy statics, first lock).
     engine.poll_once(&mut h).unwrap();
 
-    let before = allocs();
+    alloc_count::count_this_thread(true);
     let mut expected = 0;
     for round in 0..1000u64 {
         {
@@ -123,5 +93,6 @@ fn engine_poll_and_wr_chains_do_not_allocate() {
             .unwrap();
         assert_eq!(chain.len(), 3);
     }
-    assert_eq!(allocs() - before, 0, "heap allocations on the data path");
+    alloc_count::count_this_thread(false);
+    assert_eq!(alloc_count::take(), 0, "heap allocations on the data path");
 }

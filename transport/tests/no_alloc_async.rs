@@ -6,8 +6,6 @@ mod common;
 #[path = "async_common/fake.rs"]
 mod fake;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,35 +18,8 @@ use transport::initiator::cmd;
 use transport::loopback::LoopbackTransport;
 use transport::target::Target;
 
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 #[test]
 fn async_io_path_does_not_allocate() {
@@ -89,9 +60,9 @@ fn async_io_path_does_not_allocate() {
         .unwrap();
         io.submit(cmd::flush(1), &[], 0).unwrap();
         io.submit(cmd::write_zeroes(1, 200, 8), &[], 0).unwrap();
-        ARMED.store(armed, Ordering::SeqCst);
+        alloc_count::count_all_threads(armed);
         while rig.group.poll_at(now) > 0 {}
-        ARMED.store(false, Ordering::SeqCst);
+        alloc_count::count_all_threads(false);
         let mut n = 0;
         while let Some(c) = io.poll_one() {
             assert_eq!(c.status(), Status::SUCCESS);
@@ -102,15 +73,15 @@ fn async_io_path_does_not_allocate() {
     round(&mut rig, false); // warm-up
     round(&mut rig, false);
     let before = dev.ctl().submitted;
-    ARMED.store(true, Ordering::SeqCst);
+    alloc_count::count_all_threads(true);
     drop(std::hint::black_box(vec![1u8; 16]));
-    ARMED.store(false, Ordering::SeqCst);
-    assert_eq!(ALLOCS.swap(0, Ordering::SeqCst), 1, "the counter works");
+    alloc_count::count_all_threads(false);
+    assert_eq!(alloc_count::take(), 1, "the counter works");
     round(&mut rig, true);
     assert_eq!(dev.ctl().submitted - before, 19, "all through the channel");
     assert!(dev.ctl().busy > 0, "with backpressure (channel depth 8)");
     assert_eq!(
-        ALLOCS.load(Ordering::SeqCst),
+        alloc_count::count(),
         0,
         "heap allocations while serving I/O through an asynchronous backend"
     );
