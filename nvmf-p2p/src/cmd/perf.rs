@@ -72,8 +72,9 @@ pub struct Args {
     /// `direct_hosts`) and drive the backing controller by one-sided RDMA.
     #[arg(long, conflicts_with = "local")]
     pub direct: bool,
-    /// With --direct: direct queues to attach; --queue-depth is spread over them.
-    #[arg(short = 'P', long, default_value_t = 1, requires = "direct")]
+    /// I/O queues (with --direct: direct queues to attach); --queue-depth is spread over
+    /// them round-robin.
+    #[arg(short = 'P', long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub queues: u16,
     /// With --direct: completions pushed by the target (SEND, read data by RDMA WRITE) or
     /// polled by this host (RDMA READ of the CQ ring, read data by RDMA READ).
@@ -261,6 +262,11 @@ pub fn run(a: Args) -> CliResult {
         return Err(CliError::new("--queue-depth must be at least 1"));
     }
     let report = match &a.local {
+        Some(_) if a.queues > 1 => {
+            return Err(CliError::new(
+                "--queues applies to --traddr runs; --local uses one queue",
+            ))
+        }
         Some(bdf) => run_local(bdf, &a)?,
         None if a.direct => super::perf_direct::run(&a)?,
         None => run_remote(&a)?,
@@ -363,33 +369,62 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
             "--io-size {bs} is not a multiple of the {lba}-byte block"
         )));
     }
-    execute(&mut admin, cmd::set_num_queues(1), &[], ADMIN_TIMEOUT).map_err(terr)?;
+    let queues = a.queues.max(1);
+    let total = usize::from(a.qd);
+    if total < usize::from(queues) {
+        return Err(CliError::new(format!(
+            "--queue-depth {total} is less than --queues {queues}: every queue needs a command"
+        )));
+    }
+    let granted = execute(&mut admin, cmd::set_num_queues(queues), &[], ADMIN_TIMEOUT)
+        .map_err(terr)?
+        .cqe
+        .dw0
+        .get();
+    // NSQA / NCQA are 0-based.
+    let granted = ((granted & 0xffff).min(granted >> 16) + 1) as u16;
+    if granted < queues {
+        return Err(CliError::new(format!(
+            "the target grants {granted} I/O queue(s), fewer than --queues {queues}"
+        )));
+    }
 
-    // one I/O queue of depth qd, one data slot per outstanding command
-    let io_host = RdmaHost::connect(dst, 1, a.qd + 1, 0, ADMIN_TIMEOUT).map_err(terr)?;
-    let qd =
-        a.qd.min(io_host.accepted_queue_size().saturating_sub(1).max(1));
-    let buf = io_host
-        .register(usize::from(qd) * bs + 4096)
-        .map_err(terr)?;
-    let mut io = InitiatorQueue::new(io_host, 1, qd);
-    let data = cmd::connect_data(hostid, cntlid, subnqn, &a.hostnqn);
-    buf.write(0, data.as_bytes())
-        .map_err(|e| CliError(e.to_string()))?;
-    execute(
-        &mut io,
-        cmd::connect(1, qd, 0, keyed(&buf, 0, 1024)),
-        &[],
-        ADMIN_TIMEOUT,
-    )
-    .map_err(terr)?;
-    if !matches!(a.workload, Workload::Read | Workload::Randread) {
-        // give written blocks a recognisable pattern
-        for slot in 0..usize::from(qd) {
-            let pat: Vec<u8> = (0..bs).map(|i| (i as u8) ^ (slot as u8)).collect();
-            buf.write(slot * bs, &pat)
-                .map_err(|e| CliError(e.to_string()))?;
+    // I/O queues 1..=queues, --queue-depth spread over them round-robin (as spdk_nvme_perf
+    // spreads a namespace's depth over its qpairs), one data slot per command.
+    struct Lane {
+        io: InitiatorQueue<RdmaHost>,
+        buf: rdma::RegisteredBuffer,
+        qd: u16,
+    }
+    let mut lanes = Vec::with_capacity(usize::from(queues));
+    for qid in 1..=queues {
+        let want = super::perf_direct::share(total, usize::from(queues), usize::from(qid - 1));
+        let want = u16::try_from(want).unwrap_or(u16::MAX);
+        let io_host = RdmaHost::connect(dst, qid, want + 1, 0, ADMIN_TIMEOUT).map_err(terr)?;
+        let qd = want.min(io_host.accepted_queue_size().saturating_sub(1).max(1));
+        let buf = io_host
+            .register(usize::from(qd) * bs + 4096)
+            .map_err(terr)?;
+        let mut io = InitiatorQueue::new(io_host, qid, qd);
+        let data = cmd::connect_data(hostid, cntlid, subnqn, &a.hostnqn);
+        buf.write(0, data.as_bytes())
+            .map_err(|e| CliError(e.to_string()))?;
+        execute(
+            &mut io,
+            cmd::connect(qid, qd, 0, keyed(&buf, 0, 1024)),
+            &[],
+            ADMIN_TIMEOUT,
+        )
+        .map_err(|e| CliError::new(format!("fabrics Connect of I/O queue {qid}: {e}")))?;
+        if !matches!(a.workload, Workload::Read | Workload::Randread) {
+            // give written blocks a recognisable pattern
+            for slot in 0..usize::from(qd) {
+                let pat: Vec<u8> = (0..bs).map(|i| (i as u8) ^ (slot as u8)).collect();
+                buf.write(slot * bs, &pat)
+                    .map_err(|e| CliError(e.to_string()))?;
+            }
         }
+        lanes.push(Lane { io, buf, qd });
     }
 
     let nlb = (bs / lba) as u64;
@@ -398,56 +433,65 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     let nlb16 = u16::try_from(nlb)
         .map_err(|_| CliError::new(format!("--io-size {bs} is more than 65535 blocks")))?;
     let nsid = a.nsid;
-    let mut issue = |io: &mut InitiatorQueue<RdmaHost>, slot: u64| {
+    let mut issue = |lane: &mut Lane, slot: u64| {
         let (slba, read) = pattern.next();
-        let d = keyed(&buf, slot as usize * bs, bs);
+        let d = keyed(&lane.buf, slot as usize * bs, bs);
         let sqe = if read {
             cmd::read(nsid, slba, nlb16, d)
         } else {
             cmd::write(nsid, slba, nlb16, d)
         };
-        io.submit(sqe, &[], slot)
+        lane.io.submit(sqe, &[], slot)
     };
     let started = Instant::now();
     let end = started + Duration::from_secs(a.secs);
-    for slot in 0..u64::from(qd) {
-        issue(&mut io, slot).map_err(terr)?;
+    for lane in lanes.iter_mut() {
+        for slot in 0..u64::from(lane.qd) {
+            issue(lane, slot).map_err(terr)?;
+        }
     }
     let (mut done, mut errors) = (0u64, 0u64);
     let mut first_error = None;
     let stall = Duration::from_secs(30);
     let mut last = Instant::now();
-    while io.outstanding() > 0 {
-        let Some(c) = io.poll_one() else {
-            if last.elapsed() > stall {
-                return Err(CliError::new(format!(
-                    "no completion for {}s with {} commands outstanding: the target stopped answering",
-                    stall.as_secs(),
-                    io.outstanding()
-                )));
+    loop {
+        let mut outstanding = 0;
+        let mut progress = false;
+        for lane in lanes.iter_mut() {
+            if let Some(c) = lane.io.poll_one() {
+                progress = true;
+                done += 1;
+                let st = c.status();
+                if !st.is_success() {
+                    errors += 1;
+                    first_error.get_or_insert(format!("{st:?}"));
+                }
+                if Instant::now() < end {
+                    issue(lane, c.user).map_err(terr)?;
+                }
             }
-            continue;
-        };
-        last = Instant::now();
-        done += 1;
-        let st = c.status();
-        if !st.is_success() {
-            errors += 1;
-            first_error.get_or_insert(format!("{st:?}"));
+            outstanding += lane.io.outstanding();
         }
-        if last < end {
-            issue(&mut io, c.user).map_err(terr)?;
+        if outstanding == 0 {
+            break;
+        }
+        if progress {
+            last = Instant::now();
+        } else if last.elapsed() > stall {
+            return Err(CliError::new(format!(
+                "no completion for {}s with {outstanding} commands outstanding: the target stopped answering",
+                stall.as_secs(),
+            )));
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok(Report::new(
-        format!("rdma:{dst}/{subnqn}"),
-        a,
-        secs,
-        done,
-        errors,
-        &io.histogram,
-    ))
+    let mut hist = LatencyHistogram::new();
+    for lane in &lanes {
+        hist.merge(&lane.io.histogram);
+    }
+    let mut r = Report::new(format!("rdma:{dst}/{subnqn}"), a, secs, done, errors, &hist);
+    r.first_error = first_error;
+    Ok(r)
 }
 
 /// A host identifier derived from the host NQN (stable across runs).

@@ -51,7 +51,7 @@ fn attach_err(e: AttachError) -> CliError {
 }
 
 /// Commands in flight for queue `i` of `n` when `total` are spread round-robin.
-fn share(total: usize, n: usize, i: usize) -> usize {
+pub(super) fn share(total: usize, n: usize, i: usize) -> usize {
     total / n + usize::from(i < total % n)
 }
 
