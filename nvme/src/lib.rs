@@ -1,5 +1,6 @@
-//! Userspace NVMe: spec types, a polled driver over VFIO, the controller memory buffer,
-//! dma-buf export of the doorbell page and the CMB, and an in-process simulated controller.
+//! Userspace NVMe: spec types, a driver over VFIO (polled or interrupt-driven queues),
+//! the controller memory buffer, dma-buf export of the doorbell page and the CMB, and an
+//! in-process simulated controller.
 //!
 //! - [`spec`]: SQE/CQE, status codes, opcodes, registers, Identify and log page layouts
 //!   (shared with the NVMe-oF target).
@@ -9,6 +10,9 @@
 //! - [`Controller::create_io_queue_pair`] gives one [`IoQueuePair`] per thread:
 //!   [`IoQueuePair::submit`] / [`read`](IoQueuePair::read) / [`write`](IoQueuePair::write)
 //!   and [`IoQueuePair::poll`] — no locks, no allocation.
+//! - [`Controller::create_io_queue_pair_with_interrupts`] gives a queue pair whose CQ
+//!   raises an MSI-X interrupt (VFIO eventfd, or the simulator's): sleep on
+//!   [`IoQueuePair::interrupt_fd`] after [`IoQueuePair::arm_interrupt`] returns true.
 //! - [`Controller::alloc_dma`] / [`Controller::alloc_cmb`] give [`DmaBuffer`]s.
 //! - [`Controller::create_raw_queue_pair`] hands the rings to someone else (direct mode).
 //!

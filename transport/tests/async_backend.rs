@@ -345,6 +345,7 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
         let mut io = rig.io(1, cntlid);
         let mut fds = [-1; 4];
         assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Idle);
+        assert!(!rig.group.backends_wake(), "nothing in flight");
 
         // One read the device holds (stalled) until it is aborted.
         sim.faults().stall_next_io(1);
@@ -368,6 +369,7 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
             );
         }
         assert_eq!(rig.group.poll(), 0, "nothing to do but wait for the device");
+        assert_eq!(rig.group.backends_wake(), interrupts);
         if !interrupts {
             assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Nap);
             assert!(ctrl.abort(2, 0).unwrap());

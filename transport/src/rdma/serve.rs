@@ -36,6 +36,10 @@ const CM_POLL_PERIOD: Duration = Duration::from_millis(1);
 pub struct ServeOptions {
     /// Idle time after which a group arms its CQ and sleeps.
     pub idle_spell: Duration,
+    /// The same while the group's only outstanding work is commands in backends that
+    /// wake it (NVMe queues with interrupts): shorter, the device takes far longer than
+    /// a wake-up, and spinning steals the CPU the device (or its emulation) needs.
+    pub device_spell: Duration,
     /// Longest sleep (keep-alive checks and the stop flag run at least this often).
     pub max_sleep: Duration,
     /// How long shutdown waits for queues to drain.
@@ -46,6 +50,7 @@ impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             idle_spell: Duration::from_micros(200),
+            device_spell: Duration::from_micros(20),
             max_sleep: Duration::from_millis(10),
             drain_timeout: Duration::from_secs(2),
         }
@@ -175,7 +180,8 @@ fn run_group(
     drain(&mut group, opts);
 }
 
-/// Sleeps when the group has been idle for `idle_spell`.
+/// Sleeps when the group has been idle for `idle_spell` (`device_spell` while it waits
+/// for backends that wake it).
 fn idle(
     group: &mut PollGroup<RdmaTransport>,
     work: usize,
@@ -188,7 +194,12 @@ fn idle(
         *last_work = now;
         return;
     }
-    if now.duration_since(*last_work) < opts.idle_spell {
+    let spell = if group.backends_wake() {
+        opts.device_spell
+    } else {
+        opts.idle_spell
+    };
+    if now.duration_since(*last_work) < spell {
         return;
     }
     if let Err(e) = group.wire().arm() {

@@ -528,6 +528,17 @@ impl<T: Transport> PollGroup<T> {
         self.channels.iter().map(|c| c.chan.in_flight()).sum()
     }
 
+    /// Whether commands are in the backend channels and every channel holding some can
+    /// wake a sleeper ([`IoChannel::wake_fd`](crate::backend::IoChannel::wake_fd)).
+    pub fn backends_wake(&self) -> bool {
+        let mut busy = self
+            .channels
+            .iter()
+            .filter(|c| c.chan.in_flight() > 0)
+            .peekable();
+        busy.peek().is_some() && busy.all(|c| c.chan.wake_fd().is_some())
+    }
+
     /// Prepares to sleep while commands are in the backend channels: clears the wake
     /// event of every channel with commands in flight, then checks each for completions
     /// (that order: a completion after the clear signals its fd again), and writes the
