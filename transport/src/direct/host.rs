@@ -416,10 +416,18 @@ pub struct Doorbells {
     pub sq_tail: Option<u16>,
 }
 
-/// The doorbells of a batch that makes the SQ tail `new_tail`. Polled queues hand the CQ
-/// head over with every SQ doorbell; that is what keeps the CQ from overflowing: beyond
-/// the head the controller knows, it can post at most (commands submitted − CQEs
-/// consumed) ≤ depth − 1 entries, and a CQ of `depth` entries holds depth − 1.
+/// Whether a polled queue must hand its CQ head to the controller with the next doorbell:
+/// beyond the head the controller knows, it may post one CQE per command in the device
+/// (`awaiting`) plus one per CQE consumed since that head (`unreleased`); a CQ of `depth`
+/// entries holds `depth − 1` = `capacity`. Handing the head over resets `unreleased` to 0,
+/// and `awaiting` ≤ `capacity` always, so the CQ never overflows. At low queue depth this
+/// spares the CQ head doorbell for all but one I/O in `capacity`.
+pub fn must_release(awaiting: usize, unreleased: usize, capacity: usize) -> bool {
+    awaiting + unreleased > capacity
+}
+
+/// The doorbells of a batch that makes the SQ tail `new_tail`; `head` is the CQ head to
+/// hand over (polled; `head_sent` when there is no need, see [`must_release`]).
 pub fn doorbells(
     level: Level,
     completions: Completions,
@@ -548,6 +556,7 @@ pub struct DirectQueue {
     next_cq_read: Instant,
     backoff: PollBackoff,
     head_sent: u16,
+    unreleased: usize,
     /// RDMA operation counters.
     pub ops: OpCounts,
 }
@@ -651,6 +660,7 @@ impl DirectQueue {
             next_cq_read: now,
             backoff: PollBackoff::default(),
             head_sent: 0,
+            unreleased: 0,
             ops: OpCounts::default(),
         };
         // Polled queues get nothing by SEND.
@@ -824,7 +834,13 @@ impl DirectQueue {
         } else {
             last_slot + 1
         };
-        let head = self.cqc.head();
+        let polled = self.completions == Completions::Polled;
+        let release = polled && must_release(self.awaiting, self.unreleased, self.capacity());
+        let head = if release {
+            self.cqc.head()
+        } else {
+            self.head_sent
+        };
         let bells = doorbells(
             self.desc.level(),
             self.completions,
@@ -893,7 +909,10 @@ impl DirectQueue {
             self.ops.writes += 1;
         }
         self.conn.qp().post_send(&mut chain)?;
-        self.head_sent = head;
+        if release {
+            self.head_sent = head;
+            self.unreleased = 0;
+        }
         Ok(())
     }
 
@@ -990,6 +1009,7 @@ impl DirectQueue {
                 break;
             };
             self.cqc.advance();
+            self.unreleased += 1;
             found += 1;
             s.in_device = false;
             s.status = cqe.status();
@@ -1222,8 +1242,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// A model of a polled queue: the host submits (≤ depth − 1 commands outstanding,
-        /// the CQ head it has consumed to travels with every doorbell), the controller
+        /// A model of a polled queue: the host submits (≤ depth − 1 commands outstanding;
+        /// the CQ head it has consumed to goes with the doorbell when `must_release` says
+        /// so), the controller
         /// posts CQEs with phase tags into a real ring, the host READs spans of it with
         /// `CqCursor`. The controller never finds the CQ full, and the host consumes
         /// exactly the posted entries, in order.
@@ -1239,7 +1260,11 @@ mod tests {
                 match s {
                     0 if submitted - consumed < d - 1 => {
                         submitted += 1;
-                        released = consumed; // head in the same doorbell
+                        // The head goes with the doorbell only when it must.
+                        let (awaiting, unreleased) = (submitted - consumed, consumed - released);
+                        if must_release(awaiting as usize, unreleased as usize, usize::from(depth) - 1) {
+                            released = consumed;
+                        }
                     }
                     1 if posted < submitted => {
                         // NVMe: the CQ is full at depth − 1 entries not released.

@@ -777,7 +777,10 @@ impl Poller {
         }
     }
 
-    /// Arms the CQ and sleeps on the completion and CM channels (≤ 5 ms).
+    /// Arms the CQ and sleeps on the completion and CM channels (≤ 20 ms: doorbells of
+    /// polled queues and connection events wake it; the timeout only bounds how late
+    /// quiesce/detach requests, the stop flag and stats publishing are seen — every
+    /// timeout wake-up is CPU the target spends with nothing to do).
     fn sleep(&mut self) {
         self.sleeps += 1;
         if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
@@ -801,7 +804,7 @@ impl Poller {
             },
         ];
         // SAFETY: `fds` is a valid array of 2 pollfd structures that outlives the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 5) };
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
     }
 
     fn publish(&mut self) {
