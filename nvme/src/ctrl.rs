@@ -869,6 +869,31 @@ impl Controller {
         cq: DmaBuffer,
         depth: u16,
     ) -> Result<RawQueuePair> {
+        self.create_raw(sq, cq, depth, false)
+    }
+
+    /// [`create_raw_queue_pair`](Self::create_raw_queue_pair) with the CQ raising an
+    /// interrupt (IEN = 1) on a vector of its own while vectors last (as
+    /// [`create_io_queue_pair_with_interrupts`](Self::create_io_queue_pair_with_interrupts)):
+    /// whoever watches the ring can sleep on [`RawQueuePair::interrupt_eventfd`] — clear
+    /// it, look at the ring once more, then poll(2) — instead of polling while commands
+    /// are in the device.
+    pub fn create_raw_queue_pair_with_interrupts(
+        &self,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        depth: u16,
+    ) -> Result<RawQueuePair> {
+        self.create_raw(sq, cq, depth, true)
+    }
+
+    fn create_raw(
+        &self,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        depth: u16,
+        interrupts: bool,
+    ) -> Result<RawQueuePair> {
         let s = &self.shared;
         let max = (s.cap.mqes() as u32 + 1).min(65535) as u16;
         if depth < 2
@@ -889,6 +914,11 @@ impl Controller {
                 "raw queue rings must be page aligned".into(),
             ));
         }
+        let irq_fds = if interrupts {
+            s.enable_irqs()?
+        } else {
+            Vec::new()
+        };
         let qid = {
             let mut a = lock(&s.admin);
             let mut qs = lock(&s.queues);
@@ -900,17 +930,20 @@ impl Controller {
                 depth,
                 sq_iova: sq.iova(),
                 cq: cq.clone(),
-                iv: None,
+                iv: vector_for(qid, irq_fds.len()),
             };
             s.create_queue_locked(&mut a, &rec)?;
             qs.push(rec);
             qid
         };
+        let irq = vector_for(qid, irq_fds.len())
+            .and_then(|v| irq_fds.get(v as usize).map(|e| (v, e.clone())));
         let (so, co) = self.doorbell_offsets(qid);
         let missing = || Error::InvalidArgument(format!("doorbell of queue {qid} outside BAR0"));
         Ok(RawQueuePair {
             qid,
             depth,
+            irq,
             sq_db: s.regs.reg_ptr(so as usize).ok_or_else(missing)?,
             cq_db: s.regs.reg_ptr(co as usize).ok_or_else(missing)?,
             shadow: s.shadow_ptrs(qid),
@@ -987,6 +1020,8 @@ fn vector_for(qid: u16, vectors: usize) -> Option<u16> {
 pub struct RawQueuePair {
     qid: u16,
     depth: u16,
+    /// Vector and eventfd of the CQ's interrupt (None: polled).
+    irq: Option<(u16, Arc<EventFd>)>,
     sq: DmaBuffer,
     cq: DmaBuffer,
     sq_db: *mut u32,
@@ -1019,6 +1054,16 @@ impl RawQueuePair {
     /// Controller resets so far; when it changes, the queues were recreated empty.
     pub fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::Acquire)
+    }
+    /// The eventfd the CQ's interrupt signals (shared by every queue on its vector), or
+    /// None for a polled CQ. To sleep: clear it, look at the ring once more (a completion
+    /// posted before the clear signalled an event that is now gone), then poll(2) on it.
+    pub fn interrupt_eventfd(&self) -> Option<&Arc<EventFd>> {
+        self.irq.as_ref().map(|(_, e)| e)
+    }
+    /// The CQ's interrupt vector, or None for a polled CQ.
+    pub fn interrupt_vector(&self) -> Option<u16> {
+        self.irq.as_ref().map(|(v, _)| *v)
     }
     /// Publish a new SQ tail (after the SQEs are written): write barrier, shadow slot if
     /// shadow doorbells are on, then the MMIO doorbell.
