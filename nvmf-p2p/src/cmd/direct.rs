@@ -69,6 +69,7 @@ pub fn start_service(
         max_pool: 64 << 20,
         subsystems,
         try_p2p: true,
+        interrupts: cfg.nvme_interrupts,
     })
     .map_err(|e| CliError::new(format!("direct mode: {e}")))?;
     target.set_direct(svc.clone() as DirectProvider);

@@ -335,6 +335,7 @@ impl DirectHost {
             pool_bytes: (u64::from(self.opts.depth) * slot_stride(self.opts.io_size) as u64)
                 .div_ceil(4096)
                 * 4096,
+            polled_cq: self.opts.completions == Completions::Polled,
         };
         let mut sqe = req.to_sqe(self.opts.nsid);
         sqe.set_psdt(1);

@@ -224,14 +224,21 @@ pub struct AttachRequest {
     pub depth: u16,
     /// Requested pool bytes (CDW11 × 4 KiB; 0 = the target's default).
     pub pool_bytes: u64,
+    /// The host will read the CQ itself (polled completions; CDW10 bit 16): the target
+    /// then creates the CQ without an interrupt, which nobody would wait for.
+    pub polled_cq: bool,
 }
+
+/// CDW10 bit of [`AttachRequest::polled_cq`].
+pub const ATTACH_POLLED_CQ: u32 = 1 << 16;
 
 impl AttachRequest {
     /// The attach command for namespace `nsid` (the SGL is set by the caller).
     pub fn to_sqe(self, nsid: u32) -> Sqe {
         let mut s = Sqe::new(OPC_DIRECT_ATTACH);
         s.nsid = U32::new(nsid);
-        s.cdw10 = U32::new(u32::from(self.depth));
+        s.cdw10 =
+            U32::new(u32::from(self.depth) | if self.polled_cq { ATTACH_POLLED_CQ } else { 0 });
         s.cdw11 = U32::new(u32::try_from(self.pool_bytes / 4096).unwrap_or(u32::MAX));
         s
     }
@@ -241,6 +248,7 @@ impl AttachRequest {
         AttachRequest {
             depth: s.cdw10.get() as u16,
             pool_bytes: u64::from(s.cdw11.get()) * 4096,
+            polled_cq: s.cdw10.get() & ATTACH_POLLED_CQ != 0,
         }
     }
 }
@@ -377,10 +385,19 @@ mod tests {
         let r = AttachRequest {
             depth: 32,
             pool_bytes: 1 << 20,
+            polled_cq: false,
         };
         let s = r.to_sqe(1);
         assert_eq!(s.opcode(), OPC_DIRECT_ATTACH);
         assert_eq!(AttachRequest::from_sqe(&s), r);
+        let polled = AttachRequest {
+            depth: 1024,
+            polled_cq: true,
+            ..r
+        };
+        let s = polled.to_sqe(1);
+        assert_eq!(s.cdw10.get(), 1024 | ATTACH_POLLED_CQ);
+        assert_eq!(AttachRequest::from_sqe(&s), polled);
         assert_eq!(detach_token(&detach_sqe(u64::MAX - 5)), u64::MAX - 5);
         let c = ConnectPrivate::new(42);
         assert_eq!(ConnectPrivate::parse(c.as_bytes()).unwrap().token.get(), 42);

@@ -101,6 +101,10 @@ pub struct DirectConfig {
     pub subsystems: HashMap<String, DirectSubsystem>,
     /// Try P2P (dma-buf MRs) first. Off only for tests of the fallback.
     pub try_p2p: bool,
+    /// Create the CQs of pushed-completion queues with an MSI-X interrupt when the
+    /// controller has vectors, so the poller sleeps while their commands are in the
+    /// device (else it naps and polls).
+    pub interrupts: bool,
 }
 
 /// One attached queue, for stats.
@@ -134,6 +138,8 @@ pub struct QueueReport {
     pub cqes_pushed: u64,
     /// Read data pushed to the host (RDMA WRITE before the CQE).
     pub reads_pushed: u64,
+    /// MSI-X vector of the CQ (None: the poller polls it, or the host does).
+    pub interrupt_vector: Option<u16>,
 }
 
 /// Service-wide counters and state, for stats.
@@ -147,6 +153,8 @@ pub struct ServiceReport {
     pub attached: u64,
     /// Times the poller went to sleep on its channels.
     pub sleeps: u64,
+    /// Of those, sleeps on NVMe interrupts while commands were in the device.
+    pub device_sleeps: u64,
     /// Poller iterations.
     pub polls: u64,
     /// Queues.
@@ -283,7 +291,9 @@ impl DirectService {
             active: Vec::new(),
             wcs: Box::new([WorkCompletion::default(); 64]),
             sleeps: 0,
+            device_sleeps: 0,
             polls: 0,
+            fds: Vec::with_capacity(64),
         };
         let thread = std::thread::Builder::new()
             .name("direct-poller".into())
@@ -467,10 +477,13 @@ impl DirectService {
             unsafe { MemoryRegion::register(&inner.pd, buf.as_ptr(), buf.len(), access) }
                 .map_err(|e| nvme::Error::InvalidArgument(format!("{what}: {e}")))
         };
+        // Pushed completions: the poller watches the CQ, so give it an interrupt to sleep
+        // on; polled ones: the host reads the CQ, an interrupt would only cost CPU.
+        let irq = inner.cfg.interrupts && !req.polled_cq && ctrl.interrupt_vectors() > 0;
         // P2P first; on any refusal the queue pair is (re-)created with the SQ in host
         // memory and the host's doorbells go through the mirror page (forwarded).
         let p2p = if inner.cfg.try_p2p {
-            self.p2p_queue(ns, &cq, depth, sq_len)
+            self.p2p_queue(ns, &cq, depth, sq_len, irq)
         } else {
             Err("P2P disabled by configuration".to_string())
         };
@@ -486,7 +499,7 @@ impl DirectService {
             Err(reason) => {
                 let sq = ctrl.alloc_dma(sq_len)?;
                 sq.fill(0, sq.len(), 0)?;
-                let raw = ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)?;
+                let raw = create_raw(ctrl, &sq, &cq, depth, irq)?;
                 let sq_mr = reg(
                     &sq,
                     Access::LOCAL_WRITE | Access::REMOTE_WRITE,
@@ -496,6 +509,7 @@ impl DirectService {
             }
         };
         let qid = raw.qid();
+        let interrupt_vector = raw.interrupt_vector();
         let cq_mr = reg(
             &cq,
             Access::LOCAL_WRITE | Access::REMOTE_READ,
@@ -569,6 +583,7 @@ impl DirectService {
                 cq_heads_forwarded: 0,
                 cqes_pushed: 0,
                 reads_pushed: 0,
+                interrupt_vector,
             },
             created: Instant::now(),
         };
@@ -585,6 +600,7 @@ impl DirectService {
         cq: &DmaBuffer,
         depth: u16,
         sq_len: usize,
+        irq: bool,
     ) -> std::result::Result<P2pQueue, String> {
         let ctrl = ns.device.controller();
         let info = ctrl.info();
@@ -607,7 +623,7 @@ impl DirectService {
         let (mut sq, mut where_) = (sq, where_);
         sq.fill(0, sq.len(), 0)
             .map_err(|e| format!("SQ ring: {e}"))?;
-        let raw = match ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth) {
+        let raw = match create_raw(ctrl, &sq, cq, depth, irq) {
             Ok(r) => r,
             Err(e) if in_cmb => {
                 // The controller refused the CMB ring: P2P can still work with the SQ in
@@ -618,8 +634,7 @@ impl DirectService {
                     .map_err(|e| format!("SQ ring: {e}"))?;
                 in_cmb = false;
                 where_ = format!("SQ in host memory (CMB SQ refused: {e})");
-                ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)
-                    .map_err(|e| format!("queue pair: {e}"))?
+                create_raw(ctrl, &sq, cq, depth, irq).map_err(|e| format!("queue pair: {e}"))?
             }
             Err(e) => return Err(format!("queue pair with the {where_}: {e}")),
         };
@@ -698,6 +713,24 @@ impl DirectService {
     }
 }
 
+/// A raw queue pair, with an interrupt when `irq` (falling back to a polled CQ when the
+/// controller refuses one: the poller then polls it).
+fn create_raw(
+    ctrl: &nvme::Controller,
+    sq: &DmaBuffer,
+    cq: &DmaBuffer,
+    depth: u16,
+    irq: bool,
+) -> nvme::Result<RawQueuePair> {
+    if irq {
+        match ctrl.create_raw_queue_pair_with_interrupts(sq.clone(), cq.clone(), depth) {
+            Ok(r) => return Ok(r),
+            Err(e) => tracing::warn!(error = %e, "direct queue without interrupt: polled CQ"),
+        }
+    }
+    ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)
+}
+
 struct Poller {
     inner: Arc<Inner>,
     cq: Arc<CompletionQueue>,
@@ -707,7 +740,11 @@ struct Poller {
     active: Vec<Active>,
     wcs: Box<[WorkCompletion; 64]>,
     sleeps: u64,
+    device_sleeps: u64,
     polls: u64,
+    /// poll(2) set of [`Poller::sleep_on_device`], kept to allocate only when queues are
+    /// added.
+    fds: Vec<libc::pollfd>,
 }
 
 impl Poller {
@@ -748,16 +785,28 @@ impl Poller {
             // Only pushed queues need the poller to watch their NVMe CQ (P2P pushed queues
             // always: their doorbells bypass it). Polled queues wake it by their
             // doorbells' receive completions.
-            let busy = self
-                .active
-                .iter()
-                .any(|a| !a.polled && (a.in_flight > 0 || a.att.report.level == Level::P2p));
+            let watched =
+                |a: &&Active| !a.polled && (a.in_flight > 0 || a.att.report.level == Level::P2p);
+            let busy = self.active.iter().any(|a| watched(&a));
+            // Every watched CQ raises an interrupt: sleep on those too instead of napping.
+            let interrupts = busy
+                && self
+                    .active
+                    .iter()
+                    .filter(watched)
+                    .all(|a| a.att.raw.interrupt_eventfd().is_some());
             let pushed = self.active.iter().any(|a| !a.polled);
             // Commands in flight: yield briefly, then nap (the device takes tens of
             // microseconds at best); nothing to watch: sleep on the channels — at once
             // when only polled queues are attached (the next doorbell wakes the poller),
             // after 200 µs with pushed queues (their hosts resubmit right after a CQE).
-            if busy {
+            if interrupts {
+                if idle < Duration::from_micros(20) {
+                    std::thread::yield_now();
+                } else {
+                    self.sleep_on_device();
+                }
+            } else if busy {
                 if idle < Duration::from_micros(20) {
                     std::thread::yield_now();
                 } else {
@@ -807,11 +856,54 @@ impl Poller {
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 20) };
     }
 
+    /// Commands are in the device and every watched CQ has an interrupt: clears their
+    /// eventfds, arms the RDMA CQ, looks at both once more (an event before the clear is
+    /// gone, one after it is kept), then sleeps in poll(2) on the eventfds and the
+    /// completion and CM channels (≤ 20 ms, as [`sleep`](Self::sleep)).
+    fn sleep_on_device(&mut self) {
+        self.sleeps += 1;
+        self.device_sleeps += 1;
+        if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
+            std::thread::sleep(Duration::from_micros(100));
+            return;
+        }
+        self.fds.clear();
+        for fd in [self.chan.fd(), self.events.fd()] {
+            self.fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for a in self.active.iter().filter(|a| !a.polled && !a.dead) {
+            if let Some(e) = a.att.raw.interrupt_eventfd() {
+                e.clear();
+                self.fds.push(libc::pollfd {
+                    fd: e.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        // The eventfd reads are syscalls (full barriers): CQ reads come after them.
+        let mut work = self.rdma_completions();
+        for i in 0..self.active.len() {
+            work += self.push_completions(i);
+        }
+        if work > 0 {
+            return;
+        }
+        // SAFETY: `fds` is a valid, initialised array of `fds.len()` pollfd structures
+        // that outlives the call.
+        unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, 20) };
+    }
+
     fn publish(&mut self) {
         let queues: Vec<QueueReport> = self.active.iter().map(|a| a.att.report.clone()).collect();
         let mut c = lock(&self.inner.control);
         c.report.queues = queues;
         c.report.sleeps = self.sleeps;
+        c.report.device_sleeps = self.device_sleeps;
         c.report.polls = self.polls;
     }
 
