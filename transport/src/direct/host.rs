@@ -543,7 +543,10 @@ pub struct DirectQueue {
     scratch: Box<[u8]>,
     last_cm_check: Instant,
     reads_pushed: bool,
-    sqes: Box<[Sqe]>,
+    /// SQEs staged in SQ-slot order, registered: a batch's contiguous slots go out in one
+    /// RDMA WRITE. A slot is rewritten only when the SQ wraps onto it, long after the
+    /// WRITE that carried it completed (its command completed).
+    sq_stage: RegisteredBuffer,
     queued: Vec<u16>,
     completions: Completions,
     /// Polled: ring position, READ target, whether a READ is out and its entry count,
@@ -599,6 +602,8 @@ impl DirectQueue {
             .map_err(rdma_err("data buffers"))?;
         let recv = RegisteredBuffer::new(&pd, RECV_SLOT * recv_slots as usize, Access::LOCAL_WRITE)
             .map_err(rdma_err("CQE ring"))?;
+        let sq_stage = RegisteredBuffer::new(&pd, usize::from(depth) * 64, Access::LOCAL_WRITE)
+            .map_err(rdma_err("SQE staging ring"))?;
         let cq_buf = RegisteredBuffer::new(&pd, 16 * CQ_READ_ENTRIES, Access::LOCAL_WRITE)
             .map_err(rdma_err("CQ read buffer"))?;
         // Ask the target to push read data into our buffer before each read's CQE (pushed
@@ -650,7 +655,7 @@ impl DirectQueue {
             scratch: vec![0u8; stride].into_boxed_slice(),
             last_cm_check: now,
             reads_pushed,
-            sqes: vec![Sqe::default(); usize::from(depth)].into_boxed_slice(),
+            sq_stage,
             queued: Vec::with_capacity(usize::from(depth)),
             completions,
             cqc: CqCursor::new(depth),
@@ -777,7 +782,10 @@ impl DirectQueue {
         sqe.set_cid(cid);
         let depth = self.desc.depth.get();
         let slot = self.tail;
-        self.sqes[usize::from(slot)] = sqe;
+        if let Err(e) = self.sq_stage.write(usize::from(slot) * 64, sqe.as_bytes()) {
+            self.free.push(cid);
+            return Err(rdma_err("stage SQE")(e));
+        }
         self.queued.push(cid);
         self.tail = if slot + 1 == depth { 0 } else { slot + 1 };
         let now = Instant::now();
@@ -851,43 +859,47 @@ impl DirectQueue {
         );
         let tail_bytes = u32::from(new_tail).to_le_bytes();
         let head_bytes = u32::from(head).to_le_bytes();
-        let mut chain = SendBatch::<{ 2 * FLUSH_BATCH + 2 }>::new();
+        let mut chain = SendBatch::<{ FLUSH_BATCH + 4 }>::new();
         for i in 0..n {
             let cid = self.queued[first + i];
             let s = self.slots[usize::from(cid)];
-            let id = KIND_CHAIN | u64::from(cid);
-            let off = usize::from(cid) * self.stride;
             if s.write {
+                let off = usize::from(cid) * self.stride;
                 let pool = RemoteAddr {
                     addr: self.desc.pool.addr.get().wrapping_add(off as u64),
                     rkey: self.desc.pool.rkey.get(),
                 };
                 chain.write(
-                    id,
+                    KIND_CHAIN | u64::from(cid),
                     self.data.mr().sge(off, s.len as usize)?,
                     pool,
                     SendFlags::NONE,
                 )?;
                 self.ops.writes += 1;
             }
+        }
+        // The batch's SQEs sit in consecutive SQ slots: one WRITE from the staging ring,
+        // two when they wrap past the ring's end. The last carries the doorbell
+        // immediate (forwarded).
+        let first_slot = self.slots[usize::from(self.queued[first])].sq_slot;
+        let n16 = n as u16;
+        let run1 = n16.min(depth - first_slot);
+        let runs = [(first_slot, run1), (0, n16 - run1)];
+        let last_run = if run1 == n16 { 0 } else { 1 };
+        for (k, &(slot, len)) in runs.iter().enumerate().take(last_run + 1) {
+            let off = usize::from(slot) * 64;
+            let sqes = self.sq_stage.mr().sge(off, usize::from(len) * 64)?;
             let sq = RemoteAddr {
-                addr: self
-                    .desc
-                    .sq
-                    .addr
-                    .get()
-                    .wrapping_add(u64::from(s.sq_slot) * 64),
+                addr: self.desc.sq.addr.get().wrapping_add(off as u64),
                 rkey: self.desc.sq.rkey.get(),
             };
-            let sqe = inline(self.sqes[usize::from(s.sq_slot)].as_bytes());
             match bells.imm {
-                Some(imm) if i + 1 == n => {
-                    let flags = SendFlags::INLINE | SendFlags::SIGNALED;
-                    chain.write_imm(id, Some(sqe), sq, imm, flags)?;
+                Some(imm) if k == last_run => {
+                    chain.write_imm(KIND_CHAIN, Some(sqes), sq, imm, SendFlags::SIGNALED)?;
                     self.ops.write_imms += 1;
                 }
                 _ => {
-                    chain.write(id, sqe, sq, SendFlags::INLINE)?;
+                    chain.write(KIND_CHAIN, sqes, sq, SendFlags::NONE)?;
                     self.ops.writes += 1;
                 }
             }
