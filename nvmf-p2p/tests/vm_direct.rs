@@ -353,6 +353,61 @@ fn direct_mode_end_to_end() {
         host_io_does_not_allocate(c);
     }
 
+    // 5c. `perf` with several queues: direct (-P 3 direct queues of one host, depth
+    //     spread over them, both variants) and standard (-P 2 I/O queues), mixed random
+    //     I/O, no errors, every queue attached and counted.
+    for extra in [
+        &["--direct", "-P", "3"][..],
+        &["--direct", "-P", "3", "--completions", "polled"][..],
+        &["-P", "2"][..],
+    ] {
+        let mut args: Vec<&str> = vec![
+            "perf",
+            "--traddr",
+            &addr,
+            "--trsvcid",
+            &port,
+            "--subnqn",
+            NQN,
+            "--hostnqn",
+            DIRECT_HOST,
+            "-q",
+            "12",
+            "-w",
+            "randrw",
+            "-t",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "perf {extra:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("perf --json");
+        assert!(r["ios"].as_u64().unwrap_or(0) > 0, "no I/O: {r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        if extra[0] == "--direct" {
+            let d = &r["direct"];
+            assert_eq!(d["queues"], 3, "{r}");
+            assert_eq!(d["level"], "forwarded", "{r}");
+            assert_eq!(
+                d["queue_entries"], 5,
+                "12 commands over 3 queues: 4 + 1 entries each: {r}"
+            );
+            let want = if extra.contains(&"polled") {
+                "polled"
+            } else {
+                "pushed"
+            };
+            assert_eq!(d["completions"], want, "{r}");
+            assert!(d["rdma_ops_per_io"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        }
+    }
+
     // 6. Figures (not assertions), same boot, same namespace: direct mode with pushed and
     //    with polled completions vs standard mode (our initiator, `nvmf-p2p perf`), 4 KiB
     //    random at QD1 and QD32; target process CPU per I/O; RDMA operations per I/O
