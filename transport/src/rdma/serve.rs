@@ -51,7 +51,7 @@ impl Default for ServeOptions {
         ServeOptions {
             idle_spell: Duration::from_micros(200),
             device_spell: Duration::from_micros(20),
-            max_sleep: Duration::from_millis(10),
+            max_sleep: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(2),
         }
     }
