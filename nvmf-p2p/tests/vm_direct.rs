@@ -6,12 +6,10 @@
 //! acknowledged write in either variant. Prints direct-mode figures (both variants next to
 //! standard mode) when `NVMF_P2P_FIGURES` is set.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use transport::direct::host::{Completions, DirectHost, DirectQueue, HostOptions};
@@ -25,37 +23,10 @@ const DIRECT_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-80
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000e2";
 const PORT: u16 = 4430;
 
-/// Counts heap allocations of this process while armed (the in-process direct host's
-/// I/O path must not allocate).
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
+/// Counts heap allocations of this process (the in-process direct host's I/O path must
+/// not allocate).
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
 struct Serve {
     child: Child,
@@ -619,11 +590,11 @@ fn host_io_does_not_allocate(completions: Completions) {
         (bad, done)
     };
     assert_eq!(round(&mut q, 90, &mut buf, &mut expect), (0, 128));
-    ALLOCS.store(0, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
+    alloc_count::take();
+    alloc_count::count_all_threads(true);
     let r = round(&mut q, 91, &mut buf, &mut expect);
-    ARMED.store(false, Ordering::SeqCst);
-    let allocs = ALLOCS.load(Ordering::SeqCst);
+    alloc_count::count_all_threads(false);
+    let allocs = alloc_count::take();
     assert_eq!(r, (0, 128), "{completions}: I/O errors or mismatches");
     assert_eq!(
         allocs, 0,
