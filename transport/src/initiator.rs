@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use nvme::spec::{admin_opc, feat, Cqe, Sqe, Status, U32};
+use nvme::spec::{admin_opc, feat, reg, Cqe, Sqe, Status, U32};
 use zerocopy::{FromZeros, IntoBytes};
 
 use crate::error::{Error, Result};
@@ -236,6 +236,28 @@ pub fn execute<W: HostWire>(
             });
         }
         return Ok(c);
+    }
+}
+
+/// Enables the controller behind an admin queue the way a host does after Connect:
+/// Property Set CC (EN, 64-byte SQEs, 16-byte CQEs), then Property Get CSTS until RDY,
+/// for at most `timeout`.
+pub fn enable_controller<W: HostWire>(q: &mut InitiatorQueue<W>, timeout: Duration) -> Result<()> {
+    let cc = 1 | (6 << 16) | (4 << 20); // EN, IOSQES 64 B, IOCQES 16 B
+    execute(q, cmd::property_set(reg::CC as u32, cc), &[], timeout)?;
+    let start = Instant::now();
+    loop {
+        let csts = execute(q, cmd::property_get(reg::CSTS as u32, false), &[], timeout)?;
+        if csts.cqe.dw0.get() & 1 == 1 {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(Error::Transport {
+                qid: q.qid(),
+                reason: "the controller never became ready (CSTS.RDY)".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

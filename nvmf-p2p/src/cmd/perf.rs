@@ -5,10 +5,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use nvme::spec::{cns, reg, IdentifyNamespace};
+use nvme::spec::{cns, IdentifyNamespace};
 use serde::Serialize;
 use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
-use transport::initiator::{cmd, execute, InitiatorQueue, LatencyHistogram};
+use transport::initiator::{cmd, enable_controller, execute, InitiatorQueue, LatencyHistogram};
 use transport::rdma::RdmaHost;
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -317,33 +317,7 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     )
     .map_err(|e| CliError::new(format!("fabrics Connect to {subnqn} refused: {e}")))?;
     let cntlid = c.cqe.dw0.get() as u16;
-    let cc = 1 | (6 << 16) | (4 << 20); // EN, IOSQES 64 B, IOCQES 16 B
-    execute(
-        &mut admin,
-        cmd::property_set(reg::CC as u32, cc),
-        &[],
-        ADMIN_TIMEOUT,
-    )
-    .map_err(terr)?;
-    let t0 = Instant::now();
-    loop {
-        let csts = execute(
-            &mut admin,
-            cmd::property_get(reg::CSTS as u32, false),
-            &[],
-            ADMIN_TIMEOUT,
-        )
-        .map_err(terr)?;
-        if csts.cqe.dw0.get() & 1 == 1 {
-            break;
-        }
-        if t0.elapsed() > ADMIN_TIMEOUT {
-            return Err(CliError::new(
-                "the controller never became ready (CSTS.RDY)",
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    enable_controller(&mut admin, ADMIN_TIMEOUT).map_err(terr)?;
     execute(
         &mut admin,
         cmd::identify(cns::NAMESPACE, a.nsid, keyed(&abuf, 0, 4096)),

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvme::spec::{reg, Cqe, Sqe, Status};
+use nvme::spec::{Cqe, Sqe, Status};
 use rdma::cm::{CmEventKind, Connection, Connector};
 use rdma::{
     Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, RemoteAddr,
@@ -37,7 +37,7 @@ use super::proto::{
 };
 use crate::error::{Error, Result};
 use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
-use crate::initiator::{cmd, execute, InitiatorQueue};
+use crate::initiator::{cmd, enable_controller, execute, InitiatorQueue};
 use crate::rdma::RdmaHost;
 
 const T: Duration = Duration::from_secs(10);
@@ -307,24 +307,7 @@ impl DirectHost {
             &[],
             T,
         )?;
-        let cc = 1 | (6 << 16) | (4 << 20);
-        execute(&mut admin, cmd::property_set(reg::CC as u32, cc), &[], T)?;
-        let start = Instant::now();
-        loop {
-            let c = execute(
-                &mut admin,
-                cmd::property_get(reg::CSTS as u32, false),
-                &[],
-                T,
-            )?;
-            if c.cqe.dw0.get() & 1 == 1 {
-                break;
-            }
-            if start.elapsed() > T {
-                return Err(lost("controller never became ready".into()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        enable_controller(&mut admin, T)?;
         Ok(DirectHost { admin, abuf, opts })
     }
 
