@@ -14,39 +14,16 @@ use fake::{FakeBackend, FakeDev};
 use nvme::sim::{SimConfig, Simulator};
 use nvme::spec::{DsmRange, Status};
 use nvme::{Controller, ControllerOptions};
-use transport::backend::{open_backend, Backend};
-use transport::config::{BackendSpec, TargetConfig};
+use transport::backend::Backend;
 use transport::fabrics::SglDescriptor;
 use transport::initiator::cmd;
-use transport::loopback::LoopbackTransport;
 use transport::nvme_backend::NvmeBackend;
-use transport::target::Target;
 use zerocopy::IntoBytes;
-
-/// A rig whose 4 MiB namespace (nsid 1 of SUBNQN) is `ns`.
-fn rig_with(cfg: &TargetConfig, ns: Arc<dyn Backend>) -> Rig {
-    let target = Target::with_backends(cfg, |spec| match spec {
-        BackendSpec::Ram { size } if *size == 4 << 20 => Ok(ns.clone()),
-        s => open_backend(s, None),
-    })
-    .expect("target");
-    let (mut transport, connector) = LoopbackTransport::new();
-    let group = target
-        .create_poll_group(&mut transport)
-        .expect("poll group");
-    Rig {
-        target,
-        transport,
-        connector,
-        group,
-        frozen: None,
-    }
-}
 
 fn fake_rig(depth: usize) -> (Rig, Arc<FakeDev>) {
     let b = FakeBackend::new(4 << 20, depth);
     let dev = b.dev.clone();
-    let rig = rig_with(&config(""), Arc::new(b));
+    let rig = Rig::with_backend(&config(""), Arc::new(b));
     assert!(
         rig.group.dma_pool(),
         "pool carved from the backend's DMA memory"
@@ -236,7 +213,7 @@ fn nvme_backend_on_simulator_zero_copy() {
     let ctrl = Controller::new(sim.platform(), ControllerOptions::default()).unwrap();
     let backend = NvmeBackend::open(Arc::new(ctrl), "sim:1".into(), 1, 128 * 1024).unwrap();
     assert_eq!(backend.block_count(), 1024);
-    let mut rig = rig_with(&config(""), Arc::new(backend));
+    let mut rig = Rig::with_backend(&config(""), Arc::new(backend));
     assert!(rig.group.dma_pool());
     assert_eq!(rig.group.channel_count(), 1);
     let (_admin, cntlid) = rig.admin(0);
@@ -340,7 +317,7 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
         let backend = NvmeBackend::open(ctrl.clone(), "sim:1".into(), 1, 128 * 1024)
             .unwrap()
             .with_interrupts(interrupts);
-        let mut rig = rig_with(&config(""), Arc::new(backend));
+        let mut rig = Rig::with_backend(&config(""), Arc::new(backend));
         let (_admin, cntlid) = rig.admin(0);
         let mut io = rig.io(1, cntlid);
         let mut fds = [-1; 4];

@@ -11,12 +11,8 @@ use std::time::Instant;
 
 use common::*;
 use nvme::spec::Status;
-use transport::backend::open_backend;
-use transport::config::BackendSpec;
 use transport::fabrics::SglDescriptor;
 use transport::initiator::cmd;
-use transport::loopback::LoopbackTransport;
-use transport::target::Target;
 
 #[global_allocator]
 static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
@@ -25,21 +21,8 @@ static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 fn async_io_path_does_not_allocate() {
     let backend = Arc::new(fake::FakeBackend::new(4 << 20, 8));
     let dev = backend.dev.clone();
-    let target = Target::with_backends(&config(""), |spec| match spec {
-        BackendSpec::Ram { size } if *size == 4 << 20 => Ok(backend.clone()),
-        s => open_backend(s, None),
-    })
-    .unwrap();
-    let (mut transport, connector) = LoopbackTransport::new();
-    let group = target.create_poll_group(&mut transport).unwrap();
-    assert!(group.dma_pool());
-    let mut rig = Rig {
-        target,
-        transport,
-        connector,
-        group,
-        frozen: None,
-    };
+    let mut rig = Rig::with_backend(&config(""), backend.clone());
+    assert!(rig.group.dma_pool());
     let now = Instant::now();
     rig.frozen = Some(now);
     let (_admin, cntlid) = rig.admin(0);

@@ -2,10 +2,12 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nvme::spec::{reg, Cqe, Sqe, Status};
-use transport::config::TargetConfig;
+use transport::backend::{open_backend, Backend};
+use transport::config::{BackendSpec, TargetConfig};
 use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use transport::initiator::{cm_request, cmd, Completion, InitiatorQueue};
 use transport::loopback::{
@@ -62,7 +64,21 @@ pub type HostQ = InitiatorQueue<LoopbackHost>;
 
 impl Rig {
     pub fn new(cfg: &TargetConfig) -> Rig {
-        let target = Target::from_config(cfg, None).expect("target");
+        Rig::with_target(Target::from_config(cfg, None).expect("target"))
+    }
+
+    /// A rig whose 4 MiB namespace (`backend = "ram:4MiB"`, nsid 1 of SUBNQN) is `ns`.
+    pub fn with_backend(cfg: &TargetConfig, ns: Arc<dyn Backend>) -> Rig {
+        let target = Target::with_backends(cfg, |spec| match spec {
+            BackendSpec::Ram { size } if *size == 4 << 20 => Ok(ns.clone()),
+            s => open_backend(s, None),
+        })
+        .expect("target");
+        Rig::with_target(target)
+    }
+
+    /// A rig around `target`: one poll group on a loopback transport.
+    pub fn with_target(target: Target) -> Rig {
         let (mut transport, connector) = LoopbackTransport::new();
         let group = target
             .create_poll_group(&mut transport)
