@@ -748,7 +748,7 @@ struct Poller {
     sleeps: u64,
     device_sleeps: u64,
     polls: u64,
-    /// poll(2) set of [`Poller::sleep_on_device`], kept to allocate only when queues are
+    /// poll(2) set of [`Poller::sleep`], kept to allocate only when queues are
     /// added.
     fds: Vec<libc::pollfd>,
 }
@@ -810,7 +810,7 @@ impl Poller {
                 if idle < Duration::from_micros(20) {
                     std::thread::yield_now();
                 } else {
-                    self.sleep_on_device();
+                    self.sleep(true);
                 }
             } else if busy {
                 if idle < Duration::from_micros(20) {
@@ -822,7 +822,7 @@ impl Poller {
                     nap = (nap * 2).min(Duration::from_micros(800));
                 }
             } else if !pushed || idle >= Duration::from_micros(200) {
-                self.sleep();
+                self.sleep(false);
             } else {
                 std::thread::yield_now();
             }
@@ -832,45 +832,26 @@ impl Poller {
         }
     }
 
-    /// Arms the CQ and sleeps on the completion and CM channels (≤ MAX_SLEEP_MS: doorbells of
-    /// polled queues and connection events wake it; the timeout only bounds how late
-    /// quiesce/detach requests, the stop flag and stats publishing are seen — every
-    /// timeout wake-up is CPU the target spends with nothing to do).
-    fn sleep(&mut self) {
+    /// Arms the CQ and sleeps in poll(2) on the completion and CM channels (≤ MAX_SLEEP_MS:
+    /// doorbells of polled queues and connection events wake it; the timeout only bounds
+    /// how late quiesce/detach requests, the stop flag and stats publishing are seen —
+    /// every timeout wake-up is CPU the target spends with nothing to do).
+    ///
+    /// `device`: commands are in the device and every watched CQ has an interrupt — also
+    /// clears those eventfds and sleeps on them. The RDMA CQ (and, with `device`, the NVMe
+    /// CQs) get one more look after arming: an event before the arm/clear is gone, one
+    /// after it stays pending (the eventfd reads are syscalls, full barriers).
+    fn sleep(&mut self, device: bool) {
         self.sleeps += 1;
-        if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
-            std::thread::sleep(Duration::from_millis(1));
-            return;
+        if device {
+            self.device_sleeps += 1;
         }
-        // A completion that raced the arm raises no event: look once more.
-        if self.rdma_completions() > 0 {
-            return;
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: self.chan.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.events.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of 2 pollfd structures that outlives the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, MAX_SLEEP_MS) };
-    }
-
-    /// Commands are in the device and every watched CQ has an interrupt: clears their
-    /// eventfds, arms the RDMA CQ, looks at both once more (an event before the clear is
-    /// gone, one after it is kept), then sleeps in poll(2) on the eventfds and the
-    /// completion and CM channels (≤ MAX_SLEEP_MS, as [`sleep`](Self::sleep)).
-    fn sleep_on_device(&mut self) {
-        self.sleeps += 1;
-        self.device_sleeps += 1;
         if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(if device {
+                Duration::from_micros(100)
+            } else {
+                Duration::from_millis(1)
+            });
             return;
         }
         self.fds.clear();
@@ -881,20 +862,23 @@ impl Poller {
                 revents: 0,
             });
         }
-        for a in self.active.iter().filter(|a| !a.polled && !a.dead) {
-            if let Some(e) = a.att.raw.interrupt_eventfd() {
-                e.clear();
-                self.fds.push(libc::pollfd {
-                    fd: e.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+        if device {
+            for a in self.active.iter().filter(|a| !a.polled && !a.dead) {
+                if let Some(e) = a.att.raw.interrupt_eventfd() {
+                    e.clear();
+                    self.fds.push(libc::pollfd {
+                        fd: e.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
             }
         }
-        // The eventfd reads are syscalls (full barriers): CQ reads come after them.
         let mut work = self.rdma_completions();
-        for i in 0..self.active.len() {
-            work += self.push_completions(i);
+        if device {
+            for i in 0..self.active.len() {
+                work += self.push_completions(i);
+            }
         }
         if work > 0 {
             return;
