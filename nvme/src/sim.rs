@@ -500,6 +500,13 @@ impl Engine {
         self.stuck.clear();
         self.granted = None;
         self.s.faults.fatal.store(false, Ordering::SeqCst);
+        // A controller reset zeroes every queue's tail and head (spec: the admin queue
+        // starts again at 0). The tails are read from the doorbell registers, so clear
+        // them before reporting RDY = 0: a stale admin SQ tail would make the re-enabled
+        // controller run the old entries before the host rings its first new one.
+        for i in 0..2 * self.sqs.len() {
+            self.s.regs.write32(self.db(i), 0);
+        }
         self.s.regs.write32(reg::CSTS, 0);
     }
 
