@@ -343,8 +343,10 @@ impl ConnectResponse {
             ConnectResponse::Success { cntlid, authreq } => {
                 u64::from(cntlid) | (u64::from(authreq) << 16)
             }
+            // NVMe-oF 1.1 "Connect Response": IPO in DW0 bits 15:00, IATTR in 23:16
+            // (bit 0 of IATTR: the offset is in the Connect data, not the SQE).
             ConnectResponse::InvalidParameter { in_data, offset } => {
-                u64::from(in_data) | (u64::from(offset) << 16)
+                u64::from(offset) | (u64::from(in_data) << 16)
             }
         }
     }
@@ -358,8 +360,8 @@ impl ConnectResponse {
             }
         } else {
             ConnectResponse::InvalidParameter {
-                in_data: result & 1 != 0,
-                offset: (result >> 16) as u16,
+                in_data: (result >> 16) & 1 != 0,
+                offset: result as u16,
             }
         }
     }
@@ -644,8 +646,18 @@ mod tests {
             in_data: true,
             offset: 256,
         };
-        assert_eq!(r.to_result(), 1 | (256 << 16));
+        // The values Linux nvmet puts in DW0 (IPO_IATTR_CONNECT_DATA(subsysnqn) = 1 << 16 |
+        // 256) and that the kernel initiator decodes as "Connect Invalid Data Parameter,
+        // subsysnqn": checked against the spec layout, not against our own decoder.
+        assert_eq!(r.to_result(), 0x0001_0100);
+        assert_eq!(ConnectResponse::from_result(0x0001_0100, false), r);
+        let sqe = ConnectResponse::InvalidParameter {
+            in_data: false,
+            offset: connect_offset::SQSIZE,
+        };
+        assert_eq!(sqe.to_result(), 44);
         assert_eq!(ConnectResponse::from_result(r.to_result(), false), r);
+        assert_eq!(ConnectResponse::from_result(sqe.to_result(), false), sqe);
         let s = ConnectResponse::Success {
             cntlid: 7,
             authreq: 0,

@@ -431,6 +431,13 @@ fn connect_errors() {
             ConnectResponse::from_result(cmd::result64(c), false),
             ConnectResponse::InvalidParameter { in_data, offset },
         );
+        // The raw DW0 the spec defines (IPO bits 15:00, IATTR bit 0 at bit 16) and the
+        // kernel initiator decodes, independent of our decoder.
+        assert_eq!(
+            c.dw0.get(),
+            u32::from(offset) | (u32::from(in_data) << 16),
+            "raw Connect response DW0"
+        );
     };
     let mut q = rig.open(0, 32);
     let c = rig.connect_keyed(&mut q, SUBNQN, OTHER_HOST, CNTLID_DYNAMIC, 31, 0);
@@ -450,6 +457,9 @@ fn connect_errors() {
     check(&c, connect_status::INVALID_PARAMETERS, false, 44);
     let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 32, 0);
     check(&c, connect_status::INVALID_PARAMETERS, false, 44);
+    // An empty host NQN (spdk_nvme_perf without `hostnqn:`) is not on the host list.
+    let c = rig.connect_keyed(&mut q, SUBNQN, "", CNTLID_DYNAMIC, 31, 0);
+    check(&c, connect_status::INVALID_HOST, true, 512);
     // The queue lives on and a correct Connect still works.
     let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 31, 0);
     assert_eq!(c.status(), Status::SUCCESS);
@@ -840,4 +850,23 @@ fn backpressure_when_buffers_and_send_credits_run_out() {
         .find(|s| s.qid == 1)
         .unwrap();
     assert!(q1.wire_busy > 0);
+}
+
+/// spdk_nvme_perf sends an empty host NQN when its `-r` has no `hostnqn:`; like Linux nvmet
+/// and SPDK's nvmf_tgt, a subsystem that allows any host accepts it (admin and I/O queue).
+#[test]
+fn empty_host_nqn_allowed_by_allow_any_host() {
+    let text =
+        config_text("").replace(&format!("hosts = [\"{HOSTNQN}\"]"), "allow_any_host = true");
+    let cfg =
+        transport::config::TargetConfig::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let mut rig = Rig::new(&cfg);
+    let mut q = rig.open(0, 32);
+    let c = rig.connect_keyed(&mut q, SUBNQN, "", CNTLID_DYNAMIC, 31, 0);
+    assert_eq!(c.status(), Status::SUCCESS, "{}", c.status());
+    let cntlid = c.dw0.get() as u16;
+    rig.enable(&mut q);
+    let mut io = rig.open(1, 32);
+    let c = rig.connect_icd(&mut io, SUBNQN, "", cntlid, 31);
+    assert_eq!(c.status(), Status::SUCCESS, "{}", c.status());
 }

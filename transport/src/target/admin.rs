@@ -101,9 +101,11 @@ fn connect(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome 
     let Some(sub) = ctx.shared.subsystem(subnqn).cloned() else {
         return invalid_param(true, connect_offset::DATA_SUBNQN);
     };
-    let hostnqn = match get_str(&d.hostnqn) {
-        Some(h) if !h.is_empty() => h,
-        _ => return invalid_param(true, connect_offset::DATA_HOSTNQN),
+    // An empty host NQN is what spdk_nvme_perf sends when `-r` has no `hostnqn:` (it copies
+    // the transport ID's empty field over SPDK's default). Linux nvmet and SPDK's nvmf_tgt
+    // accept it where any host is allowed, and so do we; a host list never matches it.
+    let Some(hostnqn) = get_str(&d.hostnqn) else {
+        return invalid_param(true, connect_offset::DATA_HOSTNQN);
     };
     if !sub.host_allowed(hostnqn) {
         return connect_err(

@@ -21,7 +21,12 @@ pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-00
 pub const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000009";
 
 pub fn config(extra: &str) -> TargetConfig {
-    let text = format!(
+    TargetConfig::parse(&config_text(extra), Path::new("test.toml")).expect("test config")
+}
+
+/// The TOML text behind [`config`].
+pub fn config_text(extra: &str) -> String {
+    format!(
         r#"
 queue_depth = 32
 max_io_queues = 4
@@ -47,8 +52,7 @@ hosts = ["{OTHER_HOST}"]
 [[subsystem.namespace]]
 backend = "ram:1MiB"
 "#
-    );
-    TargetConfig::parse(&text, Path::new("test.toml")).expect("test config")
+    )
 }
 
 pub struct Rig {
