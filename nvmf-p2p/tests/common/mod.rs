@@ -2,6 +2,8 @@
 //! testbed, running commands, finding the kernel initiator's block device.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod serve;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

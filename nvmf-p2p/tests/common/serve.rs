@@ -1,0 +1,199 @@
+//! A running `nvmf-p2p serve` and the host-side steps VM tests take against it (kernel
+//! initiator connect, fio verify, our `perf`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{discover, env, sh, sh_ok};
+
+/// The `nvmf-p2p` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
+
+/// A running `nvmf-p2p serve`; SIGTERM on drop, and the exit must be clean.
+pub struct Serve {
+    child: Option<Child>,
+    log: PathBuf,
+    sock: PathBuf,
+}
+
+impl Serve {
+    pub fn start(name: &str, port: u16, subsystems: &str) -> Serve {
+        let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
+        let sock = PathBuf::from(format!("/run/nvmf-p2p/{name}.sock"));
+        let cfg = scratch.join(format!("{name}.toml"));
+        let text = format!(
+            "control_socket = \"{}\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {port}\n\n{subsystems}",
+            sock.display(),
+            env("NVMF_P2P_ADDR")
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let log = scratch.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(["--log", "info", "serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn nvmf-p2p serve");
+        let mut s = Serve {
+            child: Some(child),
+            log,
+            sock,
+        };
+        let t0 = Instant::now();
+        while !s.sock.exists() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("serve exited early ({st}):\n{}", s.log_text());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "serve did not come up:\n{}",
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // serve opens its control socket only once its listeners are bound: discovery
+        // must answer right away.
+        let d = discover(port);
+        assert!(
+            d.status.success(),
+            "discovery did not answer once the control socket was up:\n{}\n{}",
+            String::from_utf8_lossy(&d.stderr),
+            s.log_text()
+        );
+        s
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let out = sh_ok(
+            BIN,
+            &["stats", "--json", "--socket", self.sock.to_str().unwrap()],
+        );
+        serde_json::from_str(&out).expect("stats --json is JSON")
+    }
+
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        // SIGTERM: drain, disconnect, flush, exit 0
+        sh_ok("kill", &["-TERM", &child.id().to_string()]);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "serve exited with {st}:\n{}", self.log_text());
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "serve ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn hostnqn() -> String {
+    sh_ok("nvme", &["gen-hostnqn"]).trim().to_string()
+}
+
+pub fn connect(nqn: &str, port: u16, host: &str) -> Output {
+    let port = port.to_string();
+    sh(
+        "nvme",
+        &[
+            "connect",
+            "-t",
+            "rdma",
+            "-n",
+            nqn,
+            "-a",
+            &env("NVMF_P2P_ADDR"),
+            "-s",
+            &port,
+            "-q",
+            host,
+        ],
+    )
+}
+
+pub fn disconnect(nqn: &str) {
+    sh_ok("nvme", &["disconnect", "-n", nqn]);
+}
+
+/// fio randwrite over `size` with crc32c checksums, then its verify phase reads every
+/// block back (random order) and checks it.
+pub fn fio_verify(dev: &str, bs: &str, qd: u32, size: &str) {
+    let args = [
+        "--name=v".to_string(),
+        format!("--filename={dev}"),
+        "--rw=randwrite".into(),
+        format!("--bs={bs}"),
+        format!("--iodepth={qd}"),
+        "--ioengine=libaio".into(),
+        "--direct=1".into(),
+        format!("--size={size}"),
+        "--verify=crc32c".into(),
+        "--verify_fatal=1".into(),
+        "--do_verify=1".into(),
+    ];
+    let out = Command::new("fio").args(&args).output().expect("run fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio bs={bs} qd={qd} on {dev} failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn subsystem(nqn: &str, backend: &str, hosts: Option<&str>) -> String {
+    let access = match hosts {
+        None => "allow_any_host = true".to_string(),
+        Some(h) => format!("allow_any_host = false\nhosts = [\"{h}\"]"),
+    };
+    format!(
+        "[[subsystem]]\nnqn = \"{nqn}\"\nserial = \"NVMFP2PTEST\"\n{access}\n[[subsystem.namespace]]\nbackend = \"{backend}\"\n\n"
+    )
+}
+
+/// `perf --json` against `addr:port/nqn`; the run must complete I/O without errors.
+pub fn perf(port: u16, nqn: &str, workload: &str) -> serde_json::Value {
+    let port = port.to_string();
+    let out = sh_ok(
+        BIN,
+        &[
+            "perf",
+            "--traddr",
+            &env("NVMF_P2P_ADDR"),
+            "--trsvcid",
+            &port,
+            "--subnqn",
+            nqn,
+            "-q",
+            "16",
+            "-o",
+            "4k",
+            "-w",
+            workload,
+            "-t",
+            "2",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("perf --json is JSON");
+    assert!(v["ios"].as_u64().unwrap_or(0) > 0, "perf did no I/O: {v}");
+    assert_eq!(v["errors"].as_u64(), Some(0), "perf saw errors: {v}");
+    v
+}
