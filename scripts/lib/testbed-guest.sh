@@ -45,8 +45,21 @@ ip link set veth0 up; ip link set veth1 up
 rdma link add rxe0 type rxe netdev veth0 || setup_fail "rdma link add rxe0 (rdma_rxe loaded?)"
 RXE=$(rdma link show 2>/dev/null | awk '{print $2}' | cut -d/ -f1 | tr '\n' ' ' | sed 's/ $//')
 
+# ---- SPDK apps (built by scripts/setup): hugepages, writable /var/tmp, the prefix.
+# 2 MiB pages from what the guest has beyond 2 GiB (scripts/test boots with --mem 3G),
+# at most 512; SPDK apps in the tests run with -s/--mem-size below that.
+mountpoint -q /dev/hugepages || { mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages; } ||
+  say "cannot mount hugetlbfs on /dev/hugepages: SPDK apps will not start"
+MEM_MB=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+HP=$(( (MEM_MB - 2048) / 2 )); [ $HP -gt 512 ] && HP=512
+if [ $HP -gt 0 ]; then echo $HP > /proc/sys/vm/nr_hugepages; fi
+( : > /var/tmp/.nvmf-p2p-w ) 2>/dev/null && rm -f /var/tmp/.nvmf-p2p-w || mount -t tmpfs tmpfs /var/tmp
+mkdir -p /run/dpdk 2>/dev/null || true
+NVMF_P2P_SPDK=$(cat "$NVMF_P2P_CACHE/spdk-prefix" 2>/dev/null || true)
+export NVMF_P2P_SPDK NVMF_P2P_HUGEPAGES=$(cat /proc/sys/vm/nr_hugepages)
+
 export NVMF_P2P_BDF=$BDF NVMF_P2P_RXE=$RXE NVMF_P2P_ADDR=$ADDR
-say "ready: NVMF_P2P_BDF=$BDF ($(drv)) NVMF_P2P_RXE='$RXE' NVMF_P2P_ADDR=$ADDR"
+say "ready: NVMF_P2P_BDF=$BDF ($(drv)) NVMF_P2P_RXE='$RXE' NVMF_P2P_ADDR=$ADDR hugepages=$NVMF_P2P_HUGEPAGES SPDK=${NVMF_P2P_SPDK:-none}"
 cd "$NVMF_P2P_ROOT" || setup_fail "cannot cd to $NVMF_P2P_ROOT"
 echo "@@nvmf-p2p:cmd-start@@"
 "${NVMF_P2P_CMD[@]}"
