@@ -65,6 +65,11 @@ impl Serve {
         s
     }
 
+    /// The exit status if serve has exited (it should not have).
+    pub fn child_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
