@@ -1,7 +1,7 @@
 //! Device-shared memory: DMA buffers, MMIO register windows and the [`Platform`] trait that
 //! lets one controller init path run over VFIO and over the simulator.
 //!
-//! Rules (STYLE.md 4-7): memory the device may access is never reached through a Rust
+//! Rule (as in rust-vmm vm-memory): memory the device may access is never reached through a Rust
 //! reference. [`DmaBuffer`] and [`Mmio`] hand out raw pointers, volatile accessors and
 //! copies only.
 
