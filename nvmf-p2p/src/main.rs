@@ -47,9 +47,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    // Colour only on a terminal, and never with NO_COLOR set (no-color.org): a log
+    // redirected to a file stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !matches!(std::env::var_os("NO_COLOR"), Some(v) if !v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     let result = match cli.cmd {
         Command::Bind(a) => cmd::bind::run_bind(a),

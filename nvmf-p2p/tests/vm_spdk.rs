@@ -185,6 +185,18 @@ fn kernel_initiator_prints_our_connect_rejections_right() {
     let dev = blockdev_of(nqn);
     fio_verify(&dev, "4k", 8, "2M");
     disconnect(nqn);
+    // and serve's own log says who was refused and why, as plain text (no colour codes
+    // in a redirected log)
+    let log = serve.log_text();
+    for want in [
+        "Connect refused: no such subsystem",
+        "Connect refused: host not allowed",
+        wrong,
+        other.as_str(),
+    ] {
+        assert!(log.contains(want), "serve log lacks '{want}':\n{log}");
+    }
+    assert!(!log.contains('\x1b'), "serve log has ANSI escapes:\n{log}");
     serve.stop();
 }
 

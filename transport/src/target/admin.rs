@@ -73,7 +73,42 @@ pub(crate) fn fabrics(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) 
     }
 }
 
+/// Connect, with every refusal logged at warn: an operator sees which subsystem and host
+/// were refused and why, as the host's own log shows only a status code.
 fn connect(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome {
+    let o = connect_checked(ctx, cmd, data, now);
+    if o.status != Status::SUCCESS {
+        let d = ConnectData::read_from_bytes(data).ok();
+        let field = |f: Option<&[u8]>| f.and_then(get_str).unwrap_or("?").to_owned();
+        let invalid_host = Status::new(
+            nvme::spec::sct::COMMAND_SPECIFIC,
+            connect_status::INVALID_HOST,
+        );
+        let why = if o.status.same_code(invalid_host) {
+            "host not allowed"
+        } else if o.result >> 16 & 1 == 1 {
+            match o.result as u16 {
+                connect_offset::DATA_SUBNQN => "no such subsystem",
+                connect_offset::DATA_HOSTNQN => "bad host NQN",
+                connect_offset::DATA_CNTLID => "bad controller id",
+                _ => "bad Connect data",
+            }
+        } else {
+            "bad Connect command"
+        };
+        tracing::warn!(
+            qid = ctx.qid,
+            subnqn = %field(d.as_ref().map(|d| &d.subnqn[..])),
+            hostnqn = %field(d.as_ref().map(|d| &d.hostnqn[..])),
+            status = %o.status,
+            field_offset = o.loc,
+            "Connect refused: {why}"
+        );
+    }
+    o
+}
+
+fn connect_checked(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome {
     let (Ok(c), Ok(d)) = (
         ConnectCommand::read_from_bytes(cmd.as_bytes()),
         ConnectData::read_from_bytes(data),
