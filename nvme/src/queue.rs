@@ -628,6 +628,32 @@ impl IoQueuePair {
         let nlb0 = self.nlb0(nsid, buf.len())?;
         self.submit(Sqe::write(nsid, slba, nlb0, 0, 0), Some(buf), tag)
     }
+    /// Queue a read like [`IoQueuePair::read`] without ringing the doorbell:
+    /// [`IoQueuePair::ring_doorbell`] publishes every command queued so far. For callers
+    /// whose queueing and publishing happen in separate calls (fio's `queue` / `commit`);
+    /// within one call prefer [`IoQueuePair::batch`].
+    #[inline]
+    pub fn queue_read(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.nlb0(nsid, buf.len())?;
+        self.enqueue(Sqe::read(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Queue a write without ringing the doorbell (see [`IoQueuePair::queue_read`]).
+    #[inline]
+    pub fn queue_write(&mut self, nsid: u32, slba: u64, buf: &DmaBuffer, tag: u64) -> Result<u16> {
+        let nlb0 = self.nlb0(nsid, buf.len())?;
+        self.enqueue(Sqe::write(nsid, slba, nlb0, 0, 0), Some(buf), tag)
+    }
+    /// Queue any command without ringing the doorbell (see [`IoQueuePair::queue_read`]).
+    #[inline]
+    pub fn queue_command(&mut self, sqe: Sqe, data: Option<&DmaBuffer>, tag: u64) -> Result<u16> {
+        self.enqueue(sqe, data, tag)
+    }
+    /// Ring the SQ doorbell for every command queued since the last ring (one MMIO write,
+    /// or none when the shadow doorbell's EventIdx allows).
+    #[inline]
+    pub fn ring_doorbell(&mut self) {
+        self.ring_sq();
+    }
     /// Flush the volatile write cache.
     pub fn flush(&mut self, nsid: u32, tag: u64) -> Result<u16> {
         self.submit(Sqe::flush(nsid), None, tag)

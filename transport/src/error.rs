@@ -119,6 +119,10 @@ pub enum Error {
         #[source]
         source: rdma::Error,
     },
+    /// Setting up an initiator session ([`crate::rdma::Session`]) failed; the message names
+    /// the step, the cause and what to check.
+    #[error("{0}")]
+    Session(String),
     /// Malformed data received from a peer.
     #[error("malformed {what}: {reason}")]
     Malformed {

@@ -324,6 +324,11 @@ impl<W: HostWire> InitiatorQueue<W> {
         self.qid
     }
 
+    /// Commands that may be outstanding at once.
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+
     /// Commands outstanding.
     pub fn outstanding(&self) -> usize {
         usize::from(self.depth) - self.free.len()

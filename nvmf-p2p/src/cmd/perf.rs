@@ -5,19 +5,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use nvme::spec::{cns, IdentifyNamespace};
 use serde::Serialize;
-use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
-use transport::initiator::{cmd, enable_controller, execute, InitiatorQueue, LatencyHistogram};
-use transport::rdma::RdmaHost;
-use zerocopy::{FromBytes, IntoBytes};
+use transport::initiator::{cmd, InitiatorQueue, LatencyHistogram};
+use transport::rdma::{keyed, RdmaHost, Session, SessionOptions};
 
 use super::{print_json, CliError, CliResult};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host NQN used when `--hostnqn` is not given.
-pub const DEFAULT_HOSTNQN: &str =
-    "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-000000000001";
+pub use transport::rdma::DEFAULT_HOSTNQN;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -283,11 +279,6 @@ fn terr(e: transport::Error) -> CliError {
     CliError(e.to_string())
 }
 
-fn keyed(buf: &rdma::RegisteredBuffer, off: usize, len: usize) -> SglDescriptor {
-    let r = buf.mr().remote(off);
-    SglDescriptor::keyed(r.addr, len as u32, r.rkey, false)
-}
-
 fn run_remote(a: &Args) -> Result<Report, CliError> {
     let (Some(addr), Some(subnqn)) = (a.traddr, a.subnqn.as_deref()) else {
         return Err(CliError::new(
@@ -295,54 +286,7 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
         ));
     };
     let dst = SocketAddr::new(addr, a.trsvcid);
-    let hostid = hostid_of(&a.hostnqn);
     let bs = a.io_size;
-
-    // admin queue: connect, enable, identify the namespace, ask for one I/O queue
-    let host = RdmaHost::connect(dst, 0, 32, 0, ADMIN_TIMEOUT).map_err(|e| {
-        CliError::new(format!(
-            "cannot connect to {dst}: {e} (is a target listening there?)"
-        ))
-    })?;
-    let abuf = host.register(8192).map_err(terr)?;
-    let mut admin = InitiatorQueue::new(host, 0, 31);
-    let data = cmd::connect_data(hostid, CNTLID_DYNAMIC, subnqn, &a.hostnqn);
-    abuf.write(0, data.as_bytes())
-        .map_err(|e| CliError(e.to_string()))?;
-    let c = execute(
-        &mut admin,
-        cmd::connect(0, 31, 30_000, keyed(&abuf, 0, 1024)),
-        &[],
-        ADMIN_TIMEOUT,
-    )
-    .map_err(|e| CliError::new(format!("fabrics Connect to {subnqn} refused: {e}")))?;
-    let cntlid = c.cqe.dw0.get() as u16;
-    enable_controller(&mut admin, ADMIN_TIMEOUT).map_err(terr)?;
-    execute(
-        &mut admin,
-        cmd::identify(cns::NAMESPACE, a.nsid, keyed(&abuf, 0, 4096)),
-        &[],
-        ADMIN_TIMEOUT,
-    )
-    .map_err(|e| CliError::new(format!("Identify namespace {}: {e}", a.nsid)))?;
-    let mut raw = vec![0u8; 4096];
-    abuf.read(0, &mut raw)
-        .map_err(|e| CliError(e.to_string()))?;
-    let ns = IdentifyNamespace::read_from_bytes(&raw[..])
-        .map_err(|_| CliError::new("short Identify data"))?;
-    let lba = ns.block_size() as usize;
-    let blocks = ns.nsze.get();
-    if blocks == 0 {
-        return Err(CliError::new(format!(
-            "namespace {} is not active on {subnqn}",
-            a.nsid
-        )));
-    }
-    if !bs.is_multiple_of(lba) {
-        return Err(CliError::new(format!(
-            "--io-size {bs} is not a multiple of the {lba}-byte block"
-        )));
-    }
     let queues = a.queues.max(1);
     let total = usize::from(a.qd);
     if total < usize::from(queues) {
@@ -350,13 +294,27 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
             "--queue-depth {total} is less than --queues {queues}: every queue needs a command"
         )));
     }
-    let granted = execute(&mut admin, cmd::set_num_queues(queues), &[], ADMIN_TIMEOUT)
-        .map_err(terr)?
-        .cqe
-        .dw0
-        .get();
-    // NSQA / NCQA are 0-based.
-    let granted = ((granted & 0xffff).min(granted >> 16) + 1) as u16;
+
+    // admin queue: connect, enable, identify the namespace, ask for the I/O queues
+    let session = Session::connect(SessionOptions {
+        dst,
+        subnqn: subnqn.to_string(),
+        hostnqn: a.hostnqn.clone(),
+        nsid: a.nsid,
+        io_queues: queues,
+        kato_ms: 30_000,
+        timeout: ADMIN_TIMEOUT,
+    })
+    .map_err(terr)?;
+    let ns = session.namespace();
+    let lba = ns.block_size as usize;
+    let blocks = ns.blocks;
+    if !bs.is_multiple_of(lba) {
+        return Err(CliError::new(format!(
+            "--io-size {bs} is not a multiple of the {lba}-byte block"
+        )));
+    }
+    let granted = session.granted_queues();
     if granted < queues {
         return Err(CliError::new(format!(
             "the target grants {granted} I/O queue(s), fewer than --queues {queues}"
@@ -374,22 +332,12 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     for qid in 1..=queues {
         let want = super::perf_direct::share(total, usize::from(queues), usize::from(qid - 1));
         let want = u16::try_from(want).unwrap_or(u16::MAX);
-        let io_host = RdmaHost::connect(dst, qid, want + 1, 0, ADMIN_TIMEOUT).map_err(terr)?;
-        let qd = want.min(io_host.accepted_queue_size().saturating_sub(1).max(1));
-        let buf = io_host
+        let io = session.connect_io_queue(qid, want).map_err(terr)?;
+        let qd = io.depth();
+        let buf = io
+            .wire()
             .register(usize::from(qd) * bs + 4096)
             .map_err(terr)?;
-        let mut io = InitiatorQueue::new(io_host, qid, qd);
-        let data = cmd::connect_data(hostid, cntlid, subnqn, &a.hostnqn);
-        buf.write(0, data.as_bytes())
-            .map_err(|e| CliError(e.to_string()))?;
-        execute(
-            &mut io,
-            cmd::connect(qid, qd, 0, keyed(&buf, 0, 1024)),
-            &[],
-            ADMIN_TIMEOUT,
-        )
-        .map_err(|e| CliError::new(format!("fabrics Connect of I/O queue {qid}: {e}")))?;
         if !matches!(a.workload, Workload::Read | Workload::Randread) {
             // give written blocks a recognisable pattern
             for slot in 0..usize::from(qd) {
@@ -466,15 +414,6 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     let mut r = Report::new(format!("rdma:{dst}/{subnqn}"), a, secs, done, errors, &hist);
     r.first_error = first_error;
     Ok(r)
-}
-
-/// A host identifier derived from the host NQN (stable across runs).
-fn hostid_of(hostnqn: &str) -> [u8; 16] {
-    let mut id = [0u8; 16];
-    for (i, b) in hostnqn.bytes().enumerate() {
-        id[i % 16] = id[i % 16].wrapping_mul(31).wrapping_add(b);
-    }
-    id
 }
 
 fn run_local(bdf: &str, a: &Args) -> Result<Report, CliError> {

@@ -20,6 +20,7 @@
 
 mod host;
 mod serve;
+mod session;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ use rdma::{
 use zerocopy::IntoBytes;
 
 pub use host::RdmaHost;
+pub use session::{hostid_of, keyed, Namespace, Session, SessionOptions, DEFAULT_HOSTNQN};
 pub use serve::{serve, serve_with, ServeOptions};
 
 use crate::error::{Error, Result};
