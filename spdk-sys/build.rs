@@ -1,54 +1,157 @@
-//! With the `spdk` feature: generate bindings to an installed SPDK found by pkg-config.
-//! Without it: nothing to do; the crate is empty.
+//! With the `spdk` feature: bindings to the SPDK that `scripts/setup` built, and its link
+//! line. Without it: nothing to do; the crate is empty.
+//!
+//! Where SPDK is: `NVMF_P2P_SPDK_PREFIX` if set, else the path in
+//! `${XDG_CACHE_HOME:-$HOME/.cache}/nvmf-p2p/spdk-prefix` (written by
+//! `scripts/lib/spdk-build.sh` once the build passed its checks). That directory is an SPDK
+//! build tree: headers in `include/`, SPDK's shared libraries and `.pc` files in
+//! `build/lib`, DPDK's in `dpdk/build/lib`.
+//!
+//! The bindgen invocation is equivalent to:
+//!
+//! ```text
+//! bindgen wrapper.h --allowlist-function 'spdk_.*' --allowlist-type 'spdk_.*' \
+//!   --allowlist-var 'SPDK_.*' --with-derive-default -- $(pkg-config --cflags spdk_nvme spdk_env_dpdk)
+//! ```
+//! with `wrapper.h` including `<spdk/nvme.h>` and `<spdk/env.h>`. Neither header has a
+//! `static inline` the backend needs (only `spdk_nvme_trtype_is_fabrics`), so there is no
+//! C shim.
+//!
+//! Linking (FACTS.md "SPDK"): every library of `pkg-config --libs spdk_nvme spdk_env_dpdk`
+//! without `--as-needed` (DPDK's mempool ring driver, for one, registers itself from a
+//! constructor and nothing references it by symbol; `libspdk_env_dpdk.so` does not list
+//! DPDK as needed), then `pkg-config --libs --static spdk_syslibs`, then an rpath to the
+//! library directories so binaries run without `LD_LIBRARY_PATH`. Cargo keeps link args
+//! (and the `as-needed` link modifier is nightly-only) to the package that emits them, so
+//! this crate's tests get them directly and dependents that build binaries re-emit the
+//! `DEP_SPDK_LINK_ARGS` metadata (`links = "spdk"`) from their own build script
+//! (nvmf-p2p's `build.rs`).
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "spdk")]
     spdk::generate();
 }
 
 #[cfg(feature = "spdk")]
 mod spdk {
-    use std::{env, path::PathBuf, process::Command};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::{env, fs};
 
-    fn pkg_config(args: &[&str]) -> String {
+    /// The one sentence a build without SPDK prints.
+    fn no_spdk(detail: &str) -> ! {
+        eprintln!(
+            "error: the `spdk` feature needs SPDK, which is not installed ({detail}): run scripts/setup, then rebuild"
+        );
+        std::process::exit(1);
+    }
+
+    fn prefix() -> PathBuf {
+        println!("cargo:rerun-if-env-changed=NVMF_P2P_SPDK_PREFIX");
+        println!("cargo:rerun-if-env-changed=XDG_CACHE_HOME");
+        if let Some(p) = env::var_os("NVMF_P2P_SPDK_PREFIX") {
+            return PathBuf::from(p);
+        }
+        let cache = env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| no_spdk("neither XDG_CACHE_HOME nor HOME is set"));
+        let file = cache.join("nvmf-p2p/spdk-prefix");
+        println!("cargo:rerun-if-changed={}", file.display());
+        match fs::read_to_string(&file) {
+            Ok(s) => PathBuf::from(s.trim()),
+            Err(_) => no_spdk(&format!("{} does not exist", file.display())),
+        }
+    }
+
+    fn pkg_config(pc_path: &str, args: &[&str]) -> String {
         let out = Command::new("pkg-config")
+            .env("PKG_CONFIG_PATH", pc_path)
             .args(args)
             .output()
-            .expect("pkg-config is needed for the `spdk` feature (apt-get install pkg-config)");
+            .unwrap_or_else(|e| no_spdk(&format!("pkg-config did not run: {e}")));
         if !out.status.success() {
-            panic!(
-                "pkg-config {:?} failed: SPDK not found. Build SPDK v25.09 from source, install it, \
-                 and set PKG_CONFIG_PATH to its lib/pkgconfig directory.",
-                args
-            );
+            no_spdk(&format!(
+                "pkg-config {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     pub fn generate() {
-        let cflags = pkg_config(&["--cflags", "spdk_nvme", "spdk_env_dpdk"]);
-        let libs = pkg_config(&["--libs", "spdk_nvme", "spdk_env_dpdk"]);
-        let sys = pkg_config(&["--libs", "--static", "spdk_syslibs"]);
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        for tok in libs.split_whitespace().chain(sys.split_whitespace()) {
-            if let Some(dir) = tok.strip_prefix("-L") {
-                println!("cargo:rustc-link-search=native={dir}");
-            } else if let Some(lib) = tok.strip_prefix("-l") {
-                println!("cargo:rustc-link-lib={lib}");
-            } else {
-                println!("cargo:rustc-link-arg={tok}");
+        let prefix = prefix();
+        let lib = prefix.join("build/lib");
+        let dpdk_lib = prefix.join("dpdk/build/lib");
+        for f in [
+            prefix.join("include/spdk/nvme.h"),
+            lib.join("pkgconfig/spdk_nvme.pc"),
+        ] {
+            if !f.exists() {
+                no_spdk(&format!("{} is missing", f.display()));
             }
         }
+        let pc_path = format!(
+            "{}:{}",
+            lib.join("pkgconfig").display(),
+            dpdk_lib.join("pkgconfig").display()
+        );
+        let cflags = pkg_config(&pc_path, &["--cflags", "spdk_nvme", "spdk_env_dpdk"]);
+        let libs = pkg_config(&pc_path, &["--libs", "spdk_nvme", "spdk_env_dpdk"]);
+        let sys = pkg_config(&pc_path, &["--libs", "--static", "spdk_syslibs"]);
+
+        // The final link: SPDK's and DPDK's libraries without --as-needed, then the
+        // system libraries, then the rpath. Link args stay in the package that emits them,
+        // so they also go out as metadata (DEP_SPDK_LINK_ARGS, tab-separated) for the
+        // build scripts of dependents that build binaries (nvmf-p2p).
+        let mut args = vec!["-Wl,--no-as-needed".to_string()];
+        let mut dirs: Vec<String> = Vec::new();
+        for tok in libs
+            .split_whitespace()
+            .chain(["-Wl,--as-needed"])
+            .chain(sys.split_whitespace())
+        {
+            if let Some(dir) = tok.strip_prefix("-L") {
+                if !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_string());
+                }
+            }
+            args.push(tok.to_string());
+        }
+        args.push(format!("-Wl,-rpath,{}", dirs.join(":")));
+        for a in &args {
+            println!("cargo:rustc-link-arg={a}");
+        }
+        println!("cargo:link_args={}", args.join("\t"));
+        println!("cargo:prefix={}", prefix.display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            prefix.join(".nvmf-p2p-stamp").display()
+        );
+
         let bindings = bindgen::Builder::default()
-            .header_contents("spdk.h", "#include <spdk/nvme.h>\n#include <spdk/env.h>\n")
+            .header_contents(
+                "wrapper.h",
+                "#include <spdk/nvme.h>\n#include <spdk/env.h>\n",
+            )
             .clang_args(cflags.split_whitespace())
+            .clang_arg(format!("-I{}", prefix.join("include").display()))
             .allowlist_function("spdk_.*")
             .allowlist_type("spdk_.*")
             .allowlist_var("SPDK_.*")
             .derive_default(true)
             .generate()
-            .expect("bindgen failed on the SPDK headers");
-        let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("spdk.rs");
-        bindings.write_to_file(out).expect("write spdk.rs");
+            .unwrap_or_else(|e| {
+                no_spdk(&format!(
+                    "bindgen failed on the headers in {}: {e}",
+                    Path::new(&prefix).join("include").display()
+                ))
+            });
+        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("spdk.rs");
+        bindings
+            .write_to_file(&out)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
     }
 }
