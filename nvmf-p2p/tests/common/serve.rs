@@ -7,8 +7,12 @@ use std::time::{Duration, Instant};
 
 use super::{discover, env, sh, sh_ok};
 
-/// The `nvmf-p2p` binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
+/// The `nvmf-p2p` binary under test: cargo names it for this crate's tests; other crates'
+/// VM tests that include this module (fio-plugin's vm_fio) use the workspace's debug build.
+pub const BIN: &str = match option_env!("CARGO_BIN_EXE_nvmf-p2p") {
+    Some(p) => p,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/nvmf-p2p"),
+};
 
 /// A running `nvmf-p2p serve`; SIGTERM on drop, and the exit must be clean.
 pub struct Serve {
