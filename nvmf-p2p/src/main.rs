@@ -3,6 +3,8 @@
 
 mod cmd;
 mod control;
+#[cfg(feature = "spdk")]
+mod spdk_backend;
 mod vfio_backend;
 
 use std::process::ExitCode;

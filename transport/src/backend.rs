@@ -1,9 +1,10 @@
 //! Namespace backends: where a namespace's blocks live.
 //!
 //! The target core calls a [`Backend`] with caller-owned buffers (the request's data
-//! buffer), so a backend never allocates per I/O. `ram` and `file` live here; a `vfio`
-//! backend (a namespace of a PCIe controller driven by the `nvme` crate) plugs in through
-//! [`BackendOpener`] without this module depending on the driver.
+//! buffer), so a backend never allocates per I/O. `ram` and `file` live here; the device
+//! backends — `vfio` (a namespace of a PCIe controller driven by the `nvme` crate) and
+//! `spdk` (the same through SPDK's NVMe driver) — plug in through [`BackendOpener`]
+//! without this module depending on either driver.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::RawFd;
@@ -333,17 +334,28 @@ impl Backend for FileBackend {
     }
 }
 
-/// Opens the `vfio:BDF:nsid` kind of backend; supplied by the binary that links the driver.
-pub type BackendOpener = dyn Fn(&str, u32) -> Result<Arc<dyn Backend>>;
+/// Opens the device kinds of backend (`vfio:BDF:nsid`, `spdk:BDF:nsid`); supplied by the
+/// binary that links the drivers. It is only called with those two kinds.
+pub type BackendOpener = dyn Fn(&BackendSpec) -> Result<Arc<dyn Backend>>;
 
-/// Opens a backend from its specification. `vfio` needs an opener (the `nvme` driver's
-/// glue); without one it fails with [`Error::BackendUnavailable`].
-pub fn open_backend(spec: &BackendSpec, vfio: Option<&BackendOpener>) -> Result<Arc<dyn Backend>> {
+/// What a build without SPDK says about an `spdk:` namespace.
+pub const NO_SPDK_SUPPORT: &str = "this build has no SPDK support: run scripts/setup and rebuild";
+
+/// Opens a backend from its specification. `vfio` and `spdk` need an opener (the drivers'
+/// glue); without one they fail with [`Error::BackendUnavailable`].
+pub fn open_backend(
+    spec: &BackendSpec,
+    devices: Option<&BackendOpener>,
+) -> Result<Arc<dyn Backend>> {
     match spec {
         BackendSpec::Ram { size } => Ok(Arc::new(RamBackend::new(*size, DEFAULT_BLOCK_SIZE)?)),
         BackendSpec::File { path } => Ok(Arc::new(FileBackend::open(path, DEFAULT_BLOCK_SIZE)?)),
-        BackendSpec::Vfio { bdf, nsid } => match vfio {
-            Some(open) => open(bdf, *nsid),
+        BackendSpec::Vfio { .. } | BackendSpec::Spdk { .. } => match devices {
+            Some(open) => open(spec),
+            None if matches!(spec, BackendSpec::Spdk { .. }) => Err(Error::BackendUnavailable {
+                kind: "spdk",
+                reason: NO_SPDK_SUPPORT,
+            }),
             None => Err(Error::BackendUnavailable {
                 kind: "vfio",
                 reason: "no VFIO NVMe driver opener was registered",
@@ -414,9 +426,24 @@ mod tests {
             open_backend(&v, None),
             Err(Error::BackendUnavailable { .. })
         ));
-        let opener = |_: &str, _: u32| -> Result<Arc<dyn Backend>> {
+        let opener = |s: &BackendSpec| -> Result<Arc<dyn Backend>> {
+            assert!(matches!(s, BackendSpec::Vfio { nsid: 1, .. }));
             Ok(Arc::new(RamBackend::new(4096, 512)?))
         };
         assert_eq!(open_backend(&v, Some(&opener)).unwrap().block_count(), 8);
+        let s = BackendSpec::Spdk {
+            bdf: "0000:01:00.0".into(),
+            nsid: 1,
+        };
+        match open_backend(&s, None) {
+            Err(e @ Error::BackendUnavailable { kind: "spdk", .. }) => {
+                assert!(
+                    e.to_string().contains("run scripts/setup and rebuild"),
+                    "{e}"
+                )
+            }
+            Err(e) => panic!("wrong error {e}"),
+            Ok(_) => panic!("spdk: opened without an opener"),
+        }
     }
 }

@@ -19,7 +19,7 @@
 //! allow_any_host = false
 //! hosts = ["nqn.2014-08.org.nvmexpress:uuid:..."]
 //! [[subsystem.namespace]]
-//! backend = "vfio:0000:01:00.0:1"   # or "file:/path", "ram:64MiB"
+//! backend = "vfio:0000:01:00.0:1"   # or "spdk:0000:01:00.0:1", "file:/path", "ram:64MiB"
 //! ```
 
 use std::fmt;
@@ -161,6 +161,14 @@ pub enum BackendSpec {
         /// Namespace on that controller (default 1).
         nsid: u32,
     },
+    /// A namespace of a PCIe NVMe controller driven by SPDK's NVMe driver (the binary's
+    /// `spdk` feature; SPDK built by `scripts/setup`).
+    Spdk {
+        /// PCI address `DDDD:BB:DD.F`.
+        bdf: String,
+        /// Namespace on that controller (default 1).
+        nsid: u32,
+    },
     /// A regular file or block device.
     File {
         /// Path.
@@ -177,6 +185,7 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::Vfio { bdf, nsid } => write!(f, "vfio:{bdf}:{nsid}"),
+            BackendSpec::Spdk { bdf, nsid } => write!(f, "spdk:{bdf}:{nsid}"),
             BackendSpec::File { path } => write!(f, "file:{}", path.display()),
             BackendSpec::Ram { size } => write!(f, "ram:{size}"),
         }
@@ -206,6 +215,24 @@ fn valid_bdf(s: &str) -> bool {
     ok_parts && func.len() == 1 && matches!(func.as_bytes()[0], b'0'..=b'7')
 }
 
+/// `BDF[:nsid]` of a `vfio:` or `spdk:` backend (nsid 1 when left out).
+fn parse_pci_namespace(spec: &str, rest: &str) -> Result<(String, u32)> {
+    let (bdf, nsid) = match rest.rsplit_once(':') {
+        Some((b, n)) if !n.contains('.') => {
+            let nsid: u32 = n.parse().map_err(|_| bad(spec, "nsid is not a number"))?;
+            (b, nsid)
+        }
+        _ => (rest, 1),
+    };
+    if !valid_bdf(bdf) {
+        return Err(bad(spec, "PCI address must look like 0000:01:00.0"));
+    }
+    if nsid == 0 || nsid == u32::MAX {
+        return Err(bad(spec, "nsid must be between 1 and 0xfffffffe"));
+    }
+    Ok((bdf.to_owned(), nsid))
+}
+
 /// Parses a size such as `4096`, `64M`, `64MiB`, `1G`, `512k` (binary multiples).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -230,28 +257,17 @@ impl FromStr for BackendSpec {
         let (kind, rest) = spec.split_once(':').ok_or_else(|| {
             bad(
                 spec,
-                "expected `vfio:BDF[:nsid]`, `file:PATH` or `ram:SIZE`",
+                "expected `vfio:BDF[:nsid]`, `spdk:BDF[:nsid]`, `file:PATH` or `ram:SIZE`",
             )
         })?;
         match kind {
             "vfio" => {
-                let (bdf, nsid) = match rest.rsplit_once(':') {
-                    Some((b, n)) if !n.contains('.') => {
-                        let nsid: u32 = n.parse().map_err(|_| bad(spec, "nsid is not a number"))?;
-                        (b, nsid)
-                    }
-                    _ => (rest, 1),
-                };
-                if !valid_bdf(bdf) {
-                    return Err(bad(spec, "PCI address must look like 0000:01:00.0"));
-                }
-                if nsid == 0 || nsid == u32::MAX {
-                    return Err(bad(spec, "nsid must be between 1 and 0xfffffffe"));
-                }
-                Ok(BackendSpec::Vfio {
-                    bdf: bdf.to_owned(),
-                    nsid,
-                })
+                let (bdf, nsid) = parse_pci_namespace(spec, rest)?;
+                Ok(BackendSpec::Vfio { bdf, nsid })
+            }
+            "spdk" => {
+                let (bdf, nsid) = parse_pci_namespace(spec, rest)?;
+                Ok(BackendSpec::Spdk { bdf, nsid })
             }
             "file" => {
                 if rest.is_empty() {
@@ -268,7 +284,7 @@ impl FromStr for BackendSpec {
                 }
                 Ok(BackendSpec::Ram { size })
             }
-            _ => Err(bad(spec, "unknown backend kind (vfio, file, ram)")),
+            _ => Err(bad(spec, "unknown backend kind (vfio, spdk, file, ram)")),
         }
     }
 }
@@ -657,6 +673,22 @@ backend = "file:/tmp/disk.img"
             }
         );
         assert!("vfio:0000:01:00".parse::<BackendSpec>().is_err());
+        assert_eq!(
+            "spdk:0000:01:00.0:2".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Spdk {
+                bdf: "0000:01:00.0".into(),
+                nsid: 2
+            }
+        );
+        assert_eq!(
+            "spdk:0000:01:00.0"
+                .parse::<BackendSpec>()
+                .unwrap()
+                .to_string(),
+            "spdk:0000:01:00.0:1"
+        );
+        assert!("spdk:01:00".parse::<BackendSpec>().is_err());
+        assert!("spdk:0000:01:00.0:x".parse::<BackendSpec>().is_err());
         assert!("vfio:0000:01:00.0:0".parse::<BackendSpec>().is_err());
         assert!("ram:12".parse::<BackendSpec>().is_err());
         assert!("ram:lots".parse::<BackendSpec>().is_err());

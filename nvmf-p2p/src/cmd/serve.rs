@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::json;
-use transport::config::TargetConfig;
+use transport::config::{BackendSpec, TargetConfig};
 use transport::rdma::{serve_with, ServeOptions};
 use transport::target::Target;
 
@@ -31,6 +31,16 @@ pub struct Args {
     pub no_nvme_interrupts: bool,
 }
 
+/// A controller is driven by one driver: `vfio:` and `spdk:` namespaces of the same BDF
+/// cannot be mixed.
+#[cfg(feature = "spdk")]
+fn one_driver_per_controller(spec: &BackendSpec) -> transport::Error {
+    transport::Error::BackendSpec {
+        spec: spec.to_string(),
+        reason: "this controller is already open with the other driver: use either vfio: or spdk: for all its namespaces",
+    }
+}
+
 pub fn run(a: Args) -> CliResult {
     let mut cfg = TargetConfig::load(&a.config).map_err(|e| CliError(e.to_string()))?;
     cfg.shadow_doorbells &= !a.no_shadow_doorbells;
@@ -46,10 +56,34 @@ pub fn run(a: Args) -> CliResult {
         )));
     }
     let opener = Arc::new(VfioOpener::new(cfg.shadow_doorbells, cfg.nvme_interrupts));
+    #[cfg(feature = "spdk")]
+    let spdk = Arc::new(crate::spdk_backend::SpdkOpener::default());
     let max_io = cfg.max_io_size as usize;
     let open = {
         let opener = opener.clone();
-        move |bdf: &str, nsid: u32| opener.open(bdf, nsid, max_io)
+        #[cfg(feature = "spdk")]
+        let spdk = spdk.clone();
+        move |spec: &BackendSpec| match spec {
+            BackendSpec::Vfio { bdf, nsid } => {
+                #[cfg(feature = "spdk")]
+                if spdk.has(bdf) {
+                    return Err(one_driver_per_controller(spec));
+                }
+                opener.open(bdf, *nsid, max_io)
+            }
+            #[cfg(feature = "spdk")]
+            BackendSpec::Spdk { bdf, nsid } => {
+                if opener
+                    .devices()
+                    .iter()
+                    .any(|(b, _)| crate::spdk_backend::same_bdf(b, bdf))
+                {
+                    return Err(one_driver_per_controller(spec));
+                }
+                spdk.open(bdf, *nsid, max_io)
+            }
+            _ => transport::backend::open_backend(spec, None),
+        }
     };
     let target =
         Arc::new(Target::from_config(&cfg, Some(&open)).map_err(|e| CliError(e.to_string()))?);
@@ -65,11 +99,24 @@ pub fn run(a: Args) -> CliResult {
         let target = target.clone();
         let opener = opener.clone();
         let direct = direct.clone();
+        #[cfg(feature = "spdk")]
+        let spdk = spdk.clone();
         Arc::new(move |req| match req {
-            Request::Stats => Ok(super::direct::with_report(
-                stats(&target),
-                direct.as_deref(),
-            )),
+            Request::Stats => {
+                #[allow(unused_mut)]
+                let mut report = stats(&target);
+                #[cfg(feature = "spdk")]
+                {
+                    // controllers SPDK's driver attached (`spdk:` namespaces)
+                    let bdfs: Vec<String> = spdk
+                        .controllers()
+                        .iter()
+                        .map(|(_, c)| c.bdf().to_string())
+                        .collect();
+                    report["spdk_controllers"] = json!(bdfs);
+                }
+                Ok(super::direct::with_report(report, direct.as_deref()))
+            }
             Request::ResetDevice => {
                 let devs = opener.devices();
                 if devs.is_empty() {

@@ -171,9 +171,10 @@ pub struct Target {
 
 impl Target {
     /// Builds a target from its configuration, opening every namespace backend.
-    /// `vfio` opens `vfio:` backends (the driver glue); without it they fail.
-    pub fn from_config(cfg: &TargetConfig, vfio: Option<&BackendOpener>) -> Result<Self> {
-        Self::with_backends(cfg, |spec| open_backend(spec, vfio))
+    /// `devices` opens `vfio:` and `spdk:` backends (the drivers' glue); without it they
+    /// fail.
+    pub fn from_config(cfg: &TargetConfig, devices: Option<&BackendOpener>) -> Result<Self> {
+        Self::with_backends(cfg, |spec| open_backend(spec, devices))
     }
 
     /// Builds a target, opening backends through `open`.

@@ -1,0 +1,143 @@
+//! VM tests of the `spdk:BDF[:nsid]` backend (feature `spdk`): `nvmf-p2p serve` with the
+//! testbed's NVMe attached by SPDK's driver (SPDK built by scripts/setup; hugepages set up
+//! by scripts/lib/testbed-guest.sh when the VM has --mem 3G), served to the kernel
+//! initiator (fio crc32c verify) and our initiator, and the errors a user meets.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::serve::{connect, disconnect, fio_verify, perf, subsystem, Serve, BIN};
+use common::{blockdev_of, env};
+
+const PORT: u16 = 4450;
+const NQN: &str = "nqn.2026-12.io.nvmf-p2p:spdk-backend";
+
+fn require_hugepages() {
+    let hp: u32 = std::env::var("NVMF_P2P_HUGEPAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        hp >= 64,
+        "only {hp} hugepages in the guest: the spdk: backend needs the VM booted with --mem 3G (scripts/test does)"
+    );
+}
+
+#[test]
+fn spdk_namespace_serves_the_kernel_initiator_and_perf() {
+    require_hugepages();
+    let bdf = env("NVMF_P2P_BDF");
+    let backend = format!("spdk:{bdf}");
+    let mut serve = Serve::start("spdk-backend", PORT, &subsystem(NQN, &backend, None));
+    let log = serve.log_text();
+    assert!(
+        log.contains("NVMe controller attached by SPDK"),
+        "no SPDK attach in the log:\n{log}"
+    );
+    assert!(
+        log.contains("raw admin Identify through SPDK matches SPDK's controller data"),
+        "the raw admin path (Identify through spdk_nvme_ctrlr_cmd_admin_raw) did not match:\n{log}"
+    );
+
+    let stats = serve.stats();
+    let ns = &stats["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["nqn"] == NQN)
+        .expect("our subsystem in stats")["namespaces"][0];
+    assert_eq!(ns["backend"], format!("spdk:{bdf}:1"), "{stats}");
+    assert!(ns["blocks"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert_eq!(
+        stats["spdk_controllers"],
+        serde_json::json!([bdf]),
+        "{stats}"
+    );
+
+    // the kernel initiator: 4 KiB at QD16 and 128 KiB (the target's largest transfer)
+    let host = common::serve::hostnqn();
+    let c = connect(NQN, PORT, &host);
+    assert!(
+        c.status.success(),
+        "nvme connect failed: {}\n{}",
+        String::from_utf8_lossy(&c.stderr),
+        serve.log_text()
+    );
+    let dev = blockdev_of(NQN);
+    fio_verify(&dev, "4k", 16, "8M");
+    fio_verify(&dev, "128k", 4, "8M");
+    disconnect(NQN);
+
+    // our initiator
+    perf(PORT, NQN, "randrw");
+
+    // every poll group took the zero-copy path: its pool is SPDK memory
+    let log = serve.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("zero-copy asynchronous I/O") && l.contains("spdk:")),
+        "the poll group did not put its buffer pool in SPDK DMA memory:\n{log}"
+    );
+    assert!(serve.child_status().is_none(), "serve died:\n{log}");
+    serve.stop();
+}
+
+/// Runs `serve` on a configuration that must be refused; returns its stderr.
+fn serve_refuses(name: &str, subsystems: &str) -> String {
+    let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
+    let cfg = scratch.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"/run/nvmf-p2p/{name}.sock\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {PORT}\n\n{subsystems}",
+            env("NVMF_P2P_ADDR")
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let out = Command::new("timeout")
+        .args(["60", BIN, "serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run nvmf-p2p serve");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "serve did not give up"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "serve must refuse {name} with status 1:\n{err}"
+    );
+    err
+}
+
+#[test]
+fn a_bdf_spdk_cannot_claim_is_a_clear_error_at_config_load() {
+    require_hugepages();
+    // no such device
+    let err = serve_refuses("spdk-nodev", &subsystem(NQN, "spdk:0000:7f:1f.7", None));
+    assert!(
+        err.contains("spdk:0000:7f:1f.7") && err.contains("does not exist"),
+        "{err}"
+    );
+    // one controller, two drivers
+    let bdf = env("NVMF_P2P_BDF");
+    let both = format!(
+        "{}{}",
+        subsystem(NQN, &format!("vfio:{bdf}"), None),
+        subsystem(
+            "nqn.2026-12.io.nvmf-p2p:spdk-other",
+            &format!("spdk:{bdf}"),
+            None
+        )
+    );
+    let err = serve_refuses("spdk-both", &both);
+    assert!(err.contains("already open with the other driver"), "{err}");
+    // a namespace the controller does not have
+    let err = serve_refuses("spdk-nons", &subsystem(NQN, &format!("spdk:{bdf}:9"), None));
+    assert!(err.contains("no active namespace 9"), "{err}");
+}
