@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CString};
 use std::mem::size_of;
+use std::os::fd::RawFd;
 use std::ptr::{null_mut, NonNull};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,6 +41,12 @@ const CHANNEL_DEPTH: u32 = 512;
 
 /// Commands the synchronous queue pair holds (one at a time is used).
 const SYNC_DEPTH: u32 = 4;
+
+/// I/O queues an SPDK controller may create when it raises interrupts: SPDK gives every
+/// queue id a vector (qid = vector) and DPDK an eventfd each, so keep it within the MSI-X
+/// vectors a controller has (QEMU's NVMe: 65) — enough for a poll group per core plus
+/// the synchronous queue of each namespace.
+const IRQ_IO_QUEUES: u32 = 32;
 
 fn backend_err(backend: &str, op: &'static str, msg: impl Into<String>) -> Error {
     Error::BackendIo {
@@ -208,6 +215,8 @@ fn spdk_domain() -> usize {
 pub struct SpdkController {
     bdf: String,
     ctrlr: NonNull<sys::spdk_nvme_ctrlr>,
+    /// Attached with `enable_interrupts`: queue pairs have an eventfd (spdk_nvme_qpair_get_fd).
+    interrupts: bool,
     /// Serialises admin commands and their completion polling.
     admin: Mutex<()>,
 }
@@ -246,8 +255,10 @@ fn check_claimable(bdf: &str) -> Result<()> {
 }
 
 impl SpdkController {
-    /// Attaches the controller at `bdf` (`DDDD:BB:DD.F`) with SPDK's PCIe driver.
-    pub fn connect(bdf: &str) -> Result<Self> {
+    /// Attaches the controller at `bdf` (`DDDD:BB:DD.F`) with SPDK's PCIe driver; with
+    /// `interrupts`, asks for MSI-X completion interrupts (queue pair eventfds), and
+    /// attaches polled if SPDK cannot set them up.
+    pub fn connect(bdf: &str, interrupts: bool) -> Result<Self> {
         check_claimable(bdf)?;
         init_env()?;
         let name = format!("spdk:{bdf}");
@@ -262,18 +273,35 @@ impl SpdkController {
                 "SPDK cannot parse the PCI address",
             ));
         }
-        let mut opts = sys::spdk_nvme_ctrlr_opts::default();
-        // SAFETY: `opts` is a valid struct of the size passed.
-        unsafe {
-            sys::spdk_nvme_ctrlr_get_default_ctrlr_opts(
-                &mut opts,
-                size_of::<sys::spdk_nvme_ctrlr_opts>(),
-            )
+        let attach = |irq: bool| {
+            let mut opts = sys::spdk_nvme_ctrlr_opts::default();
+            // SAFETY: `opts` is a valid struct of the size passed.
+            unsafe {
+                sys::spdk_nvme_ctrlr_get_default_ctrlr_opts(
+                    &mut opts,
+                    size_of::<sys::spdk_nvme_ctrlr_opts>(),
+                )
+            };
+            if irq {
+                opts.enable_interrupts = true;
+                opts.num_io_queues = opts.num_io_queues.min(IRQ_IO_QUEUES);
+            }
+            // SAFETY: `trid` and `opts` are valid for the call; SPDK copies them.
+            NonNull::new(unsafe {
+                sys::spdk_nvme_connect(&trid, &opts, size_of::<sys::spdk_nvme_ctrlr_opts>())
+            })
         };
-        // SAFETY: `trid` and `opts` are valid for the call; SPDK copies them.
-        let ctrlr =
-            unsafe { sys::spdk_nvme_connect(&trid, &opts, size_of::<sys::spdk_nvme_ctrlr_opts>()) };
-        let ctrlr = NonNull::new(ctrlr).ok_or_else(|| {
+        let mut with_irq = interrupts;
+        let mut ctrlr = attach(with_irq);
+        if ctrlr.is_none() && with_irq {
+            tracing::warn!(
+                bdf,
+                "SPDK could not attach with interrupts: attaching with polled queues"
+            );
+            with_irq = false;
+            ctrlr = attach(false);
+        }
+        let ctrlr = ctrlr.ok_or_else(|| {
             backend_err(
                 &name,
                 "open",
@@ -283,8 +311,14 @@ impl SpdkController {
         Ok(SpdkController {
             bdf: bdf.to_string(),
             ctrlr,
+            interrupts: with_irq,
             admin: Mutex::new(()),
         })
+    }
+
+    /// Whether the controller's queue pairs raise interrupts.
+    pub fn interrupts(&self) -> bool {
+        self.interrupts
     }
 
     /// SPDK's controller handle, for callers that drive SPDK's API directly (raw admin
@@ -490,6 +524,8 @@ struct SpdkQueue {
     block_size: u32,
     /// A failed queue pair is reported once.
     failed_logged: bool,
+    /// The queue pair's interrupt eventfd (nonblocking), when the controller has them.
+    wake: Option<RawFd>,
     // The controller outlives the queue pair (field order; Drop frees the qpair first).
     ctrl: Arc<SpdkController>,
 }
@@ -548,6 +584,13 @@ impl SpdkQueue {
                 })
                 .collect();
         }
+        let wake = if ctrl.interrupts {
+            // SAFETY: the queue pair was just allocated; no handler options asked for.
+            let fd = unsafe { sys::spdk_nvme_qpair_get_fd(qpair.as_ptr(), null_mut()) };
+            (fd >= 0 && set_nonblocking(fd)).then_some(fd)
+        } else {
+            None
+        };
         // SAFETY: `ns` is an active namespace handle of this controller.
         let (max_transfer, block_size) = unsafe {
             (
@@ -564,6 +607,7 @@ impl SpdkQueue {
             max_transfer,
             block_size,
             failed_logged: false,
+            wake,
             ctrl: ctrl.clone(),
         })
     }
@@ -716,6 +760,19 @@ impl SpdkQueue {
             Some(s) => Err(backend_err(name, what, format!("failed with status {s:?}"))),
             None => unreachable!("loop ends with a result"),
         }
+    }
+}
+
+/// Makes `fd` (DPDK's eventfd of a queue's vector) nonblocking, so clearing it never
+/// waits; false if that fails (the queue is then polled).
+fn set_nonblocking(fd: RawFd) -> bool {
+    // SAFETY: fcntl on an fd SPDK owns and keeps open while the queue pair lives; only the
+    // O_NONBLOCK status flag changes.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        fl >= 0
+            && (fl & libc::O_NONBLOCK != 0
+                || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0)
     }
 }
 
@@ -912,7 +969,7 @@ impl Backend for SpdkBackend {
     }
     fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
         let q = SpdkQueue::open(&self.ctrl, self.ns, CHANNEL_DEPTH)?;
-        tracing::debug!(backend = %self.name, depth = q.depth, "poll group SPDK queue pair");
+        tracing::info!(backend = %self.name, depth = q.depth, interrupt_fd = ?q.wake, "poll group SPDK queue pair");
         Ok(Some(Box::new(SpdkChannel { q })))
     }
 }
@@ -949,6 +1006,34 @@ impl IoChannel for SpdkChannel {
     fn max_transfer(&self) -> usize {
         self.q.max_transfer
     }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        self.q.wake
+    }
+
+    fn clear_wake(&mut self) {
+        if let Some(fd) = self.q.wake {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into `v` from a nonblocking eventfd SPDK keeps open;
+            // EAGAIN (nothing pending) is fine.
+            let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+
+    fn ready(&mut self) -> bool {
+        if self.q.reported_pending() {
+            return true;
+        }
+        if self.q.wake.is_none() {
+            return true; // unsure without an interrupt: poll
+        }
+        // Reap what the device posted before the eventfd was cleared; completions land in
+        // the queue's `done` list for the next poll.
+        if self.q.outstanding() > 0 {
+            self.q.process(self.q.depth as usize);
+        }
+        self.q.reported_pending()
+    }
 }
 
 /// Whether two PCI addresses name the same device (`01:00.0` = `0000:01:00.0`).
@@ -964,12 +1049,21 @@ pub fn same_bdf(a: &str, b: &str) -> bool {
 // ---------------------------------------------------------------------------------------
 
 /// Attaches NVMe controllers with SPDK, one per BDF, and hands out namespace backends.
-#[derive(Default)]
 pub struct SpdkOpener {
     controllers: Mutex<HashMap<String, Arc<SpdkController>>>,
+    interrupts: bool,
 }
 
 impl SpdkOpener {
+    /// An opener whose controllers raise completion interrupts if `interrupts` (and SPDK
+    /// can set them up: `nvme_interrupts` of the configuration, as for `vfio:`).
+    pub fn new(interrupts: bool) -> Self {
+        SpdkOpener {
+            controllers: Mutex::new(HashMap::new()),
+            interrupts,
+        }
+    }
+
     /// The controllers attached so far (for stats and raw admin access).
     pub fn controllers(&self) -> Vec<(String, Arc<SpdkController>)> {
         let map = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
@@ -991,10 +1085,11 @@ impl SpdkOpener {
             match map.get(&bdf) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Arc::new(SpdkController::connect(&bdf)?);
+                    let c = Arc::new(SpdkController::connect(&bdf, self.interrupts)?);
                     let id = c.identify();
                     tracing::info!(
                         bdf = %bdf,
+                        interrupts = c.interrupts(),
                         model = %String::from_utf8_lossy(&id.mn).trim(),
                         "NVMe controller attached by SPDK"
                     );

@@ -25,6 +25,13 @@ fn require_hugepages() {
     );
 }
 
+/// The serve log line of SPDK's attach.
+fn attach_line(log: &str) -> &str {
+    log.lines()
+        .find(|l| l.contains("NVMe controller attached by SPDK"))
+        .unwrap_or_else(|| panic!("no SPDK attach in the log:\n{log}"))
+}
+
 #[test]
 fn spdk_namespace_serves_the_kernel_initiator_and_perf() {
     require_hugepages();
@@ -32,9 +39,10 @@ fn spdk_namespace_serves_the_kernel_initiator_and_perf() {
     let backend = format!("spdk:{bdf}");
     let mut serve = Serve::start("spdk-backend", PORT, &subsystem(NQN, &backend, None));
     let log = serve.log_text();
+    // nvme_interrupts is on by default: SPDK's queue pairs raise MSI-X into eventfds
     assert!(
-        log.contains("NVMe controller attached by SPDK"),
-        "no SPDK attach in the log:\n{log}"
+        attach_line(&log).contains("interrupts=true"),
+        "SPDK attached without interrupts:\n{log}"
     );
     assert!(
         log.contains("raw admin Identify through SPDK matches SPDK's controller data"),
@@ -81,6 +89,35 @@ fn spdk_namespace_serves_the_kernel_initiator_and_perf() {
         "the poll group did not put its buffer pool in SPDK DMA memory:\n{log}"
     );
     assert!(serve.child_status().is_none(), "serve died:\n{log}");
+    serve.stop();
+}
+
+#[test]
+fn spdk_namespace_with_polled_queues() {
+    require_hugepages();
+    let bdf = env("NVMF_P2P_BDF");
+    let backend = format!("spdk:{bdf}");
+    let serve = Serve::start_with(
+        "spdk-polled",
+        PORT,
+        "nvme_interrupts = false",
+        &subsystem(NQN, &backend, None),
+    );
+    let log = serve.log_text();
+    assert!(
+        attach_line(&log).contains("interrupts=false"),
+        "nvme_interrupts = false did not reach SPDK:\n{log}"
+    );
+    let host = common::serve::hostnqn();
+    let c = connect(NQN, PORT, &host);
+    assert!(
+        c.status.success(),
+        "nvme connect failed:\n{}",
+        serve.log_text()
+    );
+    let dev = blockdev_of(NQN);
+    fio_verify(&dev, "4k", 8, "4M");
+    disconnect(NQN);
     serve.stop();
 }
 

@@ -57,7 +57,7 @@ pub fn run(a: Args) -> CliResult {
     }
     let opener = Arc::new(VfioOpener::new(cfg.shadow_doorbells, cfg.nvme_interrupts));
     #[cfg(feature = "spdk")]
-    let spdk = Arc::new(crate::spdk_backend::SpdkOpener::default());
+    let spdk = Arc::new(crate::spdk_backend::SpdkOpener::new(cfg.nvme_interrupts));
     let max_io = cfg.max_io_size as usize;
     let open = {
         let opener = opener.clone();

@@ -23,11 +23,17 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(name: &str, port: u16, subsystems: &str) -> Serve {
+        Self::start_with(name, port, "", subsystems)
+    }
+
+    /// As [`Serve::start`], with `preamble` (top-level keys such as `nvme_interrupts =
+    /// false`) ahead of the tables.
+    pub fn start_with(name: &str, port: u16, preamble: &str, subsystems: &str) -> Serve {
         let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
         let sock = PathBuf::from(format!("/run/nvmf-p2p/{name}.sock"));
         let cfg = scratch.join(format!("{name}.toml"));
         let text = format!(
-            "control_socket = \"{}\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {port}\n\n{subsystems}",
+            "{preamble}\ncontrol_socket = \"{}\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {port}\n\n{subsystems}",
             sock.display(),
             env("NVMF_P2P_ADDR")
         );
