@@ -77,6 +77,17 @@ impl Spdk {
     }
 }
 
+/// Disconnects the kernel initiator from a subsystem on drop, also when a check failed:
+/// a controller left behind keeps its host NQN bound to the host id, and the kernel then
+/// refuses every other host NQN (EINVAL on /dev/nvme-fabrics) in the tests that follow.
+struct Disconnect<'a>(&'a str);
+
+impl Drop for Disconnect<'_> {
+    fn drop(&mut self) {
+        let _ = sh("nvme", &["disconnect", "-n", self.0]);
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {}\n--- stdout\n{}\n--- stderr\n{}",
@@ -153,15 +164,16 @@ fn spdk_nvme_perf(spdk: &Spdk, trid: &str, secs: u32) -> (f64, String) {
 #[test]
 fn kernel_initiator_prints_our_connect_rejections_right() {
     let nqn = "nqn.2026-12.io.nvmf-p2p:vm-connect-errors";
-    let allowed = hostnqn();
+    // fixed NQNs: `nvme gen-hostnqn` derives its UUID from the VM's DMI UUID, the same each call
+    let allowed = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000a111";
     let serve = Serve::start(
         "connect-errors",
         4439,
-        &subsystem(nqn, "ram:8MiB", Some(&allowed)),
+        &subsystem(nqn, "ram:8MiB", Some(allowed)),
     );
     let mark = dmesg_lines();
     let wrong = "nqn.2026-12.io.nvmf-p2p:no-such-subsystem";
-    let o = connect(wrong, 4439, &allowed);
+    let o = connect(wrong, 4439, allowed);
     assert!(!o.status.success(), "connect to a missing subsystem worked");
     let k = dmesg_since(mark);
     assert!(
@@ -171,17 +183,18 @@ fn kernel_initiator_prints_our_connect_rejections_right() {
         "kernel did not name the subsystem NQN field:\n{k}"
     );
     let mark = dmesg_lines();
-    let other = hostnqn();
-    let o = connect(nqn, 4439, &other);
+    let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000bad01";
+    let o = connect(nqn, 4439, other);
     assert!(!o.status.success(), "a host not on the list connected");
     let k = dmesg_since(mark);
     assert!(
-        k.contains("is not allowed") && k.contains(&other),
+        k.contains("is not allowed") && k.contains(other),
         "kernel did not report the host as not allowed:\n{k}"
     );
     // the allowed host still gets in
-    let o = connect(nqn, 4439, &allowed);
+    let o = connect(nqn, 4439, allowed);
     assert!(o.status.success(), "allowed host refused:\n{}", text(&o));
+    let _guard = Disconnect(nqn);
     let dev = blockdev_of(nqn);
     fio_verify(&dev, "4k", 8, "2M");
     disconnect(nqn);
@@ -192,7 +205,7 @@ fn kernel_initiator_prints_our_connect_rejections_right() {
         "Connect refused: no such subsystem",
         "Connect refused: host not allowed",
         wrong,
-        other.as_str(),
+        other,
     ] {
         assert!(log.contains(want), "serve log lacks '{want}':\n{log}");
     }
@@ -334,6 +347,7 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
     );
     let o = connect(nqn, port, &hostnqn());
     assert!(o.status.success(), "connect after nvme_fuzz:\n{}", text(&o));
+    let _guard = Disconnect(nqn);
     let dev = blockdev_of(nqn);
     fio_verify(&dev, "4k", 16, "4M");
     disconnect(nqn);
