@@ -76,9 +76,10 @@ pub struct TargetConfig {
     /// writes into the doorbell page bypass the shadow buffer.
     #[serde(default = "default_true")]
     pub shadow_doorbells: bool,
-    /// Poll groups' NVMe queues (`vfio:` namespaces) raise MSI-X interrupts through VFIO
-    /// eventfds, so a group with commands in the device sleeps until one completes. Off
-    /// (or no MSI-X): polled queues, the group naps while commands are in the device.
+    /// Poll groups' NVMe queues (`vfio:` and `spdk:` namespaces) raise MSI-X interrupts
+    /// through VFIO eventfds (ours, or DPDK's for SPDK's queue pairs), so a group with
+    /// commands in the device sleeps until one completes. Off (or no MSI-X): polled
+    /// queues, the group naps while commands are in the device.
     #[serde(default = "default_true")]
     pub nvme_interrupts: bool,
     /// Control socket path used by `nvmf-p2p stats` / `ctl`.
