@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::options::{Config, EngineOptions, Mode};
 use crate::sys::{self, fio_ddir, fio_q_status, io_u, thread_data};
-use crate::{local, nvmf, EINVAL, EIO, WHO};
+use crate::{direct, local, nvmf, EINVAL, EIO, WHO};
 
 /// One I/O as the backends see it.
 pub struct IoReq {
@@ -115,6 +115,13 @@ fn config(td: &mut thread_data) -> Result<Config, String> {
     unsafe { Config::from_fio(td.eo.cast::<EngineOptions>(), name.as_deref()) }
 }
 
+fn shape(td: &thread_data) -> direct::Shape {
+    direct::Shape {
+        iodepth: td.o.iodepth.clamp(1, 4096) as u16,
+        max_bs: td.o.max_bs[0].max(td.o.max_bs[1]),
+    }
+}
+
 fn fail_td(td: &mut thread_data, msg: &str) -> c_int {
     say(msg);
     td.error = EINVAL as c_int;
@@ -163,9 +170,7 @@ pub(crate) unsafe extern "C" fn setup(td: *mut thread_data) -> c_int {
         let size = match cfg.mode {
             Mode::Nvmf => nvmf::probe(&cfg, threads),
             Mode::Local => local::probe(&cfg, threads),
-            Mode::Direct => {
-                Err("mode=direct is not available in this build of the engine yet".to_string())
-            }
+            Mode::Direct => direct::probe(&cfg, shape(td), threads),
         };
         let bytes = match size {
             Ok(b) => b,
@@ -196,7 +201,7 @@ pub(crate) unsafe extern "C" fn init(td: *mut thread_data) -> c_int {
             Mode::Nvmf => nvmf::Nvmf::open(&cfg, depth).map(|b| Box::new(b) as Box<dyn Backend>),
             Mode::Local => local::Local::open(&cfg, depth).map(|b| Box::new(b) as Box<dyn Backend>),
             Mode::Direct => {
-                Err("mode=direct is not available in this build of the engine yet".into())
+                direct::Direct::open(&cfg, shape(td)).map(|b| Box::new(b) as Box<dyn Backend>)
             }
         };
         let backend = match backend {

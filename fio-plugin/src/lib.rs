@@ -11,6 +11,7 @@
 //! running fio is the version the engine was built against (its headers are bound by
 //! `build.rs` from the installed fio's source tree that `scripts/setup` prepares).
 
+mod direct;
 mod engine;
 mod local;
 mod nvmf;

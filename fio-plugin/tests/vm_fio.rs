@@ -261,3 +261,48 @@ fn local_mode_on_the_emulated_nvme() {
         "BDF not on vfio-pci",
     );
 }
+
+const DIRECT_HOST: &str = "nqn.2026-11.io.nvmf-p2p:fio-direct-host";
+
+fn direct_args(hostnqn: &str, completions: &str) -> Vec<String> {
+    vec![
+        format!("--ioengine=external:{ENGINE}"),
+        "--mode=direct".into(),
+        format!("--traddr={}", env("NVMF_P2P_ADDR")),
+        format!("--subnqn={NQN}"),
+        format!("--hostnqn={hostnqn}"),
+        format!("--completions={completions}"),
+    ]
+}
+
+#[test]
+fn direct_mode_against_our_target() {
+    let bdf = env("NVMF_P2P_BDF");
+    let sub = format!(
+        "[[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\ndirect_hosts = [\"{DIRECT_HOST}\"]\n\
+         [[subsystem.namespace]]\nbackend = \"vfio:{bdf}\"\n"
+    );
+    let serve = Serve::start("fio-direct", 4420, &sub);
+    write_verify_read(&direct_args(DIRECT_HOST, "pushed"), "direct/pushed");
+    write_verify_read(&direct_args(DIRECT_HOST, "polled"), "direct/polled");
+
+    let addr = env("NVMF_P2P_ADDR");
+    let ex = format!("{EXAMPLES}/direct-randwrite-verify.fio");
+    let r = fio(
+        &[ex],
+        &[("TRADDR", &addr), ("SUBNQN", NQN), ("HOSTNQN", DIRECT_HOST)],
+    );
+    let (rd, wr) = jobs_ok(&r, "examples/direct-randwrite-verify.fio");
+    assert_eq!(
+        (rd, wr),
+        (8 << 20, 8 << 20),
+        "the example writes and verifies 8 MiB"
+    );
+
+    refused(
+        &direct_args("nqn.2026-11.io.nvmf-p2p:not-a-direct-host", "pushed"),
+        "host not on direct_hosts",
+        "host not on direct_hosts",
+    );
+    serve.stop();
+}

@@ -544,6 +544,9 @@ pub struct DirectQueue {
     backoff: PollBackoff,
     head_sent: u16,
     unreleased: usize,
+    /// The caller owns the pool slots ([`DirectQueue::submit_in_slot`]): reads are not
+    /// copied out for the completion callback.
+    zero_copy: bool,
     /// RDMA operation counters.
     pub ops: OpCounts,
 }
@@ -650,6 +653,7 @@ impl DirectQueue {
             backoff: PollBackoff::default(),
             head_sent: 0,
             unreleased: 0,
+            zero_copy: false,
             ops: OpCounts::default(),
         };
         // Polled queues get nothing by SEND.
@@ -724,7 +728,44 @@ impl DirectQueue {
         self.submit(false, lba, &[], len, user)
     }
 
+    /// The registered data pool: base pointer, length and slot stride. Slot `cid` (at
+    /// `base + cid * stride`) is the data of command `cid`; with
+    /// [`submit_in_slot`](Self::submit_in_slot) the caller owns the slots' contents
+    /// (zero copy: e.g. fio's I/O buffers live here). Access it only by raw-pointer
+    /// copies or hand it to code that does (the NIC writes it).
+    pub fn data_pool(&self) -> (*mut u8, usize, usize) {
+        (self.data.as_ptr(), self.data.len(), self.stride)
+    }
+
+    /// Zero-copy submission: a write of the `len` bytes the caller already put in pool
+    /// slot `slot` (see [`data_pool`](Self::data_pool)), or a read whose data the
+    /// completion leaves in that slot (its callback then gets no data slice). The slot
+    /// must not be in use; it is the command's id.
+    pub fn submit_in_slot(
+        &mut self,
+        write: bool,
+        lba: u64,
+        slot: u16,
+        len: usize,
+        user: u64,
+    ) -> Result<u16> {
+        self.zero_copy = true;
+        self.submit_to(write, lba, None, len, user, Some(slot))
+    }
+
     fn submit(&mut self, write: bool, lba: u64, data: &[u8], len: usize, user: u64) -> Result<u16> {
+        self.submit_to(write, lba, Some(data), len, user, None)
+    }
+
+    fn submit_to(
+        &mut self,
+        write: bool,
+        lba: u64,
+        data: Option<&[u8]>,
+        len: usize,
+        user: u64,
+        slot: Option<u16>,
+    ) -> Result<u16> {
         let lba_size = self.desc.lba_size.get() as usize;
         if len == 0 || !len.is_multiple_of(lba_size) || len > self.stride || len > 8192 {
             return Err(lost(format!("direct I/O of {len} bytes")));
@@ -736,14 +777,30 @@ impl DirectQueue {
         {
             return Err(lost(format!("LBA {lba}+{nlb} beyond the namespace")));
         }
-        let Some(cid) = self.free.pop() else {
+        let cid = match slot {
+            None => self.free.pop(),
+            // The free list is at most the queue depth long: a scan, no allocation.
+            Some(want) => self
+                .free
+                .iter()
+                .position(|&c| c == want)
+                .map(|i| self.free.swap_remove(i)),
+        };
+        let Some(cid) = cid else {
+            if let Some(want) = slot.filter(|&w| usize::from(w) < self.capacity()) {
+                if self.slots[usize::from(want)].busy {
+                    return Err(lost(format!("direct pool slot {want} is in use")));
+                }
+            } else if slot.is_some() {
+                return Err(lost(format!("direct pool slot {slot:?} is beyond the queue")));
+            }
             return Err(Error::QueueFull {
                 qid: self.desc.qid.get(),
                 depth: self.desc.depth.get(),
             });
         };
         let off = usize::from(cid) * self.stride;
-        if write {
+        if let (true, Some(data)) = (write, data) {
             if let Err(e) = self.data.write(off, data) {
                 self.free.push(cid);
                 return Err(rdma_err("stage data")(e));
@@ -1134,6 +1191,7 @@ impl DirectQueue {
         };
         let len = s.len as usize;
         if with_data
+            && !self.zero_copy
             && self
                 .data
                 .read(usize::from(cid) * self.stride, &mut self.scratch[..len])
