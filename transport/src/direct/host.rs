@@ -792,7 +792,9 @@ impl DirectQueue {
                     return Err(lost(format!("direct pool slot {want} is in use")));
                 }
             } else if slot.is_some() {
-                return Err(lost(format!("direct pool slot {slot:?} is beyond the queue")));
+                return Err(lost(format!(
+                    "direct pool slot {slot:?} is beyond the queue"
+                )));
             }
             return Err(Error::QueueFull {
                 qid: self.desc.qid.get(),
