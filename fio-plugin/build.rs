@@ -84,7 +84,12 @@ fn main() {
         .generate_comments(false)
         .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
         .generate()
-        .unwrap_or_else(|e| panic!("bindgen failed on the fio headers in {}: {e}", src.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "bindgen failed on the fio headers in {}: {e}",
+                src.display()
+            )
+        });
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("fio.rs");
     bindings
         .write_to_file(&out)
