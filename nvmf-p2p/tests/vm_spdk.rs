@@ -257,9 +257,11 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
     )
     .unwrap();
     let plugin = spdk.fio_plugin("spdk_bdev");
+    // LD_PRELOAD through env(1): only fio may load the plugin (it needs fio's symbols)
     let o = Command::new("timeout")
-        .args(["-k5", "240", "fio"])
-        .env("LD_PRELOAD", &plugin)
+        .args(["-k5", "240", "env"])
+        .arg(format!("LD_PRELOAD={}", plugin.display()))
+        .arg("fio")
         .args([
             "--name=spdk-bdev-verify",
             "--ioengine=spdk_bdev",
