@@ -13,7 +13,8 @@
 #
 # Inputs: ../shared/vendor/{spdk-v26.05,dpdk-v25.11,isa-l-v2.24.0}.tar.xz (NVMF_P2P_VENDOR
 # overrides the directory), or NVMF_P2P_SPDK_SRC=DIR: an SPDK source tree with dpdk/ and
-# isa-l/ inside (copied, never built in place). The fio plugins need the configured fio
+# isa-l/ inside (copied, never built in place); without either, the tag v26.05 is cloned from
+# github.com/spdk/spdk with its submodules into $CACHE/spdk-git-v26.05. The fio plugins need the configured fio
 # source tree that scripts/setup prepares first (scripts/lib/fio-source.sh); without it
 # they are left out.
 #
@@ -38,6 +39,21 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 unset PYTHONPATH VIRTUAL_ENV PYENV_VERSION || true
 
 # ------------------------------------------------------------------ inputs
+# Without the vendored tarballs (a user's machine with network): the release tag from
+# SPDK's repository, with its submodules (DPDK, ISA-L), once, into the cache.
+if [ -z "${NVMF_P2P_SPDK_SRC:-}" ] && [ ! -f "$VENDOR/spdk-$VERSION.tar.xz" ]; then
+  GIT_SRC=$CACHE/spdk-git-$VERSION
+  if [ ! -f "$GIT_SRC/.nvmf-p2p-fetched" ]; then
+    command -v git >/dev/null || fail "$VENDOR/spdk-$VERSION.tar.xz is missing and git is not installed to fetch SPDK $VERSION: install git or set NVMF_P2P_SPDK_SRC=DIR"
+    log "no $VENDOR/spdk-$VERSION.tar.xz: fetching SPDK $VERSION from https://github.com/spdk/spdk (with submodules)"
+    rm -rf "$GIT_SRC"
+    git clone -q --depth 1 --branch "$VERSION" --recurse-submodules --shallow-submodules \
+        https://github.com/spdk/spdk "$GIT_SRC" >>"$CACHE/spdk-fetch.log" 2>&1 ||
+      fail "$VENDOR/spdk-$VERSION.tar.xz is missing and fetching tag $VERSION from https://github.com/spdk/spdk failed (see $CACHE/spdk-fetch.log): set NVMF_P2P_SPDK_SRC=DIR"
+    touch "$GIT_SRC/.nvmf-p2p-fetched"
+  fi
+  NVMF_P2P_SPDK_SRC=$GIT_SRC
+fi
 if [ -n "${NVMF_P2P_SPDK_SRC:-}" ]; then
   SRC=$(cd "$NVMF_P2P_SPDK_SRC" 2>/dev/null && pwd) ||
     fail "NVMF_P2P_SPDK_SRC=$NVMF_P2P_SPDK_SRC is not a directory"
