@@ -1,7 +1,8 @@
 //! `mode=nvmf`: one NVMe-oF/RDMA controller session per fio thread (admin queue + one I/O
 //! queue of `iodepth` commands) through `transport::rdma::Session`, as `nvmf-p2p perf`
 //! connects. fio's buffers are one MR on the I/O queue's protection domain; a command's
-//! keyed SGL points straight at the io_u's buffer (zero copy).
+//! keyed SGL points straight at the io_u's buffer (zero copy). `queue` stages capsules
+//! in the send ring, `commit` posts them in one chain.
 
 use std::ffi::c_uint;
 use std::sync::Mutex;
@@ -83,8 +84,12 @@ impl Nvmf {
             Some(s) => s,
             None => connect(cfg)?,
         };
-        let io = session
+        let mut io = session
             .connect_io_queue(1, depth)
+            .map_err(|e| e.to_string())?;
+        // `queue` stages capsules, `commit` posts the batch.
+        io.wire_mut()
+            .set_deferred_posts(true)
             .map_err(|e| e.to_string())?;
         if io.depth() < depth {
             return Err(format!(
@@ -197,11 +202,13 @@ impl Backend for Nvmf {
     }
 
     fn commit(&mut self) -> Result<(), String> {
-        // Each capsule is posted by `queue` (RdmaHost sends one SEND per command).
-        Ok(())
+        self.io
+            .flush()
+            .map_err(|e| format!("posting the submissions failed: {e}"))
     }
 
     fn poll(&mut self, max: usize, done: &mut dyn FnMut(u64, c_uint)) -> Result<usize, String> {
+        self.commit()?;
         let mut n = 0;
         while n < max {
             let Some(c) = self.io.poll_one() else { break };

@@ -22,6 +22,11 @@ pub trait HostWire {
     fn send_capsule(&mut self, cmd: &[u8; 64], icd: &[u8]) -> Result<()>;
     /// Takes the next response capsule.
     fn recv_response(&mut self) -> Option<Cqe>;
+    /// Puts on the wire every capsule a deferring wire has only staged (see
+    /// [`crate::rdma::RdmaHost::set_deferred_posts`]); a no-op for wires that send at once.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl HostWire for LoopbackHost {
@@ -355,6 +360,16 @@ impl<W: HostWire> InitiatorQueue<W> {
             user,
         });
         Ok(cid)
+    }
+
+    /// Mutable access to the wire (e.g. to switch deferred posting on).
+    pub fn wire_mut(&mut self) -> &mut W {
+        &mut self.wire
+    }
+
+    /// Sends what the wire has staged (one post for a batch of submissions).
+    pub fn flush(&mut self) -> Result<()> {
+        self.wire.flush()
     }
 
     /// Takes the next completion, if a response arrived.

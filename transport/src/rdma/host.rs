@@ -23,6 +23,8 @@ const KIND_SEND: u64 = 1 << 32;
 const KIND_RECV: u64 = 2 << 32;
 /// How long a submission waits for a send slot whose completion is still in flight.
 const SEND_SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// Work requests per `ibv_post_send` when posts are deferred.
+const POST_CHAIN: usize = 16;
 
 /// One host queue over RDMA.
 ///
@@ -40,6 +42,9 @@ pub struct RdmaHost {
     qid: u16,
     entries: u16,
     crqsize: u16,
+    /// Capsules staged but not posted (slot, length) while posts are deferred.
+    deferred: Vec<(u16, u32)>,
+    defer: bool,
 }
 
 impl RdmaHost {
@@ -101,6 +106,8 @@ impl RdmaHost {
             qid,
             entries,
             crqsize,
+            deferred: Vec::with_capacity(usize::from(entries)),
+            defer: false,
         };
         for i in 0..slots as u16 {
             host.post_recv(i)?;
@@ -121,6 +128,43 @@ impl RdmaHost {
     /// Registers `len` bytes the target may RDMA READ and WRITE (data buffers).
     pub fn register(&self, len: usize) -> Result<RegisteredBuffer> {
         RegisteredBuffer::new(&self.pd, len, Access::ALL).map_err(rdma_err("data buffer"))
+    }
+
+    /// With `on`, [`HostWire::send_capsule`] only stages a capsule in the send ring and
+    /// [`HostWire::flush`] posts every staged one in chains of up to [`POST_CHAIN`] work
+    /// requests — one `ibv_post_send` per batch instead of one per command (fio's
+    /// queue/commit split). Switching it off flushes first.
+    pub fn set_deferred_posts(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.post_deferred()?;
+        }
+        self.defer = on;
+        Ok(())
+    }
+
+    fn post_deferred(&mut self) -> Result<()> {
+        let mut done = 0;
+        while done < self.deferred.len() {
+            let n = (self.deferred.len() - done).min(POST_CHAIN);
+            let mut b = SendBatch::<POST_CHAIN>::new();
+            for &(slot, len) in &self.deferred[done..done + n] {
+                let sge = self
+                    .send_ring
+                    .mr()
+                    .sge(usize::from(slot) * self.send_stride, len as usize)
+                    .map_err(rdma_err("send sge"))?;
+                b.send(KIND_SEND | u64::from(slot), Some(sge), SendFlags::SIGNALED)
+                    .map_err(rdma_err("send"))?;
+            }
+            let r = self.conn.qp().post_send(&mut b);
+            if let Err(e) = r {
+                self.deferred.clear();
+                return Err(rdma_err("post send")(e));
+            }
+            done += n;
+        }
+        self.deferred.clear();
+        Ok(())
     }
 
     fn post_recv(&self, i: u16) -> Result<()> {
@@ -199,6 +243,10 @@ impl HostWire for RdmaHost {
         self.send_ring
             .write(off + 64, icd)
             .map_err(rdma_err("capsule"))?;
+        if self.defer {
+            self.deferred.push((slot, (64 + icd.len()) as u32));
+            return Ok(());
+        }
         let sge = self
             .send_ring
             .mr()
@@ -211,6 +259,10 @@ impl HostWire for RdmaHost {
             .qp()
             .post_send(&mut b)
             .map_err(rdma_err("post send"))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.post_deferred()
     }
 
     fn recv_response(&mut self) -> Option<Cqe> {
