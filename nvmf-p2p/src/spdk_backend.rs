@@ -629,7 +629,7 @@ impl SpdkQueue {
         let (ns, qp) = (self.ns.as_ptr(), self.qpair.as_ptr());
         let cb =
             Some(on_io_complete as unsafe extern "C" fn(*mut c_void, *const sys::spdk_nvme_cpl));
-        let too_big = |buf: &DmaBuffer, nlb: u32| {
+        let bad_len = |buf: &DmaBuffer, nlb: u32| {
             nlb == 0 || buf.len() != nlb as usize * self.block_size as usize
         };
         // Every SPDK call below: `ns`/`qp` are live handles used by this thread only; data
@@ -637,13 +637,13 @@ impl SpdkQueue {
         // until the completion is reported (IoChannel contract); `slot` lives as long as
         // the queue's state, which outlives the queue pair.
         let rc: c_int = match op {
-            AsyncOp::Read { slba, nlb, buf } if !too_big(buf, nlb) => {
+            AsyncOp::Read { slba, nlb, buf } if !bad_len(buf, nlb) => {
                 // SAFETY: see above.
                 unsafe {
                     sys::spdk_nvme_ns_cmd_read(ns, qp, buf.as_ptr().cast(), slba, nlb, cb, slot, 0)
                 }
             }
-            AsyncOp::Write { slba, nlb, buf } if !too_big(buf, nlb) => {
+            AsyncOp::Write { slba, nlb, buf } if !bad_len(buf, nlb) => {
                 // SAFETY: see above.
                 unsafe {
                     sys::spdk_nvme_ns_cmd_write(ns, qp, buf.as_ptr().cast(), slba, nlb, cb, slot, 0)
@@ -706,16 +706,15 @@ impl SpdkQueue {
         while n < max {
             // SAFETY: our state, outside any callback; the reference ends before `done`
             // runs (which never reaches this queue).
-            let Some((idx, status, tag)) = (unsafe {
+            let Some((status, tag)) = (unsafe {
                 let s = &mut *st;
                 s.done.pop().map(|(idx, status)| {
-                    s.free.push(idx);
-                    (idx, status, s.slots[idx as usize].tag)
+                    s.free.push(idx); // the slot is free once reported
+                    (status, s.slots[idx as usize].tag)
                 })
             }) else {
                 break;
             };
-            let _ = idx; // back on the free list above
             done(tag, status);
             n += 1;
         }
