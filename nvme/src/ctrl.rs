@@ -982,7 +982,7 @@ impl Controller {
             }
         }
         tracing::warn!(controller = %self.shared.name, qid = qp.qid(), cid, "command not recovered by Abort; resetting the controller");
-        self.reset()?;
+        self.shared.reset(false)?;
         qp.poll(usize::MAX, &mut f);
         Ok(Recovery::Reset)
     }
@@ -990,17 +990,18 @@ impl Controller {
     /// Controller reset (CC.EN 1 → 0 → 1): re-run the enable sequence, Set Features, shadow
     /// doorbells and CMB, then recreate every live I/O queue pair. Outstanding commands
     /// complete with [`spec::Status::ABORTED_SQ_DELETED`] on the owners' next poll. Queue
-    /// pairs must not be used by other threads while this runs.
+    /// pairs must not be used by other threads while this runs (the target holds its poll
+    /// groups' I/O around it: `transport::target::Target::hold_backend_io`); the
+    /// generation ([`Controller::generation`]) changes before any queue is re-created.
     pub fn reset(&self) -> Result<()> {
-        self.shared.reset()
+        self.shared.reset(false)
     }
 
     /// Device-level reset (FLR through `VFIO_DEVICE_RESET` or the simulator's equivalent),
     /// then a controller reset as in [`reset`](Self::reset). Exported dma-bufs are revoked
     /// during the FLR and usable again afterwards.
     pub fn reset_device(&self) -> Result<()> {
-        self.shared.platform.device_reset()?;
-        self.shared.reset()
+        self.shared.reset(true)
     }
 }
 
@@ -1203,10 +1204,21 @@ impl Shared {
         })
     }
 
-    fn reset(&self) -> Result<()> {
+    /// Controller reset, after a function-level reset of the device with `flr`; under
+    /// the admin lock throughout, so no admin command (queue creation or deletion of
+    /// another thread) runs into the middle of it.
+    fn reset(&self, flr: bool) -> Result<()> {
         let mut a = lock(&self.admin);
         let t = self.opts.admin_timeout;
+        // The new generation is published before any queue is re-created: whoever looks
+        // at a queue from now on (see IoQueuePair::sync_generation, RawQueuePair::
+        // generation) takes it as empty, never as the old queue with its old tail — which,
+        // rung into the new one, would make the controller run stale entries.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let r = (|| {
+            if flr {
+                self.platform.device_reset()?;
+            }
             enable(&self.regs, self.cap, &self.name, &mut a)?;
             let granted = set_num_queues(
                 &self.regs,
@@ -1234,7 +1246,6 @@ impl Shared {
             }
             Ok(())
         })();
-        self.generation.fetch_add(1, Ordering::AcqRel);
         r
     }
 

@@ -47,6 +47,27 @@ impl CompletionChannel {
         self.ch.as_ptr()
     }
 
+    /// Reads and acknowledges one CQ event, if one is pending; returns whether there was
+    /// one. An armed CQ raises one event, so after poll(2) said the fd is readable this is
+    /// one `read` — [`drain_events`](Self::drain_events) pays a second that finds nothing.
+    pub fn take_event(&self) -> Result<bool> {
+        let mut cq: *mut sys::ibv_cq = std::ptr::null_mut();
+        let mut cq_ctx: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: live channel with a non-blocking fd; out-pointers are valid.
+        let ret = unsafe { sys::ibv_get_cq_event(self.as_raw(), &mut cq, &mut cq_ctx) };
+        if ret != 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) | None => Ok(false),
+                Some(e) => Err(from_errno("ibv_get_cq_event", e)),
+            };
+        }
+        // SAFETY: `cq` was just returned by ibv_get_cq_event and is alive (a CQ on this
+        // channel holds an Arc to it, and a CQ is destroyed only after its events are acked).
+        unsafe { sys::ibv_ack_cq_events(cq, 1) };
+        Ok(true)
+    }
+
     /// Reads and acknowledges every pending CQ event; returns how many there were.
     /// Never blocks. The CQs must be re-armed before the next sleep.
     pub fn drain_events(&self) -> Result<usize> {

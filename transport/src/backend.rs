@@ -145,6 +145,41 @@ pub trait IoChannel: Send {
     fn ready(&mut self) -> bool {
         true
     }
+    /// Looks for a command outstanding longer than the channel's timeout and for a dead
+    /// device (NVMe: CSTS.CFS, or registers reading all ones). The poll group calls it
+    /// every [`HEALTH_CHECK_PERIOD`] while commands are in flight and hands a fault to
+    /// the target's recovery ([`Target::set_recovery`](crate::target::Target::set_recovery)),
+    /// which resets the device with every poll group's I/O held.
+    fn check_health(&mut self) -> Option<Fault> {
+        None
+    }
+}
+
+/// How often a poll group asks its busy channels [`IoChannel::check_health`].
+pub const HEALTH_CHECK_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What [`IoChannel::check_health`] found: the device needs a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A command has been outstanding longer than the channel's timeout.
+    Timeout {
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// The controller reports a fatal status (NVMe CSTS.CFS).
+    ControllerFatal,
+    /// The device is gone (its registers read all ones).
+    DeviceGone,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Timeout { after } => write!(f, "a command took longer than {after:?}"),
+            Fault::ControllerFatal => f.write_str("controller fatal status (CSTS.CFS)"),
+            Fault::DeviceGone => f.write_str("device gone (registers read all ones)"),
+        }
+    }
 }
 
 /// Checks that `nlb` blocks at `slba` fit in `backend` and that a buffer has the right size.

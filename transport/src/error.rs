@@ -131,4 +131,13 @@ pub enum Error {
         /// Why it is malformed.
         reason: String,
     },
+    /// Poll groups did not answer a request to hold their backend I/O (a device reset
+    /// was not started).
+    #[error("{groups} poll group(s) did not hold their backend I/O within {waited:?}: the device was not reset; retry, or restart the target if it persists")]
+    Quiesce {
+        /// Groups that did not answer.
+        groups: usize,
+        /// How long the request waited.
+        waited: std::time::Duration,
+    },
 }

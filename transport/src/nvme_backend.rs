@@ -18,11 +18,15 @@ use std::time::Duration;
 use nvme::spec::{Sqe, Status};
 use nvme::{Controller, DmaBuffer, IoQueuePair, QueueOptions};
 
-use crate::backend::{check_range, AsyncOp, Backend, IoChannel, SubmitError};
+use crate::backend::{check_range, AsyncOp, Backend, Fault, IoChannel, SubmitError};
 use crate::error::{Error, Result};
 
 /// Timeout of one synchronous command.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default timeout of a poll group's asynchronous commands (Linux nvme's io_timeout);
+/// a command older than that makes the group ask for a device reset.
+pub const ASYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Entries of a poll group's queue pair (capped by the controller's CAP.MQES). Read and
 /// Write each hold a pool buffer, so a group rarely has more in flight than its pool has
@@ -70,6 +74,8 @@ pub struct NvmeBackend {
     io: Mutex<SyncIo>,
     /// Poll groups' queue pairs raise interrupts (when the controller has vectors).
     interrupts: bool,
+    /// Timeout of the poll groups' asynchronous commands.
+    timeout: Duration,
     // The controller outlives its queue pairs (field order: `io` drops first).
     dev: Arc<dyn NvmeController>,
 }
@@ -116,6 +122,7 @@ impl NvmeBackend {
             blocks: ns.blocks,
             io: Mutex::new(SyncIo { qp, bounce }),
             interrupts: true,
+            timeout: ASYNC_TIMEOUT,
             dev,
         })
     }
@@ -125,6 +132,13 @@ impl NvmeBackend {
     /// sleeps on their eventfds instead of napping. Off: polled queues.
     pub fn with_interrupts(mut self, on: bool) -> Self {
         self.interrupts = on;
+        self
+    }
+
+    /// How long a poll group's asynchronous command may stay in the device before the
+    /// group reports [`Fault::Timeout`] (default [`ASYNC_TIMEOUT`]).
+    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
         self
     }
 
@@ -263,8 +277,10 @@ impl Backend for NvmeBackend {
             nsid: self.nsid,
             pending: Vec::with_capacity(depth),
             failed: Vec::with_capacity(depth),
+            timeout: self.timeout,
+            fault_generation: None,
             qp,
-            _dev: self.dev.clone(),
+            dev: self.dev.clone(),
         })))
     }
 }
@@ -283,9 +299,13 @@ struct NvmeChannel {
     pending: Vec<Pending>,
     /// Refused by the driver at flush; reported by the next poll.
     failed: Vec<(u64, Status)>,
+    timeout: Duration,
+    /// Controller generation in which a dead controller was last reported (once per
+    /// generation: a reset makes a new one).
+    fault_generation: Option<u64>,
     qp: IoQueuePair,
     // The controller outlives the queue pair (field order).
-    _dev: Arc<dyn NvmeController>,
+    dev: Arc<dyn NvmeController>,
 }
 
 fn nlb0(nlb: u32) -> std::result::Result<u16, SubmitError> {
@@ -377,5 +397,27 @@ impl IoChannel for NvmeChannel {
     fn ready(&mut self) -> bool {
         // Refused submissions are reported by the next poll.
         !self.failed.is_empty() || !self.pending.is_empty() || self.qp.completion_ready()
+    }
+
+    fn check_health(&mut self) -> Option<Fault> {
+        let ctrl = self.dev.controller();
+        let generation = ctrl.generation();
+        if self.fault_generation != Some(generation) {
+            let fault = match ctrl.check_health() {
+                Err(nvme::Error::ControllerFatal { .. }) => Some(Fault::ControllerFatal),
+                Err(nvme::Error::DeviceGone { .. }) => Some(Fault::DeviceGone),
+                _ => None,
+            };
+            if fault.is_some() {
+                self.fault_generation = Some(generation);
+                return fault;
+            }
+        }
+        // Each command is reported once.
+        self.qp
+            .check_timeouts(self.timeout)
+            .map(|_| Fault::Timeout {
+                after: self.timeout,
+            })
     }
 }

@@ -64,6 +64,12 @@ pub trait Qpair {
     /// Sends a response capsule; `invalidate` asks the host's key to be invalidated
     /// (RDMA SEND with invalidate).
     fn send_response(&mut self, cqe: &Cqe, invalidate: Option<u32>) -> Result<(), Busy>;
+    /// Hands what [`Qpair::post_read`], [`Qpair::post_write`] and
+    /// [`Qpair::send_response`] queued since the last call to the wire. A transport may
+    /// hold them until here to post them together (RDMA: one `ibv_post_send` chain, so a
+    /// read's data WRITE and its response SEND cost one system call on soft-RoCE); the
+    /// poll group calls it after every pass over a queue.
+    fn flush(&mut self) {}
     /// Whether the connection is still up.
     fn is_connected(&self) -> bool;
     /// Starts tearing the connection down (QP to error; posted transfers get flushed).

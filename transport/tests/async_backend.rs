@@ -14,10 +14,11 @@ use fake::{FakeBackend, FakeDev};
 use nvme::sim::{SimConfig, Simulator};
 use nvme::spec::{DsmRange, Status};
 use nvme::{Controller, ControllerOptions};
-use transport::backend::Backend;
+use transport::backend::{Backend, Fault};
 use transport::fabrics::SglDescriptor;
 use transport::initiator::cmd;
 use transport::nvme_backend::NvmeBackend;
+use transport::target::Target;
 use zerocopy::IntoBytes;
 
 fn fake_rig(depth: usize) -> (Rig, Arc<FakeDev>) {
@@ -376,4 +377,169 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
         assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Idle);
         assert!(sim.interrupts_raised() >= 1);
     }
+}
+
+/// The NVMe backend on the simulator, with the controller kept for resets.
+fn sim_rig(timeout: Option<Duration>) -> (Rig, Simulator, Arc<Controller>) {
+    let sim = Simulator::start(SimConfig {
+        blocks: 1024,
+        block_size: 4096,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let ctrl = Arc::new(Controller::new(sim.platform(), ControllerOptions::default()).unwrap());
+    let mut backend = NvmeBackend::open(ctrl.clone(), "sim:1".into(), 1, 128 * 1024).unwrap();
+    if let Some(t) = timeout {
+        backend = backend.with_command_timeout(t);
+    }
+    let rig = Rig::with_backend(&config(""), Arc::new(backend));
+    assert_eq!(rig.group.channel_count(), 1);
+    (rig, sim, ctrl)
+}
+
+#[test]
+fn device_resets_with_io_held_lose_no_command() {
+    let (mut rig, sim, ctrl) = sim_rig(None);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let region = io.wire().register(16 * 4096);
+    // Another thread resets the device five times while the group keeps 16 writes in
+    // flight: each reset waits for the group to hold, so no command is in the device.
+    let target = rig.target.clone();
+    let resets = {
+        let ctrl = ctrl.clone();
+        std::thread::spawn(move || {
+            let mut left = 0;
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(30));
+                let held = target.hold_backend_io(Duration::from_secs(5)).unwrap();
+                assert_eq!(held.groups(), 1);
+                left += held.left_in_device();
+                ctrl.reset_device().unwrap();
+            }
+            left
+        })
+    };
+    let mut rounds = 0u64;
+    while !resets.is_finished() || rounds < 3 {
+        for i in 0..16u64 {
+            let p = pattern(4096, (rounds * 16 + i) as u8);
+            io.wire().write_region(region, i as usize * 4096, &p);
+            let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
+            io.submit(cmd::write(1, i, 1, d), &[], 0).unwrap();
+        }
+        let cs = collect(&mut rig, &mut io, 16);
+        for c in &cs {
+            assert_eq!(c.status(), Status::SUCCESS, "round {rounds}");
+        }
+        for i in 0..16u64 {
+            let want = pattern(4096, (rounds * 16 + i) as u8);
+            assert_eq!(sim.namespace_bytes(i as usize * 4096, 4096), want);
+        }
+        rounds += 1;
+    }
+    assert_eq!(resets.join().unwrap(), 0, "commands left in the device");
+    assert_eq!(ctrl.generation(), 5);
+    assert!(
+        !rig.group.backend_io_held(),
+        "released after the guard dropped"
+    );
+}
+
+/// Sets a recovery hook that holds I/O, resets the device and reports the fault.
+fn recovery(rig: &Rig, ctrl: &Arc<Controller>) -> std::sync::mpsc::Receiver<Fault> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ctrl = ctrl.clone();
+    let tx = std::sync::Mutex::new(tx);
+    rig.target.set_recovery(Arc::new(
+        move |target: &Target, _b: &Arc<dyn Backend>, fault| {
+            let held = target.hold_backend_io(Duration::from_millis(200)).unwrap();
+            assert_eq!(
+                held.left_in_device(),
+                1,
+                "the stuck command stays in the device"
+            );
+            ctrl.reset_device().unwrap();
+            drop(held);
+            tx.lock().unwrap().send(fault).unwrap();
+        },
+    ));
+    rx
+}
+
+/// One read the device never completes by itself, then what the host gets back.
+fn stuck_read(rig: &mut Rig, sim: &Simulator, io: &mut HostQ) -> transport::initiator::Completion {
+    sim.faults().stall_next_io(1);
+    let region = io.wire().register(4096);
+    let d = SglDescriptor::keyed(region.addr, 4096, region.key, false);
+    io.submit(cmd::read(1, 7, 1, d), &[], 0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.group.backend_in_flight() == 0 {
+        rig.group.poll();
+        assert!(
+            Instant::now() < deadline,
+            "the read never reached the device"
+        );
+    }
+    collect(rig, io, 1).remove(0)
+}
+
+#[test]
+fn a_fatal_controller_is_reset_and_the_host_may_retry() {
+    let (mut rig, sim, ctrl) = sim_rig(None);
+    let faults = recovery(&rig, &ctrl);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let t0 = Instant::now();
+    let sim2 = &sim;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            sim2.faults().set_fatal();
+        });
+        let c = stuck_read(&mut rig, &sim, &mut io);
+        assert!(
+            c.status().same_code(Status::ABORTED_SQ_DELETED),
+            "{}",
+            c.status()
+        );
+        assert!(!c.status().dnr(), "an abort by a reset must stay retryable");
+    });
+    assert_eq!(
+        faults.recv_timeout(Duration::from_secs(5)).unwrap(),
+        Fault::ControllerFatal
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(ctrl.generation(), 1);
+    // The device works again.
+    let region = io.wire().register(4096);
+    io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
+        .unwrap();
+    assert_eq!(collect(&mut rig, &mut io, 1)[0].status(), Status::SUCCESS);
+}
+
+#[test]
+fn a_command_timeout_resets_the_device() {
+    let timeout = Duration::from_millis(200);
+    let (mut rig, sim, ctrl) = sim_rig(Some(timeout));
+    let faults = recovery(&rig, &ctrl);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let t0 = Instant::now();
+    let c = stuck_read(&mut rig, &sim, &mut io);
+    assert!(
+        c.status().same_code(Status::ABORTED_SQ_DELETED),
+        "{}",
+        c.status()
+    );
+    assert!(t0.elapsed() >= timeout, "reset before the timeout");
+    assert_eq!(
+        faults.recv_timeout(Duration::from_secs(5)).unwrap(),
+        Fault::Timeout { after: timeout }
+    );
+    assert_eq!(ctrl.generation(), 1);
+    let region = io.wire().register(4096);
+    io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
+        .unwrap();
+    assert_eq!(collect(&mut rig, &mut io, 1)[0].status(), Status::SUCCESS);
 }

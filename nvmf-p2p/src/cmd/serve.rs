@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use transport::config::{BackendSpec, TargetConfig};
@@ -118,23 +119,24 @@ pub fn run(a: Args) -> CliResult {
                 Ok(super::direct::with_report(report, direct.as_deref()))
             }
             Request::ResetDevice => {
-                let devs = opener.devices();
-                if devs.is_empty() {
-                    return Err("no vfio: namespace in this target: nothing to reset".into());
-                }
-                // Direct queues go first (their hosts re-attach after the reset).
-                let _quiesced = super::direct::Quiesced::new(direct.as_deref());
-                let mut done = Vec::new();
-                for (bdf, dev) in devs {
-                    dev.controller()
-                        .reset_device()
-                        .map_err(|e| format!("reset of {bdf} failed: {e}"))?;
-                    done.push(bdf);
-                }
+                let done = reset_devices(&target, &opener, direct.as_deref())?;
                 Ok(json!({ "reset": done }))
             }
         })
     };
+    {
+        // A poll group that sees a command time out or the controller go fatal asks for
+        // the same reset (on a thread of its own).
+        let opener = opener.clone();
+        let direct = direct.as_ref().map(Arc::downgrade);
+        target.set_recovery(Arc::new(move |target, backend, fault| {
+            let direct = direct.as_ref().and_then(|d| d.upgrade());
+            match reset_devices(target, &opener, direct.as_deref()) {
+                Ok(done) => tracing::warn!(backend = %backend.describe(), %fault, reset = ?done, "device reset after a fault"),
+                Err(e) => tracing::error!(backend = %backend.describe(), %fault, error = %e, "device reset after a fault failed"),
+            }
+        }));
+    }
     // The control socket opens once the listeners are bound: whoever waits for it (the
     // demo, tests, an operator's script) can connect right away.
     let mut control = None;
@@ -193,4 +195,41 @@ fn stats(target: &Target) -> serde_json::Value {
         .collect();
     let controllers = serde_json::to_value(target.controller_stats()).unwrap_or_default();
     json!({ "subsystems": subsystems, "controllers": controllers })
+}
+
+/// How long a device reset waits for the commands in the poll groups' channels to
+/// complete before it resets the device under them (they complete aborted, retryable).
+const RESET_DRAIN: Duration = Duration::from_secs(2);
+
+/// Resets every `vfio:` controller with all its users held: direct queues dropped (their
+/// hosts re-attach after it), every poll group's backend I/O held (new commands wait;
+/// those in the device get [`RESET_DRAIN`] to complete); both resume when this returns.
+/// `ctl reset-device` and the fault recovery both come here.
+fn reset_devices(
+    target: &Target,
+    opener: &VfioOpener,
+    direct: Option<&transport::direct::target::DirectService>,
+) -> Result<Vec<String>, String> {
+    let devs = opener.devices();
+    if devs.is_empty() {
+        return Err("no vfio: namespace in this target: nothing to reset".into());
+    }
+    // Drop order: the poll groups go on first, then direct attaches are allowed again.
+    let _direct = super::direct::Quiesced::new(direct);
+    let held = target
+        .hold_backend_io(RESET_DRAIN)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        groups = held.groups(),
+        left_in_device = held.left_in_device(),
+        "poll groups hold their backend I/O: resetting"
+    );
+    let mut done = Vec::new();
+    for (bdf, dev) in devs {
+        dev.controller()
+            .reset_device()
+            .map_err(|e| format!("reset of {bdf} failed: {e}"))?;
+        done.push(bdf);
+    }
+    Ok(done)
 }

@@ -38,8 +38,8 @@ use rdma::{
 use zerocopy::IntoBytes;
 
 pub use host::RdmaHost;
-pub use session::{hostid_of, keyed, Namespace, Session, SessionOptions, DEFAULT_HOSTNQN};
 pub use serve::{serve, serve_with, ServeOptions};
+pub use session::{hostid_of, keyed, Namespace, Session, SessionOptions, DEFAULT_HOSTNQN};
 
 use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject};
@@ -187,6 +187,7 @@ impl Transport for RdmaTransport {
             srq_depth: self.srq_depth,
             srq: None,
             qpn_slot: HashMap::new(),
+            armed: std::cell::Cell::new(false),
         })
     }
 }
@@ -195,6 +196,14 @@ const KIND_RECV: u64 = 1;
 const KIND_READ: u64 = 2;
 const KIND_WRITE: u64 = 3;
 const KIND_SEND: u64 = 4;
+/// A response SEND chained behind an unsignaled data WRITE (tag = the WRITE's): the
+/// WRITE completed before it (one RC send queue completes in order), so its completion
+/// also reports that transfer.
+const KIND_SEND_AFTER_WRITE: u64 = 5;
+/// The unsignaled WRITE of such a chain: it reports only if it fails.
+const KIND_WRITE_CHAINED: u64 = 6;
+/// Work requests per `ibv_post_send` call of [`RdmaQpair`]'s flush.
+const POST_CHAIN: usize = 16;
 /// Slot number marking receives posted to the poll group's SRQ (the QP is found by number).
 const SRQ_SLOT: u16 = u16::MAX;
 /// Default SRQ depth per poll group (SPDK uses 4096; the Linux target has SRQ off).
@@ -274,6 +283,9 @@ pub struct RdmaPollGroup {
     srq_depth: u32,
     srq: Option<Arc<RecvRing>>,
     qpn_slot: HashMap<u32, u16>,
+    /// The CQ is armed and its event not yet read from the channel: arming again would
+    /// be a wasted `ibv_req_notify_cq` system call.
+    armed: std::cell::Cell<bool>,
 }
 
 impl RdmaPollGroup {
@@ -282,12 +294,28 @@ impl RdmaPollGroup {
         self.chan.fd()
     }
 
-    /// Arms the CQ for one wake-up, then acknowledges pending channel events.
-    pub fn arm(&self) -> Result<()> {
-        self.chan
-            .drain_events()
-            .map_err(rdma_err("drain CQ events"))?;
-        self.cq.arm(false).map_err(rdma_err("arm CQ"))
+    /// Arms the CQ for one wake-up unless it still is (its event not yet taken by
+    /// [`RdmaPollGroup::woken`]). Returns whether it armed now: then the caller polls
+    /// once more before sleeping (a completion between its last poll and the arm raises
+    /// no event); an arm still pending fires on any completion since it was set.
+    pub fn arm(&self) -> Result<bool> {
+        if self.armed.get() {
+            return Ok(false);
+        }
+        self.cq.arm(false).map_err(rdma_err("arm CQ"))?;
+        self.armed.set(true);
+        Ok(true)
+    }
+
+    /// After a sleep in which [`RdmaPollGroup::wake_fd`] became readable: reads and
+    /// acknowledges the channel's events (the CQ must be armed again). Called only then,
+    /// so no sleep pays a `read` that finds nothing.
+    pub fn woken(&self) -> Result<()> {
+        // One CQ on the channel, armed once: at most one event.
+        if self.chan.take_event().map_err(rdma_err("CQ event"))? {
+            self.armed.set(false);
+        }
+        Ok(())
     }
 
     fn dispatch(&mut self, wc: &WorkCompletion) {
@@ -316,6 +344,10 @@ impl RdmaPollGroup {
                 st.transfers.push_back(TransferDone { tag, ok });
             }
             KIND_SEND => st.sq_used = st.sq_used.saturating_sub(1),
+            KIND_SEND_AFTER_WRITE => {
+                st.sq_used = st.sq_used.saturating_sub(2);
+                st.transfers.push_back(TransferDone { tag, ok });
+            }
             _ => {}
         }
     }
@@ -465,6 +497,7 @@ impl WirePollGroup for RdmaPollGroup {
             gen,
             slot: slot16,
             sq_max,
+            pending: Vec::with_capacity(sq_max as usize),
         };
         if qp.ring.srq.is_none() {
             for idx in 0..entries {
@@ -502,6 +535,27 @@ pub struct RdmaQpair {
     gen: u16,
     slot: u16,
     sq_max: u32,
+    /// Work requests queued since the last [`Qpair::flush`] (capacity `sq_max`: never
+    /// grows).
+    pending: Vec<PendingWr>,
+}
+
+/// A send-queue work request held until [`Qpair::flush`] posts the chain.
+#[derive(Clone, Copy)]
+enum PendingWr {
+    /// RDMA READ or WRITE; `signaled` is false for a WRITE whose response SEND follows.
+    Transfer {
+        kind: u64,
+        tag: u16,
+        sge: Sge,
+        remote: RemoteAddr,
+        signaled: bool,
+    },
+    /// A response (inline); `after_write` is the tag of the WRITE chained before it.
+    Send {
+        after_write: Option<u16>,
+        cqe: [u8; 16],
+    },
 }
 
 impl RdmaQpair {
@@ -542,23 +596,71 @@ impl RdmaQpair {
             st.transfers.push_back(TransferDone { tag, ok: false });
             return Ok(());
         };
-        let id = wr_id(self.gen, self.slot, kind, tag);
-        let r = RemoteAddr {
-            addr: remote.addr,
-            rkey: remote.key,
-        };
-        let mut batch = SendBatch::<1>::new();
-        let built = if kind == KIND_READ {
-            batch.read(id, sge, r, SendFlags::SIGNALED).map(|_| ())
-        } else {
-            batch.write(id, sge, r, SendFlags::SIGNALED).map(|_| ())
-        };
-        match built.and_then(|_| self.conn.qp().post_send(&mut batch)) {
-            Ok(()) => st.sq_used += 1,
-            Err(e) => {
-                tracing::debug!(error = %e, "post transfer");
-                st.error = true;
-                st.transfers.push_back(TransferDone { tag, ok: false });
+        st.sq_used += 1;
+        self.pending.push(PendingWr::Transfer {
+            kind,
+            tag,
+            sge,
+            remote: RemoteAddr {
+                addr: remote.addr,
+                rkey: remote.key,
+            },
+            signaled: true,
+        });
+        Ok(())
+    }
+
+    /// Posts `self.pending[from..]` as chains of up to [`POST_CHAIN`] WRs; returns the
+    /// index of the first WR not posted and the error, if a post failed.
+    fn post_pending(&self, from: usize) -> std::result::Result<(), (usize, rdma::Error)> {
+        let mut i = from;
+        while i < self.pending.len() {
+            let start = i;
+            let mut batch = SendBatch::<POST_CHAIN>::new();
+            while i < self.pending.len() && batch.len() < POST_CHAIN {
+                let built = match &self.pending[i] {
+                    PendingWr::Transfer {
+                        kind,
+                        tag,
+                        sge,
+                        remote,
+                        signaled,
+                    } => {
+                        let flags = if *signaled {
+                            SendFlags::SIGNALED
+                        } else {
+                            SendFlags::NONE
+                        };
+                        let (kind, k) = match (*kind, *signaled) {
+                            (KIND_WRITE, false) => (KIND_WRITE_CHAINED, KIND_WRITE),
+                            (k, _) => (k, k),
+                        };
+                        let id = wr_id(self.gen, self.slot, kind, *tag);
+                        if k == KIND_READ {
+                            batch.read(id, *sge, *remote, flags).map(|_| ())
+                        } else {
+                            batch.write(id, *sge, *remote, flags).map(|_| ())
+                        }
+                    }
+                    PendingWr::Send { after_write, cqe } => {
+                        let id = match after_write {
+                            Some(t) => wr_id(self.gen, self.slot, KIND_SEND_AFTER_WRITE, *t),
+                            None => wr_id(self.gen, self.slot, KIND_SEND, 0),
+                        };
+                        batch.send_inline(id, cqe, SendFlags::SIGNALED).map(|_| ())
+                    }
+                };
+                if let Err(e) = built {
+                    return Err((i, e));
+                }
+                i += 1;
+            }
+            if let Err(e) = self.conn.qp().post_send(&mut batch) {
+                let index = match &e {
+                    rdma::Error::Post { index, .. } => *index,
+                    _ => 0,
+                };
+                return Err((start + index, e));
             }
         }
         Ok(())
@@ -612,21 +714,55 @@ impl Qpair for RdmaQpair {
         if st.sq_used >= self.sq_max {
             return Err(Busy);
         }
-        let bytes = cqe.as_bytes();
-        let mut batch = SendBatch::<1>::new();
-        let id = wr_id(self.gen, self.slot, KIND_SEND, 0);
-        match batch
-            .send_inline(id, bytes, SendFlags::SIGNALED)
-            .map(|_| ())
-            .and_then(|_| self.conn.qp().post_send(&mut batch))
-        {
-            Ok(()) => st.sq_used += 1,
-            Err(e) => {
-                tracing::debug!(error = %e, "post send");
-                st.error = true;
+        st.sq_used += 1;
+        // Right behind a data WRITE (a read's result), the SEND reports both: the WRITE
+        // needs no completion of its own (one CQE, and one chain per read).
+        let after_write = match self.pending.last_mut() {
+            Some(PendingWr::Transfer {
+                kind: KIND_WRITE,
+                tag,
+                signaled,
+                ..
+            }) if *signaled => {
+                *signaled = false;
+                Some(*tag)
+            }
+            _ => None,
+        };
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(cqe.as_bytes());
+        self.pending.push(PendingWr::Send {
+            after_write,
+            cqe: bytes,
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Err((bad, e)) = self.post_pending(0) {
+            tracing::debug!(error = %e, "post send chain");
+            let mut st = lock(&self.state);
+            st.error = true;
+            // WRs from `bad` on were not posted: report their transfers as failed (a
+            // chained WRITE that went out without its SEND has no completion either).
+            for (i, wr) in self.pending.iter().enumerate().skip(bad) {
+                st.sq_used = st.sq_used.saturating_sub(1);
+                match *wr {
+                    PendingWr::Transfer { tag, .. } => {
+                        st.transfers.push_back(TransferDone { tag, ok: false })
+                    }
+                    PendingWr::Send {
+                        after_write: Some(tag),
+                        ..
+                    } if i == bad => st.transfers.push_back(TransferDone { tag, ok: false }),
+                    PendingWr::Send { .. } => {}
+                }
             }
         }
-        Ok(())
+        self.pending.clear();
     }
 
     fn is_connected(&self) -> bool {

@@ -1,20 +1,20 @@
 //! `serve`: the target on RDMA, one poll group per configured core.
 //!
-//! The calling thread owns the transport (RDMA CM) and poll group 0; groups 1.. run on
-//! their own threads and receive new connections round-robin over a channel. Every group
-//! busy-polls while work flows and, after `idle_spell` without work, arms its CQ and
-//! sleeps in poll(2) on the CQ channel (and, for group 0, the CM channel) for at most
-//! `max_sleep` — so an idle target costs no CPU. With commands in an NVMe backend whose
-//! queues raise interrupts, the sleep also waits on their eventfds (woken by the
-//! completion); with polled queues it is a short nap instead.
+//! Every poll group runs on a thread of its own; the calling thread owns the transport
+//! and waits for RDMA CM events (connect requests, disconnects) in poll(2) — a poll group
+//! never pays a system call to look for them — and hands each connect request to a group
+//! round-robin through the group's mailbox (an eventfd wakes a sleeping group). Every
+//! group busy-polls while work flows and, after `idle_spell` without work, arms its CQ
+//! and sleeps in poll(2) on the CQ channel and its mailbox for at most `max_sleep` — so
+//! an idle target costs no CPU. With commands in an NVMe backend whose queues raise
+//! interrupts, the sleep also waits on their eventfds (woken by the completion); with
+//! polled queues it is a short nap instead.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{unbounded, Receiver, Sender};
-
-use super::{RdmaIncoming, RdmaTransport};
+use super::RdmaTransport;
 use crate::config::TargetConfig;
 use crate::error::Result;
 use crate::target::{BackendWait, PollGroup, Target};
@@ -28,8 +28,9 @@ const BACKEND_NAP_MAX: Duration = Duration::from_millis(1);
 /// Most backend wake fds (NVMe interrupt eventfds) one group sleeps on; with more, it naps.
 const MAX_BACKEND_FDS: usize = 8;
 
-/// How often a busy group 0 looks for RDMA CM events.
-const CM_POLL_PERIOD: Duration = Duration::from_millis(1);
+/// Longest wait of the RDMA CM thread for an event: how late it sees the stop flag (each
+/// timeout wake-up costs CPU on an idle target).
+const CM_WAIT: Duration = Duration::from_millis(500);
 
 /// Tuning of the serve loop.
 #[derive(Clone, Copy, Debug)]
@@ -84,63 +85,55 @@ pub fn serve_with(
         .map(|l| SocketAddr::new(l.address, l.port))
         .collect();
     let mut transport = RdmaTransport::listen(&addrs)?;
-    let groups = cfg.cores.len().max(1);
-    let mut others = Vec::new();
-    for _ in 1..groups {
-        others.push(target.create_poll_group(&mut transport)?);
+    let mut groups = Vec::new();
+    for _ in 0..cfg.cores.len().max(1) {
+        groups.push(target.create_poll_group(&mut transport)?);
     }
-    let mut group0 = target.create_poll_group(&mut transport)?;
+    let inboxes: Vec<_> = groups.iter().map(|g| g.inbox()).collect();
     on_ready();
+    let mut failed = None;
     std::thread::scope(|s| {
-        let mut senders: Vec<Sender<RdmaIncoming>> = Vec::new();
-        for (i, group) in others.into_iter().enumerate() {
-            let (tx, rx) = unbounded();
-            senders.push(tx);
-            let core = cfg.cores.get(i + 1).copied();
-            s.spawn(move || run_group(group, Some(rx), stop, core, opts));
-        }
-        if let Some(&c) = cfg.cores.first() {
-            pin(c);
+        for (i, group) in groups.into_iter().enumerate() {
+            let core = cfg.cores.get(i).copied();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nvmf-group{i}"))
+                .spawn_scoped(s, move || run_group(group, stop, core, opts));
+            if let Err(e) = spawned {
+                failed = Some(crate::error::Error::Transport {
+                    qid: u16::MAX,
+                    reason: format!("cannot start poll group thread {i}: {e}"),
+                });
+                // The groups already running drain and end.
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
         }
         let mut next = 0usize;
-        let mut last_work = Instant::now();
-        // CM events cost a syscall to look for: check at most every CM_POLL_PERIOD
-        // while busy (a sleeping group also wakes on the CM channel's fd).
-        let mut next_cm = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let mut work = 0;
-            let now = Instant::now();
-            let cm_due = now >= next_cm;
-            if cm_due {
-                next_cm = now + CM_POLL_PERIOD;
-            }
-            while let Some(inc) = cm_due
-                .then(|| crate::wire::Transport::poll_incoming(&mut transport))
-                .flatten()
-            {
-                work += 1;
-                let target_group = next % groups;
-                next += 1;
-                if target_group == 0 {
-                    accept(&mut group0, inc);
-                } else if let Err(e) = senders[target_group - 1].send(inc) {
-                    accept(&mut group0, e.into_inner());
+            match nvme::irq::wait_readable(&[transport.event_fd()], CM_WAIT) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll on the RDMA CM channel");
+                    std::thread::sleep(CM_WAIT);
+                    continue;
                 }
             }
-            work += group0.poll();
-            idle(
-                &mut group0,
-                work,
-                &mut last_work,
-                &[transport.event_fd()],
-                opts,
-            );
+            while let Some(mut inc) = crate::wire::Transport::poll_incoming(&mut transport) {
+                // Round-robin; a group that is gone (its thread ended) passes it on.
+                for _ in 0..inboxes.len() {
+                    let to = next % inboxes.len();
+                    next += 1;
+                    match inboxes[to].send(inc) {
+                        Ok(()) => break,
+                        Err(back) => inc = back,
+                    }
+                }
+            }
         }
-        drain(&mut group0, opts);
-        drop(senders);
     });
     target.flush_all();
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 fn pin(core: usize) {
@@ -149,15 +142,8 @@ fn pin(core: usize) {
     }
 }
 
-fn accept(group: &mut PollGroup<RdmaTransport>, inc: RdmaIncoming) {
-    if let Err(e) = group.accept(inc) {
-        tracing::info!(error = %e, "connection refused");
-    }
-}
-
 fn run_group(
     mut group: PollGroup<RdmaTransport>,
-    inbox: Option<Receiver<RdmaIncoming>>,
     stop: &AtomicBool,
     core: Option<usize>,
     opts: ServeOptions,
@@ -167,15 +153,8 @@ fn run_group(
     }
     let mut last_work = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let mut work = 0;
-        if let Some(rx) = &inbox {
-            while let Ok(inc) = rx.try_recv() {
-                accept(&mut group, inc);
-                work += 1;
-            }
-        }
-        work += group.poll();
-        idle(&mut group, work, &mut last_work, &[], opts);
+        let work = group.poll();
+        idle(&mut group, work, &mut last_work, opts);
     }
     drain(&mut group, opts);
 }
@@ -186,7 +165,6 @@ fn idle(
     group: &mut PollGroup<RdmaTransport>,
     work: usize,
     last_work: &mut Instant,
-    extra_fds: &[std::os::fd::RawFd],
     opts: ServeOptions,
 ) {
     let now = Instant::now();
@@ -202,14 +180,22 @@ fn idle(
     if now.duration_since(*last_work) < spell {
         return;
     }
-    if let Err(e) = group.wire().arm() {
-        tracing::warn!(error = %e, "arm CQ");
-        return;
+    match group.wire().arm() {
+        // A completion that arrived between the last poll and the arm raises no event:
+        // poll once more before sleeping (the arm/complete race).
+        Ok(true) => {
+            if group.poll() > 0 {
+                *last_work = Instant::now();
+                return;
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "arm CQ");
+            return;
+        }
     }
-    // A completion that arrived between the last poll and the arm raises no event:
-    // poll once more before sleeping (the arm/complete race).
-    if group.poll() > 0 {
-        *last_work = Instant::now();
+    if group.has_mail() {
         return;
     }
     const NO_FD: libc::pollfd = libc::pollfd {
@@ -219,11 +205,8 @@ fn idle(
     };
     let mut fds = [NO_FD; 2 + MAX_BACKEND_FDS];
     fds[0].fd = group.wire().wake_fd();
-    let mut n = 1;
-    if let Some(&fd) = extra_fds.first() {
-        fds[n].fd = fd;
-        n += 1;
-    }
+    fds[1].fd = group.mailbox_fd();
+    let mut n = 2;
     let mut backend_fds = [-1; MAX_BACKEND_FDS];
     let sleep = match group.arm_backends(&mut backend_fds) {
         BackendWait::Idle => opts.max_sleep,
@@ -253,6 +236,17 @@ fn idle(
     let r = unsafe { libc::ppoll(fds.as_mut_ptr(), n as libc::nfds_t, &ts, std::ptr::null()) };
     if r < 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "poll");
+        return;
+    }
+    // Read only the events that are there: a read that finds nothing is a wasted system
+    // call (most wake-ups are one fd's).
+    if fds[0].revents != 0 {
+        if let Err(e) = group.wire().woken() {
+            tracing::warn!(error = %e, "CQ events");
+        }
+    }
+    if fds[1].revents != 0 {
+        group.mailbox_woken();
     }
 }
 

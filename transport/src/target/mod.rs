@@ -12,14 +12,18 @@ mod queue;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{unbounded, Receiver, Sender};
+use nvme::EventFd;
 
 pub use controller::{Controller, ControllerStats};
 pub use queue::{QueueStats, ReqState};
 
-use crate::backend::{open_backend, Backend, BackendOpener};
+use crate::backend::{open_backend, Backend, BackendOpener, Fault, HEALTH_CHECK_PERIOD};
 use crate::config::{ListenerConfig, SubsystemConfig, TargetConfig};
 use crate::error::{Error, Result};
 use crate::fabrics::{validate_cm_request, CmLimits, CmReject, DISCOVERY_NQN};
@@ -135,7 +139,23 @@ pub struct TargetShared {
     next_cntlid: AtomicU16,
     discovery_genctr: AtomicU64,
     direct: std::sync::OnceLock<crate::direct::DirectProvider>,
+    /// Every poll group's mailbox (taken on group creation and device resets only).
+    groups: Mutex<Vec<GroupHandle>>,
+    recovery: std::sync::OnceLock<Arc<RecoveryHook>>,
+    /// A recovery thread is running (faults reported meanwhile are dropped).
+    recovering: AtomicBool,
+    /// When the last recovery ended (the next waits [`RECOVERY_COOLDOWN`]).
+    last_recovery: Mutex<Option<Instant>>,
 }
+
+/// What resets a device after a poll group found a [`Fault`] on the channel of a backend;
+/// run on a thread of its own (it holds every poll group's I/O, see
+/// [`Target::hold_backend_io`]). It gets the target rather than holding it (no cycle).
+pub type RecoveryHook = dyn Fn(&Target, &Arc<dyn Backend>, Fault) + Send + Sync;
+
+/// Least time between two fault-triggered recoveries (a device that stays fatal after a
+/// reset is not reset in a tight loop).
+const RECOVERY_COOLDOWN: Duration = Duration::from_secs(5);
 
 impl TargetShared {
     fn controllers(&self) -> MutexGuard<'_, HashMap<u16, Arc<Controller>>> {
@@ -210,6 +230,10 @@ impl Target {
                 next_cntlid: AtomicU16::new(0),
                 discovery_genctr: AtomicU64::new(1),
                 direct: std::sync::OnceLock::new(),
+                groups: Mutex::new(Vec::new()),
+                recovery: std::sync::OnceLock::new(),
+                recovering: AtomicBool::new(false),
+                last_recovery: Mutex::new(None),
             }),
         })
     }
@@ -243,6 +267,103 @@ impl Target {
     /// `provider`; without it those commands fail with Invalid Opcode. Set once.
     pub fn set_direct(&self, provider: crate::direct::DirectProvider) {
         let _ = self.shared.direct.set(provider);
+    }
+
+    /// Sets what runs when a poll group finds a [`Fault`] on a backend channel (a
+    /// command timeout, a fatal controller): typically the same reset as `ctl
+    /// reset-device`. Without one, faults are only logged. Set once.
+    pub fn set_recovery(&self, hook: Arc<RecoveryHook>) {
+        let _ = self.shared.recovery.set(hook);
+    }
+
+    /// Holds backend I/O on every poll group, for a device reset: each group stops
+    /// starting commands on backends (new ones wait, nothing is failed), waits up to
+    /// `drain` for those in its channels to complete, then stops touching its channels
+    /// and answers. Returns once every group answered — the request is a message each
+    /// group takes on its next pass (a sleeping group is woken), no lock on the data path.
+    /// Dropping the returned guard lets the groups go on; commands that were still in the
+    /// device complete with the device's status after the reset (NVMe: aborted, retryable).
+    pub fn hold_backend_io(&self, drain: Duration) -> Result<BackendIoHeld> {
+        let (reply_tx, reply_rx) = unbounded();
+        let until = Instant::now() + drain;
+        let mut held = BackendIoHeld {
+            groups: Vec::new(),
+            in_device: 0,
+        };
+        {
+            let mut groups = lock(&self.shared.groups);
+            groups.retain(|g| {
+                let sent =
+                    g.tx.send(GroupMsg::Hold {
+                        until,
+                        reply: reply_tx.clone(),
+                    })
+                    .is_ok();
+                if sent {
+                    g.wake.signal();
+                    held.groups.push(g.clone());
+                }
+                sent // a group that is gone dropped its receiver
+            });
+        }
+        drop(reply_tx);
+        let deadline = until + HOLD_ANSWER_SLACK;
+        let mut answered = 0;
+        while answered < held.groups.len() {
+            match reply_rx.recv_deadline(deadline) {
+                Ok(n) => {
+                    answered += 1;
+                    held.in_device += n;
+                }
+                // Every reply sender is gone: the groups that did not answer were dropped.
+                Err(crossbeam::channel::RecvTimeoutError::Disconnected) => break,
+                Err(crossbeam::channel::RecvTimeoutError::Timeout) => {
+                    return Err(Error::Quiesce {
+                        groups: held.groups.len() - answered,
+                        waited: drain + HOLD_ANSWER_SLACK,
+                    });
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// A poll group found `fault` on the channel of backend `id`: start the recovery hook
+    /// on a thread of its own, unless one runs or ran less than [`RECOVERY_COOLDOWN`] ago.
+    fn report_fault(&self, id: usize, fault: Fault) {
+        let Some(backend) = self
+            .subsystems()
+            .iter()
+            .flat_map(|s| s.namespaces())
+            .find(|n| queue::backend_id(&n.backend) == id)
+            .map(|n| n.backend.clone())
+        else {
+            return;
+        };
+        let Some(hook) = self.shared.recovery.get().cloned() else {
+            tracing::error!(backend = %backend.describe(), %fault,
+                "backend fault and no recovery configured: its commands may never complete");
+            return;
+        };
+        if lock(&self.shared.last_recovery).is_some_and(|t| t.elapsed() < RECOVERY_COOLDOWN) {
+            return;
+        }
+        if self.shared.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(backend = %backend.describe(), %fault, "backend fault: resetting the device");
+        let target = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nvmf-recovery".into())
+            .spawn(move || {
+                hook(&target, &backend, fault);
+                *lock(&target.shared.last_recovery) = Some(Instant::now());
+                target.shared.recovering.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the recovery thread");
+            self.shared.recovering.store(false, Ordering::Release);
+        }
     }
 
     /// The limits every queue applies.
@@ -325,10 +446,28 @@ impl Target {
         // it, so it outlives the registration; the core slices a buffer only while no
         // transfer on it is in flight (request state machine).
         unsafe { wire.register_memory(base, len)? };
+        let wake = Arc::new(EventFd::new().map_err(|e| Error::Transport {
+            qid: u16::MAX,
+            reason: format!("poll group mailbox eventfd: {e}"),
+        })?);
+        let (tx, control) = unbounded();
+        let (incoming_tx, incoming) = unbounded();
+        lock(&self.shared.groups).push(GroupHandle {
+            tx,
+            wake: wake.clone(),
+        });
         Ok(PollGroup {
             target: self.clone(),
             queues: Vec::new(),
             next_key: 0,
+            mailbox: Mailbox {
+                control,
+                incoming_tx,
+                incoming,
+                wake,
+            },
+            hold: Hold::Live,
+            next_health_check: Instant::now(),
             channels,
             wire,
             pool,
@@ -406,6 +545,99 @@ pub enum BackendWait {
     Nap,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How long [`Target::hold_backend_io`] waits for answers beyond its drain time.
+const HOLD_ANSWER_SLACK: Duration = Duration::from_secs(2);
+
+/// A message to a poll group from another thread.
+enum GroupMsg {
+    /// Start no backend command; once the channels are empty (or at `until`) stop
+    /// touching them and answer how many commands were left in the device.
+    Hold {
+        until: Instant,
+        reply: Sender<usize>,
+    },
+    /// Back to normal after a [`GroupMsg::Hold`].
+    Release,
+}
+
+/// Where the target reaches a poll group.
+#[derive(Clone)]
+struct GroupHandle {
+    tx: Sender<GroupMsg>,
+    wake: Arc<EventFd>,
+}
+
+/// A poll group's receiving side: control messages and connections handed over by
+/// another thread, and the eventfd that wakes the group when it sleeps.
+struct Mailbox<I> {
+    control: Receiver<GroupMsg>,
+    incoming_tx: Sender<I>,
+    incoming: Receiver<I>,
+    wake: Arc<EventFd>,
+}
+
+/// Where a poll group stands on backend I/O.
+enum Hold {
+    Live,
+    /// Starting no backend command, waiting for the channels to empty.
+    Draining {
+        until: Instant,
+        reply: Sender<usize>,
+    },
+    /// Not touching the backend channels at all (a device reset may be running).
+    Held,
+}
+
+/// Every poll group's backend I/O held (see [`Target::hold_backend_io`]); dropping it
+/// lets them go on.
+pub struct BackendIoHeld {
+    groups: Vec<GroupHandle>,
+    in_device: usize,
+}
+
+impl BackendIoHeld {
+    /// Commands the groups left in the device when their drain time ran out (they
+    /// complete with the device's status once it is back).
+    pub fn left_in_device(&self) -> usize {
+        self.in_device
+    }
+
+    /// Poll groups holding.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+impl Drop for BackendIoHeld {
+    fn drop(&mut self) {
+        for g in &self.groups {
+            if g.tx.send(GroupMsg::Release).is_ok() {
+                g.wake.signal();
+            }
+        }
+    }
+}
+
+/// Hands a poll group connection requests from another thread (the transport's);
+/// see [`PollGroup::inbox`].
+pub struct GroupInbox<I> {
+    tx: Sender<I>,
+    wake: Arc<EventFd>,
+}
+
+impl<I> GroupInbox<I> {
+    /// Queues `incoming` for the group and wakes it; gives it back if the group is gone.
+    pub fn send(&self, incoming: I) -> std::result::Result<(), I> {
+        self.tx.send(incoming).map_err(|e| e.into_inner())?;
+        self.wake.signal();
+        Ok(())
+    }
+}
+
 /// A poll group: the queues one core drives, with their wire state and buffer pool.
 ///
 /// Field order is drop order: queues (QPs) first, then the backend channels (a dropped
@@ -415,6 +647,9 @@ pub struct PollGroup<T: Transport> {
     target: Target,
     queues: Vec<QueueHandler<T::Qpair>>,
     next_key: u32,
+    mailbox: Mailbox<T::Incoming>,
+    hold: Hold,
+    next_health_check: Instant,
     channels: Vec<Channel>,
     wire: T::PollGroup,
     pool: BufferPool,
@@ -470,28 +705,114 @@ impl<T: Transport> PollGroup<T> {
     }
 
     /// One pass over the wire and every queue at time `now`; returns the work done
-    /// (0 = idle, a caller may then sleep on the wire's completion channel).
+    /// (0 = idle, a caller may then sleep on the wire's completion channel and
+    /// [`PollGroup::mailbox_fd`]).
     pub fn poll_at(&mut self, now: Instant) -> usize {
-        let mut work = self.wire.poll();
+        let mut work = self.take_mail(now);
+        work += self.wire.poll();
         let queues = &mut self.queues;
-        for ch in &mut self.channels {
-            work += ch.chan.poll(usize::MAX, &mut |tag, status| {
-                let key = (tag >> 16) as u32;
-                match queues.iter_mut().find(|q| q.key() == key) {
-                    Some(q) => q.backend_done(tag as u16, status),
-                    None => tracing::warn!(tag, "backend completion for a queue that is gone"),
-                }
-            });
+        let touch = !matches!(self.hold, Hold::Held);
+        if touch {
+            for ch in &mut self.channels {
+                work += ch.chan.poll(usize::MAX, &mut |tag, status| {
+                    let key = (tag >> 16) as u32;
+                    match queues.iter_mut().find(|q| q.key() == key) {
+                        Some(q) => q.backend_done(tag as u16, status),
+                        None => tracing::warn!(tag, "backend completion for a queue that is gone"),
+                    }
+                });
+            }
         }
+        let io_held = !matches!(self.hold, Hold::Live);
+        let chans: &mut [Channel] = if touch { &mut self.channels } else { &mut [] };
         for q in &mut self.queues {
-            work += q.poll(&mut self.pool, &mut self.channels, now);
+            work += q.poll(&mut self.pool, chans, now, io_held);
+            q.flush_wire();
         }
-        for ch in &mut self.channels {
-            ch.chan.flush();
+        if touch {
+            for ch in &mut self.channels {
+                ch.chan.flush();
+            }
+        }
+        if let Hold::Draining { until, .. } = &self.hold {
+            let left = self.backend_in_flight();
+            if left == 0 || now >= *until {
+                if let Hold::Draining { reply, .. } = std::mem::replace(&mut self.hold, Hold::Held)
+                {
+                    let _ = reply.send(left);
+                }
+            }
+        } else if touch && now >= self.next_health_check {
+            self.next_health_check = now + HEALTH_CHECK_PERIOD;
+            for ch in self.channels.iter_mut().filter(|c| c.chan.in_flight() > 0) {
+                if let Some(fault) = ch.chan.check_health() {
+                    self.target.report_fault(ch.backend, fault);
+                }
+            }
         }
         let before = self.queues.len();
         self.queues.retain(|q| !q.is_closed());
         work + (before - self.queues.len())
+    }
+
+    /// Takes the messages other threads left: connections to accept, hold/release of
+    /// backend I/O. No system call (the eventfd is read only after a sleep it ended).
+    fn take_mail(&mut self, now: Instant) -> usize {
+        let mut work = 0;
+        while let Ok(msg) = self.mailbox.control.try_recv() {
+            work += 1;
+            match msg {
+                GroupMsg::Hold { until, reply } => {
+                    if matches!(self.hold, Hold::Held) {
+                        let _ = reply.send(self.backend_in_flight());
+                    } else {
+                        self.hold = Hold::Draining { until, reply };
+                    }
+                }
+                GroupMsg::Release => {
+                    self.hold = Hold::Live;
+                    self.next_health_check = now + HEALTH_CHECK_PERIOD;
+                }
+            }
+        }
+        while let Ok(inc) = self.mailbox.incoming.try_recv() {
+            work += 1;
+            if let Err(e) = self.accept(inc) {
+                tracing::info!(error = %e, "connection refused");
+            }
+        }
+        work
+    }
+
+    /// Where another thread hands this group connection requests.
+    pub fn inbox(&self) -> GroupInbox<T::Incoming> {
+        GroupInbox {
+            tx: self.mailbox.incoming_tx.clone(),
+            wake: self.mailbox.wake.clone(),
+        }
+    }
+
+    /// An fd readable when a message is waiting (sleep on it next to the wire's; call
+    /// [`PollGroup::mailbox_woken`] when it was readable).
+    pub fn mailbox_fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.mailbox.wake.as_raw_fd()
+    }
+
+    /// Whether messages are waiting (check before sleeping: a message sent after this
+    /// check makes [`PollGroup::mailbox_fd`] readable).
+    pub fn has_mail(&self) -> bool {
+        !self.mailbox.control.is_empty() || !self.mailbox.incoming.is_empty()
+    }
+
+    /// After a sleep that [`PollGroup::mailbox_fd`] ended: clears its event.
+    pub fn mailbox_woken(&self) {
+        self.mailbox.wake.clear();
+    }
+
+    /// Whether backend I/O is held (a device reset is under way).
+    pub fn backend_io_held(&self) -> bool {
+        !matches!(self.hold, Hold::Live)
     }
 
     /// [`PollGroup::poll_at`] with the current time.
@@ -532,6 +853,9 @@ impl<T: Transport> PollGroup<T> {
     /// Whether commands are in the backend channels and every channel holding some can
     /// wake a sleeper ([`IoChannel::wake_fd`](crate::backend::IoChannel::wake_fd)).
     pub fn backends_wake(&self) -> bool {
+        if matches!(self.hold, Hold::Held) {
+            return false;
+        }
         let mut busy = self
             .channels
             .iter()
@@ -545,6 +869,10 @@ impl<T: Transport> PollGroup<T> {
     /// (that order: a completion after the clear signals its fd again), and writes the
     /// distinct wake fds to `fds`. Does not allocate.
     pub fn arm_backends(&mut self, fds: &mut [RawFd]) -> BackendWait {
+        if matches!(self.hold, Hold::Held) {
+            // Commands left in a device being reset: nothing to wait for until release.
+            return BackendWait::Idle;
+        }
         let mut n = 0;
         let mut busy = false;
         for ch in self.channels.iter().filter(|c| c.chan.in_flight() > 0) {

@@ -322,9 +322,21 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
     }
 
+    /// Hands what this pass queued on the wire to it ([`Qpair::flush`]).
+    pub fn flush_wire(&mut self) {
+        self.qp.flush();
+    }
+
     /// Drives the queue once; returns the work done. `chans` are the poll group's
-    /// asynchronous backend channels.
-    pub fn poll(&mut self, pool: &mut BufferPool, chans: &mut [Channel], now: Instant) -> usize {
+    /// asynchronous backend channels; with `io_held` (a device reset is under way) no
+    /// I/O command starts on a backend — they wait in EXECUTING.
+    pub fn poll(
+        &mut self,
+        pool: &mut BufferPool,
+        chans: &mut [Channel],
+        now: Instant,
+        io_held: bool,
+    ) -> usize {
         match self.phase {
             Phase::Closed => return 0,
             Phase::Draining => return self.drain(pool),
@@ -379,7 +391,7 @@ impl<Q: Qpair> QueueHandler<Q> {
         if self.free.len() < self.reqs.len() && (work > 0 || self.kick) {
             self.kick = false;
             for tag in 0..self.reqs.len() {
-                work += self.advance(tag, pool, chans, now);
+                work += self.advance(tag, pool, chans, now, io_held);
                 let r = &self.reqs[tag];
                 self.kick |= match r.state {
                     ReqState::Free | ReqState::TransferIn | ReqState::Backend => false,
@@ -421,6 +433,7 @@ impl<Q: Qpair> QueueHandler<Q> {
         pool: &mut BufferPool,
         chans: &mut [Channel],
         now: Instant,
+        io_held: bool,
     ) -> usize {
         let mut steps = 0;
         loop {
@@ -468,6 +481,9 @@ impl<Q: Qpair> QueueHandler<Q> {
                     }
                 }
                 ReqState::Executing => {
+                    if io_held && self.ctx.qid != 0 && req.cmd.opcode() != OPC_FABRICS {
+                        break;
+                    }
                     let started = if self.ctx.qid != 0 && !chans.is_empty() {
                         let key = (u64::from(self.key) << 16) | tag as u64;
                         start_async(&mut self.ctx, req, key, pool, chans)
