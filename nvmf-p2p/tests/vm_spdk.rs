@@ -321,6 +321,7 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
         150,
     );
     let out = text(&o);
+    let _ = std::fs::write(scratch.join("nvme_fuzz.log"), &out);
     let completed: u64 = out
         .lines()
         .filter_map(|l| l.split("Total commands completed:").nth(1))
