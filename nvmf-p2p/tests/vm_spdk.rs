@@ -223,7 +223,13 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
     let nqn = "nqn.2026-12.io.nvmf-p2p:vm-spdk";
     let port = 4440;
     let backend = format!("vfio:{}", env("NVMF_P2P_BDF"));
-    let mut serve = Serve::start("spdk-interop", port, &subsystem(nqn, &backend, None));
+    // a second subsystem on a RAM namespace: SPDK's tools against each backend kind
+    let ram_nqn = "nqn.2026-12.io.nvmf-p2p:vm-spdk-ram";
+    let mut serve = Serve::start(
+        "spdk-interop",
+        port,
+        &(subsystem(nqn, &backend, None) + &subsystem(ram_nqn, "ram:16MiB", None)),
+    );
 
     // identify
     let o = spdk.run(
@@ -244,6 +250,25 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
     let h = hostnqn();
     let (iops, _) = spdk_nvme_perf(&spdk, &trid(port, nqn, &format!(" hostnqn:{h}")), 5);
     eprintln!("spdk_nvme_perf (hostnqn) against ours: {iops:.0} IOPS");
+    let o = spdk.run(
+        "spdk_nvme_identify",
+        &[
+            "-r",
+            &trid(port, ram_nqn, ""),
+            "-s",
+            SPDK_MEM_MB,
+            "-v",
+            "pa",
+        ],
+        120,
+    );
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Namespace ID:1"),
+        "spdk_nvme_identify on the ram: subsystem:\n{}",
+        text(&o)
+    );
+    let (iops, _) = spdk_nvme_perf(&spdk, &trid(port, ram_nqn, ""), 3);
+    eprintln!("spdk_nvme_perf against ours, ram: namespace: {iops:.0} IOPS");
 
     // the spdk_bdev fio plugin over NVMe-oF/RDMA, crc32c verify
     let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
