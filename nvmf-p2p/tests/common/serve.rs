@@ -92,6 +92,11 @@ impl Serve {
         serde_json::from_str(&out).expect("stats --json is JSON")
     }
 
+    /// `nvmf-p2p ctl <what>` against this target; its output.
+    pub fn ctl(&self, what: &str) -> String {
+        sh_ok(BIN, &["ctl", "--socket", self.sock.to_str().unwrap(), what])
+    }
+
     pub fn stop(mut self) {
         let mut child = self.child.take().unwrap();
         // SIGTERM: drain, disconnect, flush, exit 0
