@@ -524,6 +524,10 @@ struct SpdkQueue {
     block_size: u32,
     /// A failed queue pair is reported once.
     failed_logged: bool,
+    /// Commands started since SPDK last rang the SQ doorbell (polled queues have
+    /// `delay_cmd_submit`: SPDK rings it once per spdk_nvme_qpair_process_completions, so
+    /// a batch costs one MMIO write, as on `vfio:`).
+    unflushed: bool,
     /// The queue pair's interrupt eventfd (nonblocking), when the controller has them.
     wake: Option<RawFd>,
     // The controller outlives the queue pair (field order; Drop frees the qpair first).
@@ -559,6 +563,9 @@ impl SpdkQueue {
         // the default is the controller's maximum (capped by SPDK); ask for ours
         opts.io_queue_size = opts.io_queue_size.min(depth).max(2);
         opts.io_queue_requests = opts.io_queue_requests.max(opts.io_queue_size);
+        // one doorbell per batch; SPDK refuses it on a controller with interrupts ("delay
+        // command submit cannot work with interrupts"), which then rings per command
+        opts.__bindgen_anon_1.delay_cmd_submit = !ctrl.interrupts; // (a union with its old name)
         let slots = opts.io_queue_size - 1;
         // SAFETY: as above; SPDK copies `opts`.
         let qpair = unsafe { sys::spdk_nvme_ctrlr_alloc_io_qpair(ctrl.raw(), &opts, sz) };
@@ -607,6 +614,7 @@ impl SpdkQueue {
             max_transfer,
             block_size,
             failed_logged: false,
+            unflushed: false,
             wake,
             ctrl: ctrl.clone(),
         })
@@ -661,6 +669,7 @@ impl SpdkQueue {
             AsyncOp::WriteZeroes { .. } => -libc::EINVAL,
         };
         if rc == 0 {
+            self.unflushed = true;
             return Ok(());
         }
         // SAFETY: SPDK did not take the command: the slot is ours again.
@@ -683,8 +692,10 @@ impl SpdkQueue {
         unsafe { !(*self.state.as_ptr()).done.is_empty() }
     }
 
-    /// Lets SPDK run completion callbacks for up to `max` (> 0) completions.
+    /// Lets SPDK run completion callbacks for up to `max` (> 0) completions, and ring the
+    /// SQ doorbell for the commands started since the last call.
     fn process(&mut self, max: usize) {
+        self.unflushed = false;
         // SAFETY: the queue pair is ours, used by this thread; no reference into `state`
         // is live while the callbacks write it.
         let rc = unsafe {
@@ -988,11 +999,19 @@ impl IoChannel for SpdkChannel {
         self.q.start(tag, op)
     }
 
+    fn flush(&mut self) {
+        // SPDK submits a batch (one doorbell) when it processes completions; what those
+        // reap waits in the slot list for the next poll.
+        if self.q.unflushed {
+            self.q.process(self.q.depth as usize);
+        }
+    }
+
     fn poll(&mut self, max: usize, done: &mut dyn FnMut(u64, Status)) -> usize {
         if max == 0 {
             return 0;
         }
-        if !self.q.reported_pending() && self.q.outstanding() > 0 {
+        if (self.q.unflushed || !self.q.reported_pending()) && self.q.outstanding() > 0 {
             self.q.process(max);
         }
         self.q.report(max, done)
@@ -1020,7 +1039,7 @@ impl IoChannel for SpdkChannel {
     }
 
     fn ready(&mut self) -> bool {
-        if self.q.reported_pending() {
+        if self.q.reported_pending() || self.q.unflushed {
             return true;
         }
         if self.q.wake.is_none() {
