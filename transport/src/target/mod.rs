@@ -864,10 +864,10 @@ impl<T: Transport> PollGroup<T> {
         busy.peek().is_some() && busy.all(|c| c.chan.wake_fd().is_some())
     }
 
-    /// Prepares to sleep while commands are in the backend channels: clears the wake
-    /// event of every channel with commands in flight, then checks each for completions
-    /// (that order: a completion after the clear signals its fd again), and writes the
-    /// distinct wake fds to `fds`. Does not allocate.
+    /// Prepares to sleep while commands are in the backend channels: unless a completion
+    /// is already there, clears the wake event of every channel with commands in flight,
+    /// then checks each for completions (that order: a completion after the clear signals
+    /// its fd again), and writes the distinct wake fds to `fds`. Does not allocate.
     pub fn arm_backends(&mut self, fds: &mut [RawFd]) -> BackendWait {
         if matches!(self.hold, Hold::Held) {
             // Commands left in a device being reset: nothing to wait for until release.
@@ -888,6 +888,12 @@ impl<T: Transport> PollGroup<T> {
         }
         if !busy {
             return BackendWait::Idle;
+        }
+        // A completion already there needs no clear (a system call on an eventfd).
+        for ch in self.channels.iter_mut().filter(|c| c.chan.in_flight() > 0) {
+            if ch.chan.ready() {
+                return BackendWait::Ready;
+            }
         }
         for ch in self.channels.iter_mut().filter(|c| c.chan.in_flight() > 0) {
             ch.chan.clear_wake();
