@@ -161,6 +161,9 @@ fn a_bdf_spdk_cannot_claim_is_a_clear_error_at_config_load() {
         err.contains("spdk:0000:7f:1f.7") && err.contains("does not exist"),
         "{err}"
     );
+    // a device on no driver or another one than vfio-pci: the host bridge
+    let err = serve_refuses("spdk-bridge", &subsystem(NQN, "spdk:0000:00:00.0", None));
+    assert!(err.contains("run `nvmf-p2p bind 0000:00:00.0`"), "{err}");
     // one controller, two drivers
     let bdf = env("NVMF_P2P_BDF");
     let both = format!(
