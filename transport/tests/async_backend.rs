@@ -440,6 +440,7 @@ fn device_resets_with_io_held_lose_no_command() {
     }
     assert_eq!(resets.join().unwrap(), 0, "commands left in the device");
     assert_eq!(ctrl.generation(), 5);
+    rig.group.poll(); // takes the last release message
     assert!(
         !rig.group.backend_io_held(),
         "released after the guard dropped"
@@ -542,4 +543,39 @@ fn a_command_timeout_resets_the_device() {
     io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
         .unwrap();
     assert_eq!(collect(&mut rig, &mut io, 1)[0].status(), Status::SUCCESS);
+}
+
+#[test]
+fn two_holds_take_turns() {
+    let (mut rig, _sim, _ctrl) = sim_rig(None);
+    // Each thread returns (when its hold began, when it released it).
+    let spawn = |delay: u64, hold_for: u64| {
+        let target = rig.target.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay));
+            let held = target.hold_backend_io(Duration::from_secs(2)).unwrap();
+            let got = Instant::now();
+            assert_eq!(held.groups(), 1);
+            std::thread::sleep(Duration::from_millis(hold_for));
+            let released = Instant::now();
+            drop(held);
+            (got, released)
+        })
+    };
+    let first = spawn(0, 300);
+    let second = spawn(50, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(first.is_finished() && second.is_finished()) {
+        rig.group.poll();
+        assert!(Instant::now() < deadline, "holds did not finish");
+        std::thread::yield_now();
+    }
+    let (_, first_released) = first.join().unwrap();
+    let (second_got, _) = second.join().unwrap();
+    assert!(
+        second_got >= first_released,
+        "the second hold began while the first was still held"
+    );
+    rig.group.poll(); // takes the last release message
+    assert!(!rig.group.backend_io_held());
 }

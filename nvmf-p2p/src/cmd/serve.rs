@@ -210,6 +210,10 @@ fn reset_devices(
     opener: &VfioOpener,
     direct: Option<&transport::direct::target::DirectService>,
 ) -> Result<Vec<String>, String> {
+    // One reset at a time (`ctl` and a fault may ask together): a second one's resume
+    // would let direct queues back while the first still resets.
+    static RESETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = RESETS.lock().unwrap_or_else(|p| p.into_inner());
     let devs = opener.devices();
     if devs.is_empty() {
         return Err("no vfio: namespace in this target: nothing to reset".into());

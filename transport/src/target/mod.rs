@@ -141,6 +141,9 @@ pub struct TargetShared {
     direct: std::sync::OnceLock<crate::direct::DirectProvider>,
     /// Every poll group's mailbox (taken on group creation and device resets only).
     groups: Mutex<Vec<GroupHandle>>,
+    /// Held for as long as poll groups hold their backend I/O: one reset at a time (a
+    /// second one's release would let the groups go on while the first still resets).
+    hold_serial: Mutex<()>,
     recovery: std::sync::OnceLock<Arc<RecoveryHook>>,
     /// A recovery thread is running (faults reported meanwhile are dropped).
     recovering: AtomicBool,
@@ -231,6 +234,7 @@ impl Target {
                 discovery_genctr: AtomicU64::new(1),
                 direct: std::sync::OnceLock::new(),
                 groups: Mutex::new(Vec::new()),
+                hold_serial: Mutex::new(()),
                 recovery: std::sync::OnceLock::new(),
                 recovering: AtomicBool::new(false),
                 last_recovery: Mutex::new(None),
@@ -283,12 +287,15 @@ impl Target {
     /// group takes on its next pass (a sleeping group is woken), no lock on the data path.
     /// Dropping the returned guard lets the groups go on; commands that were still in the
     /// device complete with the device's status after the reset (NVMe: aborted, retryable).
-    pub fn hold_backend_io(&self, drain: Duration) -> Result<BackendIoHeld> {
+    /// A second caller waits until the first guard is dropped.
+    pub fn hold_backend_io(&self, drain: Duration) -> Result<BackendIoHeld<'_>> {
+        let serial = lock(&self.shared.hold_serial);
         let (reply_tx, reply_rx) = unbounded();
         let until = Instant::now() + drain;
         let mut held = BackendIoHeld {
             groups: Vec::new(),
             in_device: 0,
+            _serial: serial,
         };
         {
             let mut groups = lock(&self.shared.groups);
@@ -594,12 +601,14 @@ enum Hold {
 
 /// Every poll group's backend I/O held (see [`Target::hold_backend_io`]); dropping it
 /// lets them go on.
-pub struct BackendIoHeld {
+pub struct BackendIoHeld<'a> {
     groups: Vec<GroupHandle>,
     in_device: usize,
+    // Released after the groups were told to go on (Drop runs before the fields drop).
+    _serial: MutexGuard<'a, ()>,
 }
 
-impl BackendIoHeld {
+impl BackendIoHeld<'_> {
     /// Commands the groups left in the device when their drain time ran out (they
     /// complete with the device's status once it is back).
     pub fn left_in_device(&self) -> usize {
@@ -612,7 +621,7 @@ impl BackendIoHeld {
     }
 }
 
-impl Drop for BackendIoHeld {
+impl Drop for BackendIoHeld<'_> {
     fn drop(&mut self) {
         for g in &self.groups {
             if g.tx.send(GroupMsg::Release).is_ok() {
