@@ -64,6 +64,25 @@ struct Thread {
     reported: bool,
 }
 
+/// While alive, heap allocations of this thread are counted (test builds: feature
+/// `vm-tests`; the I/O callbacks must allocate nothing).
+struct Counting;
+
+impl Counting {
+    fn on() -> Counting {
+        #[cfg(feature = "vm-tests")]
+        alloc_count::count_this_thread(true);
+        Counting
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        #[cfg(feature = "vm-tests")]
+        alloc_count::count_this_thread(false);
+    }
+}
+
 fn say(msg: &str) {
     eprintln!("{WHO}: {msg}");
 }
@@ -222,6 +241,11 @@ pub(crate) unsafe extern "C" fn cleanup(td: *mut thread_data) {
     guarded((), || {
         // SAFETY: fio's thread_data.
         let td = unsafe { td_ref(td) };
+        #[cfg(feature = "vm-tests")]
+        say(&format!(
+            "{} heap allocations in the I/O callbacks",
+            alloc_count::take()
+        ));
         let p = td.io_ops_data.cast::<Thread>();
         if !p.is_null() {
             td.io_ops_data = std::ptr::null_mut();
@@ -269,6 +293,7 @@ pub(crate) unsafe extern "C" fn close_file(_td: *mut thread_data, _f: *mut sys::
 
 pub(crate) unsafe extern "C" fn queue(td: *mut thread_data, u: *mut io_u) -> fio_q_status::Type {
     guarded(fio_q_status::FIO_Q_COMPLETED, || {
+        let _count = Counting::on();
         // SAFETY: fio's thread_data and an io_u it owns until we complete it.
         let (td, io) = unsafe { (td_ref(td), &mut *u) };
         let Some(t) = thread(td) else {
@@ -298,6 +323,7 @@ pub(crate) unsafe extern "C" fn queue(td: *mut thread_data, u: *mut io_u) -> fio
 
 pub(crate) unsafe extern "C" fn commit(td: *mut thread_data) -> c_int {
     guarded(-(EIO as c_int), || {
+        let _count = Counting::on();
         // SAFETY: fio's thread_data.
         let td = unsafe { td_ref(td) };
         let Some(t) = thread(td) else { return 0 };
@@ -321,6 +347,7 @@ pub(crate) unsafe extern "C" fn getevents(
     timeout: *const sys::timespec,
 ) -> c_int {
     guarded(-(EIO as c_int), || {
+        let _count = Counting::on();
         // SAFETY: fio's thread_data; timeout is NULL or a valid timespec.
         let (td, timeout) = unsafe { (td_ref(td), timeout.as_ref()) };
         let Some(t) = thread(td) else { return 0 };
@@ -380,6 +407,7 @@ pub(crate) unsafe extern "C" fn getevents(
 
 pub(crate) unsafe extern "C" fn event(td: *mut thread_data, i: c_int) -> *mut io_u {
     guarded(std::ptr::null_mut(), || {
+        let _count = Counting::on();
         // SAFETY: fio's thread_data.
         let td = unsafe { td_ref(td) };
         thread(td)

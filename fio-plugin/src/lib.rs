@@ -39,6 +39,11 @@ pub const BUILT_FOR_FIO: &str = env!("NVMF_P2P_FIO_BUILT_FOR");
 /// The engine ABI version of those headers.
 pub const BUILT_FOR_IOOPS: u32 = sys::FIO_IOOPS_VERSION;
 
+/// Test builds count the heap allocations of the I/O callbacks (see engine::Counting).
+#[cfg(feature = "vm-tests")]
+#[global_allocator]
+static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
+
 /// Prefix of every message the engine prints.
 pub(crate) const WHO: &str = "nvmf-p2p fio engine";
 

@@ -13,11 +13,19 @@ mod common;
 use common::env;
 use common::serve::{subsystem, Serve};
 
-/// The engine under test (the workspace's debug build, built with this test).
-const ENGINE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/debug/libnvmf_p2p_fio.so"
-);
+/// The engine under test: the cdylib cargo built with this test binary, beside it in
+/// target/debug/deps (with this test's features: the allocation-counting build). `cargo
+/// build` copies a featureless one to target/debug; that one is not what was tested.
+fn engine() -> String {
+    let exe = std::env::current_exe().expect("test executable path");
+    let so = exe.with_file_name("libnvmf_p2p_fio.so");
+    assert!(
+        so.is_file(),
+        "{} is missing: build with cargo test --features vm-tests",
+        so.display()
+    );
+    so.display().to_string()
+}
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
 const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-fio";
 const WHO: &str = "nvmf-p2p fio engine: ";
@@ -34,7 +42,7 @@ fn fio(args: &[String], envs: &[(&str, &str)]) -> Run {
         .args(args)
         .arg("--output-format=json")
         .envs(envs.iter().copied())
-        .env("NVMF_P2P_FIO_ENGINE", ENGINE)
+        .env("NVMF_P2P_FIO_ENGINE", engine())
         .output()
         .expect("run fio");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -74,6 +82,23 @@ fn jobs_ok(r: &Run, what: &str) -> (u64, u64) {
         "{what}: verify failed\n{}",
         r.stderr
     );
+    // The library built for these tests counts heap allocations in its I/O callbacks.
+    let counts: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("heap allocations in the I/O callbacks"))
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "{what}: no allocation count printed\n{}",
+        r.stderr
+    );
+    for l in counts {
+        assert!(
+            l.contains(": 0 heap allocations"),
+            "{what}: the I/O path allocated: {l}"
+        );
+    }
     (rd, wr)
 }
 
@@ -125,7 +150,7 @@ fn write_verify_read(engine: &[String], what: &str) {
 
 fn nvmf_args(port: &str, nqn: &str) -> Vec<String> {
     vec![
-        format!("--ioengine=external:{ENGINE}"),
+        format!("--ioengine=external:{}", engine()),
         "--mode=nvmf".into(),
         format!("--traddr={}", env("NVMF_P2P_ADDR")),
         format!("--trsvcid={port}"),
@@ -225,7 +250,7 @@ fn nvmf_mode_against_the_kernel_target() {
 
 fn local_args(bdf: &str) -> Vec<String> {
     vec![
-        format!("--ioengine=external:{ENGINE}"),
+        format!("--ioengine=external:{}", engine()),
         "--mode=local".into(),
         format!("--bdf={bdf}"),
     ]
@@ -248,7 +273,7 @@ fn local_mode_on_the_emulated_nvme() {
         "--size=1M",
         "--rw=read",
     ]);
-    a.push(format!("--ioengine=external:{ENGINE}"));
+    a.push(format!("--ioengine=external:{}", engine()));
     a.push("--mode=local".into());
     a.push(format!("--filename={}", bdf.replace(':', ".")));
     let (rd, _) = jobs_ok(&fio(&a, &[]), "local via filename");
@@ -266,7 +291,7 @@ const DIRECT_HOST: &str = "nqn.2026-11.io.nvmf-p2p:fio-direct-host";
 
 fn direct_args(hostnqn: &str, completions: &str) -> Vec<String> {
     vec![
-        format!("--ioengine=external:{ENGINE}"),
+        format!("--ioengine=external:{}", engine()),
         "--mode=direct".into(),
         format!("--traddr={}", env("NVMF_P2P_ADDR")),
         format!("--subnqn={NQN}"),
