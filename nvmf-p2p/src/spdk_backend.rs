@@ -13,7 +13,8 @@
 //!
 //! SPDK's environment (DPDK's EAL) starts once per process, on the first `spdk:`
 //! namespace, in IOVA mode `pa` (the testbed's vIOMMU cannot map DPDK's default IOVA=VA
-//! range, FACTS.md "SPDK") with hugepages, which must be mounted and reserved. The
+//! range, FACTS.md "SPDK"; `NVMF_P2P_SPDK_IOVA_MODE=va` to change it) with hugepages,
+//! which must be mounted and reserved. The
 //! controller handle stays reachable ([`SpdkController::raw`], [`SpdkController::admin_raw`])
 //! for what needs SPDK's controller itself, such as raw admin commands.
 
@@ -95,8 +96,19 @@ fn init_env() -> Result<()> {
         // SAFETY: `opts` is a valid spdk_env_opts of the size its opts_size says.
         unsafe { sys::spdk_env_opts_init(&mut opts) };
         opts.name = c"nvmf-p2p".as_ptr();
-        // PA: the IOMMU of the testbed (and hosts without one) cannot take DPDK's VA range.
-        opts.iova_mode = c"pa".as_ptr();
+        // PA by default: the IOMMU of the testbed (and hosts without one) cannot take
+        // DPDK's VA range; NVMF_P2P_SPDK_IOVA_MODE=va where the IOMMU can (and PA, which
+        // reads /proc/self/pagemap, is not available).
+        let iova = match std::env::var("NVMF_P2P_SPDK_IOVA_MODE").as_deref() {
+            Ok("va") => c"va",
+            Ok("pa") | Err(_) => c"pa",
+            Ok(other) => {
+                return Err(format!(
+                    "NVMF_P2P_SPDK_IOVA_MODE={other} is not an IOVA mode: use pa or va"
+                ))
+            }
+        };
+        opts.iova_mode = iova.as_ptr();
         // private hugepage files, no shared-memory config: several processes may run SPDK
         opts.shm_id = -1;
         // DPDK pins the calling thread to its main lcore: give it back its CPUs after.
@@ -112,7 +124,7 @@ fn init_env() -> Result<()> {
                 "SPDK's environment (DPDK EAL) did not start (error {rc}; its messages are above)"
             ));
         }
-        tracing::info!("SPDK environment started (IOVA mode pa)");
+        tracing::info!(iova_mode = ?iova, "SPDK environment started");
         Ok(())
     });
     outcome.clone().map_err(|reason| Error::BackendIo {
