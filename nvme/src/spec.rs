@@ -442,6 +442,8 @@ impl Status {
     pub const FEATURE_NOT_SAVEABLE: Status = Status::new(sct::COMMAND_SPECIFIC, 0x0d);
     pub const WRITE_FAULT: Status = Status::new(sct::MEDIA, 0x80);
     pub const UNRECOVERED_READ_ERROR: Status = Status::new(sct::MEDIA, 0x81);
+    /// Compare: the data compared differ from the data read.
+    pub const COMPARE_FAILURE: Status = Status::new(sct::MEDIA, 0x85);
 
     /// Status with the given type and code.
     pub const fn new(sct: u8, sc: u8) -> Status {
@@ -1431,6 +1433,58 @@ impl SmartLog {
     pub fn zeroed() -> Self {
         <Self as zerocopy::FromZeros>::new_zeroed()
     }
+}
+
+/// Firmware Slot Information log (log page 03h), 512 bytes.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct FirmwareSlotLog {
+    /// Active firmware info: slot running now (bits 2:0), slot at next reset (6:4).
+    pub afi: u8,
+    pub rsvd1: [u8; 7],
+    /// Firmware revision in slots 1..=7, ASCII, space padded (all zeroes: slot empty).
+    pub frs: [[u8; 8]; 7],
+    pub rsvd64: [u8; 448],
+}
+const _: () = assert!(size_of::<FirmwareSlotLog>() == 512);
+
+/// Commands Supported and Effects log (log page 05h), 4096 bytes: one entry per
+/// opcode ([`cse`] bits).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct CommandsEffectsLog {
+    /// Admin command effects, indexed by opcode.
+    pub acs: [U32; 256],
+    /// I/O command effects, indexed by opcode.
+    pub iocs: [U32; 256],
+    pub rsvd2048: [u8; 2048],
+}
+const _: () = assert!(size_of::<CommandsEffectsLog>() == 4096);
+
+/// Commands Supported and Effects entry bits.
+pub mod cse {
+    /// Command supported.
+    pub const CSUPP: u32 = 1 << 0;
+    /// Logical block content change.
+    pub const LBCC: u32 = 1 << 1;
+    /// Namespace capability change.
+    pub const NCC: u32 = 1 << 2;
+    /// Namespace inventory change.
+    pub const NIC: u32 = 1 << 3;
+    /// Controller capability change.
+    pub const CCC: u32 = 1 << 4;
+}
+
+/// Get Features Select field (CDW10 bits 10:8).
+pub mod feat_sel {
+    pub const CURRENT: u8 = 0;
+    pub const DEFAULT: u8 = 1;
+    pub const SAVED: u8 = 2;
+    pub const SUPPORTED_CAPABILITIES: u8 = 3;
+    /// Supported-capabilities result bits: saveable, namespace specific, changeable.
+    pub const CAP_SAVEABLE: u32 = 1 << 0;
+    pub const CAP_NS_SPECIFIC: u32 = 1 << 1;
+    pub const CAP_CHANGEABLE: u32 = 1 << 2;
 }
 
 /// Feature identifiers.

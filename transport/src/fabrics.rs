@@ -18,6 +18,8 @@ pub const FCTYPE_PROPERTY_SET: u8 = 0x00;
 pub const FCTYPE_CONNECT: u8 = 0x01;
 /// Fabrics command type: Property Get.
 pub const FCTYPE_PROPERTY_GET: u8 = 0x04;
+/// Fabrics command type: Disconnect (I/O queues only; CDW10 bits 15:0 record format 0).
+pub const FCTYPE_DISCONNECT: u8 = 0x08;
 /// Controller id meaning "allocate one dynamically".
 pub const CNTLID_DYNAMIC: u16 = 0xffff;
 

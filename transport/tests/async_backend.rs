@@ -579,3 +579,36 @@ fn two_holds_take_turns() {
     rig.group.poll(); // takes the last release message
     assert!(!rig.group.backend_io_held());
 }
+
+#[test]
+fn compare_on_a_namespace_with_an_async_channel() {
+    let (mut rig, dev) = fake_rig(64);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let a = pattern(4096, 5);
+    let ic = SglDescriptor::in_capsule(0, 4096);
+    io.submit(cmd::write(1, 64, 8, ic), &a, 0).unwrap();
+    let cs = collect(&mut rig, &mut io, 1);
+    assert_eq!(cs[0].status(), Status::SUCCESS);
+    assert_eq!(dev.ctl().submitted, 1, "the write went through the channel");
+    // Compare reads the device's blocks (its synchronous path) and compares.
+    let compare = |s: nvme::spec::Sqe| {
+        let mut s = s;
+        s.cdw0 = nvme::spec::U32::new((s.cdw0.get() & !0xff) | 0x05);
+        s
+    };
+    io.submit(compare(cmd::write(1, 64, 8, ic)), &a, 0).unwrap();
+    let mut b = a.clone();
+    b[0] ^= 0xff;
+    io.submit(compare(cmd::write(1, 64, 8, ic)), &b, 1).unwrap();
+    let r = io.wire().register(4096);
+    io.wire().write_region(r, 0, &a);
+    io.submit(compare(cmd::write(1, 64, 8, keyed(r))), &[], 2)
+        .unwrap();
+    let mut cs = collect(&mut rig, &mut io, 3);
+    cs.sort_by_key(|c| c.user);
+    assert_eq!(cs[0].status(), Status::SUCCESS);
+    assert_status(&cs[1], Status::COMPARE_FAILURE);
+    assert_eq!(cs[2].status(), Status::SUCCESS);
+    assert_eq!(rig.group.free_buffers(), 16, "every pool buffer returned");
+}

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nvme::spec::{
-    cns, feat, log, nidt, parse_ns_id_descriptors, reg, Cap, DsmRange, ErrorLogEntry,
-    IdentifyController, IdentifyNamespace, SmartLog, Status, U32,
+    admin_opc, cns, cse, feat, io_opc, log, nidt, oncs, parse_ns_id_descriptors, reg, sct, Cap,
+    CommandsEffectsLog, DsmRange, ErrorLogEntry, FirmwareSlotLog, IdentifyController,
+    IdentifyNamespace, SmartLog, Sqe, Status, U32,
 };
 use transport::fabrics::{
     cm_reject, connect_status, ConnectResponse, DiscoveryLogEntry, DiscoveryLogHeader,
@@ -630,21 +631,22 @@ fn features_get_set() {
             .get(),
         3 | (3 << 16)
     );
-    rig.exec(
-        &mut admin,
-        cmd::set_features(feat::VOLATILE_WRITE_CACHE, 1),
-        &[],
+    // A RAM namespace has no volatile write cache: the feature does not exist.
+    assert_status(
+        &rig.exec(
+            &mut admin,
+            cmd::set_features(feat::VOLATILE_WRITE_CACHE, 1),
+            &[],
+        ),
+        Status::INVALID_FIELD,
     );
-    assert_eq!(
-        rig.exec(
+    assert_status(
+        &rig.exec(
             &mut admin,
             cmd::get_features(feat::VOLATILE_WRITE_CACHE),
-            &[]
-        )
-        .cqe
-        .dw0
-        .get(),
-        1
+            &[],
+        ),
+        Status::INVALID_FIELD,
     );
     rig.exec(
         &mut admin,
@@ -869,4 +871,495 @@ fn empty_host_nqn_allowed_by_allow_any_host() {
     let mut io = rig.open(1, 32);
     let c = rig.connect_icd(&mut io, SUBNQN, "", cntlid, 31);
     assert_eq!(c.status(), Status::SUCCESS, "{}", c.status());
+}
+
+/// `s` with opcode `opc` (the data pointer and other fields kept).
+fn with_opcode(mut s: Sqe, opc: u8) -> Sqe {
+    s.cdw0 = U32::new((s.cdw0.get() & !0xff) | u32::from(opc));
+    s
+}
+
+/// A command without data of opcode `opc` (a Keep Alive's SGL: keyed, length 0).
+fn no_data(opc: u8) -> Sqe {
+    with_opcode(cmd::keep_alive(), opc)
+}
+
+fn identify_ctrl(rig: &mut Rig, admin: &mut HostQ) -> IdentifyController {
+    let r = admin.wire().register(4096);
+    let c = rig.exec(admin, cmd::identify(cns::CONTROLLER, 0, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    IdentifyController::read_from_bytes(&admin.wire().read_region(r)).unwrap()
+}
+
+fn getf(rig: &mut Rig, q: &mut HostQ, fid: u8, sel: u32, dw11: u32) -> (Status, u32) {
+    let c = rig.exec(q, get_feature_sel(fid, sel, dw11), &[]);
+    (c.status(), c.cqe.dw0.get())
+}
+
+fn get_feature_sel(fid: u8, sel: u32, dw11: u32) -> Sqe {
+    let mut s = cmd::get_features(fid);
+    s.cdw10 = U32::new(u32::from(fid) | (sel << 8));
+    s.cdw11 = U32::new(dw11);
+    s
+}
+
+#[test]
+fn firmware_slot_log() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, _) = rig.admin(0);
+    let id = identify_ctrl(&mut rig, &mut admin);
+    assert_eq!(id.frmw, 0b11, "one slot, slot 1 read only");
+    let r = admin.wire().register(512);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::FIRMWARE_SLOT, u32::MAX, 512, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let f = FirmwareSlotLog::read_from_bytes(&admin.wire().read_region(r)).unwrap();
+    assert_eq!(f.afi, 1, "running slot 1, no pending activation");
+    assert_eq!(
+        f.frs[0], id.fr,
+        "slot 1 holds the running firmware revision"
+    );
+    assert!(
+        f.frs[1..].iter().all(|s| *s == [0; 8]),
+        "other slots absent"
+    );
+}
+
+#[test]
+fn commands_supported_and_effects_log_matches_what_is_answered() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    let id = identify_ctrl(&mut rig, &mut admin);
+    assert_ne!(id.lpa & (1 << 1), 0, "LPA: effects log supported");
+    let r = admin.wire().register(4096);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::COMMANDS_SUPPORTED, 0, 4096, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let e = CommandsEffectsLog::read_from_bytes(&admin.wire().read_region(r)).unwrap();
+    assert_eq!(
+        e.iocs[usize::from(io_opc::WRITE)].get(),
+        cse::CSUPP | cse::LBCC
+    );
+    assert_eq!(e.iocs[usize::from(io_opc::READ)].get(), cse::CSUPP);
+    assert_eq!(e.acs[usize::from(admin_opc::ABORT)].get(), cse::CSUPP);
+    // Another command set than NVM: Invalid Field.
+    let mut s = cmd::get_log_page(log::COMMANDS_SUPPORTED, 0, 4096, 0, keyed(r));
+    s.cdw14 = U32::new(2 << 24);
+    assert_status(&rig.exec(&mut admin, s, &[]), Status::INVALID_FIELD);
+    // Every opcode: listed as supported exactly when not refused as an invalid opcode.
+    // (AER is held by design; fabrics commands are outside the log.)
+    for opc in 0..=255u8 {
+        if opc == admin_opc::ASYNC_EVENT_REQUEST || opc == 0x7f {
+            continue;
+        }
+        let mut s = no_data(opc);
+        s.nsid = U32::new(1);
+        let c = rig.exec(&mut admin, s, &[]);
+        let listed = e.acs[usize::from(opc)].get() & cse::CSUPP != 0;
+        assert_eq!(
+            !c.status().same_code(Status::INVALID_OPCODE),
+            listed,
+            "admin opcode {opc:#04x}: {}",
+            c.status()
+        );
+    }
+    let mut io = rig.io(1, cntlid);
+    for opc in 0..=255u8 {
+        if opc == 0x7f {
+            continue;
+        }
+        let mut s = no_data(opc);
+        s.nsid = U32::new(1);
+        let c = rig.exec(&mut io, s, &[]);
+        let listed = e.iocs[usize::from(opc)].get() & cse::CSUPP != 0;
+        assert_eq!(
+            !c.status().same_code(Status::INVALID_OPCODE),
+            listed,
+            "I/O opcode {opc:#04x}: {}",
+            c.status()
+        );
+    }
+    // ONCS says the same about the optional NVM commands.
+    let o = id.oncs.get();
+    assert_ne!(o & oncs::COMPARE, 0);
+    assert_ne!(o & oncs::DSM, 0);
+    assert_ne!(o & oncs::WRITE_ZEROES, 0);
+    assert_eq!(
+        o & (oncs::WRITE_UNCORRECTABLE | oncs::VERIFY | oncs::COPY),
+        0
+    );
+    assert_eq!(e.iocs[usize::from(io_opc::VERIFY)].get(), 0);
+}
+
+#[test]
+fn temperature_threshold_and_feature_select() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, _) = rig.admin(5000);
+    let id = identify_ctrl(&mut rig, &mut admin);
+    assert_ne!(
+        id.oncs.get() & oncs::SAVE_SELECT,
+        0,
+        "ONCS: SV and SEL supported"
+    );
+    let wctemp = u32::from(id.wctemp.get());
+    assert!(wctemp > 273, "WCTEMP reported");
+    let tt = feat::TEMPERATURE_THRESHOLD;
+    let under = 1 << 20; // THSEL 1
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 0, 0),
+        (Status::SUCCESS, wctemp),
+        "over = WCTEMP"
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 0, under),
+        (Status::SUCCESS, 0)
+    );
+    assert!(
+        getf(&mut rig, &mut admin, tt, 0, 1 << 16)
+            .0
+            .same_code(Status::INVALID_FIELD),
+        "sensor 1"
+    );
+    assert!(
+        getf(&mut rig, &mut admin, tt, 0, 2 << 20)
+            .0
+            .same_code(Status::INVALID_FIELD),
+        "THSEL 2"
+    );
+    // Lower the over threshold below the composite temperature: SMART warns.
+    let c = rig.exec(&mut admin, cmd::set_features(tt, 290), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let c = rig.exec(&mut admin, cmd::set_features(tt, under | 10), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 0, 0),
+        (Status::SUCCESS, 290),
+        "current"
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 0, under),
+        (Status::SUCCESS, 10)
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 1, 0),
+        (Status::SUCCESS, wctemp),
+        "default"
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 2, 0),
+        (Status::SUCCESS, wctemp),
+        "saved = default"
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, tt, 3, 0),
+        (Status::SUCCESS, 0b100),
+        "changeable only"
+    );
+    assert!(
+        getf(&mut rig, &mut admin, tt, 4, 0)
+            .0
+            .same_code(Status::INVALID_FIELD),
+        "SEL 4 reserved"
+    );
+    let r = admin.wire().register(512);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::SMART, u32::MAX, 512, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let smart = SmartLog::read_from_bytes(&admin.wire().read_region(r)).unwrap();
+    assert_eq!(
+        smart.critical_warning & (1 << 1),
+        1 << 1,
+        "temperature warning"
+    );
+    // SEL for the other features.
+    rig.exec(&mut admin, cmd::set_num_queues(2), &[]);
+    assert_eq!(
+        getf(&mut rig, &mut admin, feat::NUM_QUEUES, 0, 0).1,
+        1 | (1 << 16)
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, feat::NUM_QUEUES, 1, 0).1,
+        3 | (3 << 16),
+        "max_io_queues 4"
+    );
+    rig.exec(
+        &mut admin,
+        cmd::set_features(feat::KEEP_ALIVE_TIMER, 9000),
+        &[],
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, feat::KEEP_ALIVE_TIMER, 0, 0).1,
+        9000
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, feat::KEEP_ALIVE_TIMER, 1, 0).1,
+        5000,
+        "Connect's KATO"
+    );
+    rig.exec(
+        &mut admin,
+        cmd::set_features(feat::ASYNC_EVENT_CONFIG, 1 << 8),
+        &[],
+    );
+    assert_eq!(
+        getf(&mut rig, &mut admin, feat::ASYNC_EVENT_CONFIG, 1, 0).1,
+        0
+    );
+    for fid in [
+        feat::NUM_QUEUES,
+        feat::KEEP_ALIVE_TIMER,
+        feat::ASYNC_EVENT_CONFIG,
+    ] {
+        assert_eq!(
+            getf(&mut rig, &mut admin, fid, 3, 0),
+            (Status::SUCCESS, 0b100)
+        );
+    }
+    assert!(getf(&mut rig, &mut admin, feat::ARBITRATION, 3, 0)
+        .0
+        .same_code(Status::INVALID_FIELD));
+    // Save: nothing is saveable.
+    let mut s = cmd::set_features(tt, 300);
+    s.cdw10 = U32::new(s.cdw10.get() | 1 << 31);
+    assert_status(&rig.exec(&mut admin, s, &[]), Status::FEATURE_NOT_SAVEABLE);
+}
+
+fn disconnect_cmd(recfmt: u16) -> Sqe {
+    let mut s = no_data(0x7f);
+    s.nsid = U32::new(0x08); // fctype
+    s.cdw10 = U32::new(u32::from(recfmt));
+    s
+}
+
+#[test]
+fn fabrics_disconnect_deletes_the_io_queue() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    assert_status(
+        &rig.exec(&mut admin, disconnect_cmd(0), &[]),
+        Status::INVALID_OPCODE,
+    );
+    let mut io = rig.io(1, cntlid);
+    assert_status(
+        &rig.exec(&mut io, disconnect_cmd(1), &[]),
+        connect_status_of(connect_status::INCOMPATIBLE_FORMAT),
+    );
+    let c = rig.exec(&mut io, disconnect_cmd(0), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    // The queue is gone: a command needs a Connect first.
+    assert_status(
+        &rig.exec(&mut io, cmd::flush(1), &[]),
+        Status::COMMAND_SEQUENCE_ERROR,
+    );
+    // Its queue id is free for a new connection; the controller lives on.
+    let mut io2 = rig.io(1, cntlid);
+    assert_eq!(
+        rig.exec(&mut io2, cmd::flush(1), &[]).status(),
+        Status::SUCCESS
+    );
+    assert_eq!(
+        rig.exec(&mut admin, cmd::keep_alive(), &[]).status(),
+        Status::SUCCESS
+    );
+}
+
+fn abort_cmd(sqid: u16, cid: u16) -> Sqe {
+    let mut s = no_data(admin_opc::ABORT);
+    s.cdw10 = U32::new(u32::from(sqid) | (u32::from(cid) << 16));
+    s
+}
+
+#[test]
+fn abort_aborts_a_held_aer_else_reports_not_aborted() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    let aer = admin.submit(cmd::async_event_request(), &[], 0).unwrap();
+    rig.pump();
+    assert!(admin.poll_one().is_none(), "AER held");
+    admin.submit(abort_cmd(0, aer), &[], 1).unwrap();
+    let (mut got_abort, mut got_aer) = (None, None);
+    for _ in 0..2 {
+        let c = rig.wait(&mut admin);
+        if c.cid == aer {
+            got_aer = Some(c);
+        } else {
+            got_abort = Some(c);
+        }
+    }
+    let (a, e) = (got_abort.unwrap(), got_aer.unwrap());
+    assert_eq!(a.status(), Status::SUCCESS);
+    assert_eq!(a.cqe.dw0.get() & 1, 0, "aborted");
+    assert_status(&e, Status::ABORT_REQUESTED);
+    // Nothing with that CID any more, or a command on an I/O queue: not aborted.
+    let c = rig.exec(&mut admin, abort_cmd(0, aer), &[]);
+    assert_eq!((c.status(), c.cqe.dw0.get() & 1), (Status::SUCCESS, 1));
+    let _io = rig.io(1, cntlid);
+    let c = rig.exec(&mut admin, abort_cmd(1, 0), &[]);
+    assert_eq!((c.status(), c.cqe.dw0.get() & 1), (Status::SUCCESS, 1));
+    // The aborted AER no longer counts against AERL: four fit again.
+    for i in 0..4 {
+        admin
+            .submit(cmd::async_event_request(), &[], 10 + i)
+            .unwrap();
+    }
+    rig.pump();
+    assert!(admin.poll_one().is_none(), "four AERs held, none refused");
+}
+
+/// Compare of `nlb` blocks at `slba` against `data`.
+pub fn compare_cmd(slba: u64, nlb: u16, data: SglDescriptor) -> Sqe {
+    with_opcode(cmd::write(1, slba, nlb, data), io_opc::COMPARE)
+}
+
+#[test]
+fn compare_matches_and_fails_and_fused_is_refused() {
+    let mut rig = Rig::default_rig();
+    let (mut admin, cntlid) = rig.admin(0);
+    let id = identify_ctrl(&mut rig, &mut admin);
+    assert_eq!(id.fuses.get(), 0, "no fused operations");
+    let mut io = rig.io(1, cntlid);
+    let a = pattern(4096, 3);
+    let c = rig.exec(
+        &mut io,
+        cmd::write(1, 16, 8, SglDescriptor::in_capsule(0, 4096)),
+        &a,
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let ic = SglDescriptor::in_capsule(0, 4096);
+    assert_eq!(
+        rig.exec(&mut io, compare_cmd(16, 8, ic), &a).status(),
+        Status::SUCCESS
+    );
+    let mut b = a.clone();
+    b[4000] ^= 1;
+    let c = rig.exec(&mut io, compare_cmd(16, 8, ic), &b);
+    assert_status(&c, Status::new(sct::MEDIA, 0x85));
+    // Keyed (RDMA READ of the host's data).
+    let r = io.wire().register(4096);
+    io.wire().write_region(r, 0, &a);
+    assert_eq!(
+        rig.exec(&mut io, compare_cmd(16, 8, keyed(r)), &[])
+            .status(),
+        Status::SUCCESS
+    );
+    let c = rig.exec(&mut io, compare_cmd(17, 8, keyed(r)), &[]);
+    assert_status(&c, Status::COMPARE_FAILURE);
+    let c = rig.exec(
+        &mut io,
+        compare_cmd(8191, 2, SglDescriptor::in_capsule(0, 1024)),
+        &a[..1024],
+    );
+    assert_status(&c, Status::LBA_OUT_OF_RANGE);
+    // Fused Compare and Write (first/second command): refused, queue lives on.
+    let mut first = compare_cmd(16, 8, ic);
+    first.cdw0 = U32::new(first.cdw0.get() | 1 << 8);
+    assert_status(&rig.exec(&mut io, first, &a), Status::INVALID_FIELD);
+    let mut second = cmd::write(1, 16, 8, ic);
+    second.cdw0 = U32::new(second.cdw0.get() | 2 << 8);
+    assert_status(&rig.exec(&mut io, second, &a), Status::INVALID_FIELD);
+    assert_eq!(
+        rig.exec(&mut io, compare_cmd(16, 8, ic), &a).status(),
+        Status::SUCCESS
+    );
+}
+
+/// A RAM namespace behind a volatile write cache that counts flushes.
+struct CachedRam {
+    ram: transport::backend::RamBackend,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl transport::backend::Backend for CachedRam {
+    fn describe(&self) -> String {
+        "cached-ram".into()
+    }
+    fn block_size(&self) -> u32 {
+        self.ram.block_size()
+    }
+    fn block_count(&self) -> u64 {
+        self.ram.block_count()
+    }
+    fn read(&self, slba: u64, buf: &mut [u8]) -> transport::Result<()> {
+        self.ram.read(slba, buf)
+    }
+    fn write(&self, slba: u64, buf: &[u8]) -> transport::Result<()> {
+        self.ram.write(slba, buf)
+    }
+    fn flush(&self) -> transport::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn write_zeroes(&self, slba: u64, nlb: u64) -> transport::Result<()> {
+        self.ram.write_zeroes(slba, nlb)
+    }
+    fn volatile_write_cache(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn volatile_write_cache_disabled_means_write_through() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use transport::backend::Backend as _;
+    let ns = std::sync::Arc::new(CachedRam {
+        ram: transport::backend::RamBackend::new(4 << 20, 512).unwrap(),
+        flushes: Default::default(),
+    });
+    let mut rig = Rig::with_backend(&config(""), ns.clone());
+    let (mut admin, cntlid) = rig.admin(0);
+    let id = identify_ctrl(&mut rig, &mut admin);
+    assert_eq!(id.vwc & 1, 1, "VWC present");
+    let vwc = feat::VOLATILE_WRITE_CACHE;
+    assert_eq!(
+        rig.exec(&mut admin, cmd::get_features(vwc), &[])
+            .cqe
+            .dw0
+            .get(),
+        1
+    );
+    let mut io = rig.io(1, cntlid);
+    let a = pattern(4096, 9);
+    let w = cmd::write(1, 0, 8, SglDescriptor::in_capsule(0, 4096));
+    assert_eq!(rig.exec(&mut io, w, &a).status(), Status::SUCCESS);
+    assert_eq!(ns.flushes.load(SeqCst), 0, "write-back: no flush per write");
+    let c = rig.exec(&mut admin, cmd::set_features(vwc, 0), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    assert_eq!(
+        rig.exec(&mut admin, cmd::get_features(vwc), &[])
+            .cqe
+            .dw0
+            .get(),
+        0
+    );
+    assert_eq!(rig.exec(&mut io, w, &a).status(), Status::SUCCESS);
+    assert_eq!(
+        ns.flushes.load(SeqCst),
+        1,
+        "write-through: flushed before completion"
+    );
+    assert_eq!(
+        rig.exec(&mut io, cmd::write_zeroes(1, 0, 8), &[]).status(),
+        Status::SUCCESS
+    );
+    assert_eq!(ns.flushes.load(SeqCst), 2);
+    let rd = keyed(io.wire().register(4096));
+    assert_eq!(
+        rig.exec(&mut io, cmd::read(1, 0, 8, rd), &[]).status(),
+        Status::SUCCESS
+    );
+    assert_eq!(ns.flushes.load(SeqCst), 2, "reads do not flush");
+    rig.exec(&mut admin, cmd::set_features(vwc, 1), &[]);
+    assert_eq!(rig.exec(&mut io, w, &a).status(), Status::SUCCESS);
+    assert_eq!(ns.flushes.load(SeqCst), 2, "write-back again");
+    assert_eq!(ns.block_count(), 8192);
 }

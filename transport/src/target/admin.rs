@@ -5,23 +5,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme::spec::{
-    admin_opc, build_ns_id_descriptors, cns, feat, log, nidt, oncs, set_ascii_field,
-    IdentifyController, IdentifyNamespace, LbaFormat, NsIdDescriptor, SmartLog, Sqe, Status, U128,
-    U16, U32, U64,
+    admin_opc, build_ns_id_descriptors, cns, cse, feat, feat_sel, io_opc, log, nidt, oncs,
+    set_ascii_field, CommandsEffectsLog, FirmwareSlotLog, IdentifyController, IdentifyNamespace,
+    LbaFormat, NsIdDescriptor, SmartLog, Sqe, Status, U128, U16, U32, U64,
 };
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::addr_family;
 use super::controller::{
-    Controller, AEC_DISCOVERY_CHANGE, AEC_NS_ATTR, AER_LIMIT, ERROR_LOG_ENTRIES, VERSION,
+    Controller, CtrlState, AEC_DISCOVERY_CHANGE, AEC_NS_ATTR, AER_LIMIT, CCTEMP_KELVIN,
+    COMPOSITE_TEMP_KELVIN, ERROR_LOG_ENTRIES, VERSION, WCTEMP_KELVIN,
 };
 use super::queue::{loc, Outcome, QueueCtx};
 use crate::config::TrType;
 use crate::fabrics::{
     connect_offset, connect_status, get_str, put_str, put_str_space, ConnectCommand, ConnectData,
     ConnectResponse, DiscoveryLogEntry, DiscoveryLogHeader, PropertyCommand, CNTLID_DYNAMIC,
-    FCTYPE_CONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET, SUBTYPE_CURRENT_DISCOVERY,
-    SUBTYPE_NVME, TRTYPE_RDMA,
+    FCTYPE_CONNECT, FCTYPE_DISCONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET,
+    SUBTYPE_CURRENT_DISCOVERY, SUBTYPE_NVME, TRTYPE_RDMA,
 };
 
 fn connect_err(sc: u8, in_data: bool, offset: u16) -> Outcome {
@@ -34,11 +35,41 @@ fn invalid_param(in_data: bool, offset: u16) -> Outcome {
     connect_err(connect_status::INVALID_PARAMETERS, in_data, offset)
 }
 
-/// Fabrics commands: Connect, Property Get, Property Set.
+/// Admin commands the target implements, with their Commands Supported and Effects
+/// entries (log page 05h); the dispatch in [`execute`] and `admin_shape` in `queue.rs`
+/// answer exactly these (the direct-mode opcodes only where direct mode is configured).
+pub(crate) const ADMIN_COMMANDS: &[(u8, u32)] = &[
+    (admin_opc::GET_LOG_PAGE, cse::CSUPP),
+    (admin_opc::IDENTIFY, cse::CSUPP),
+    (admin_opc::ABORT, cse::CSUPP),
+    (admin_opc::SET_FEATURES, cse::CSUPP),
+    (admin_opc::GET_FEATURES, cse::CSUPP),
+    (admin_opc::ASYNC_EVENT_REQUEST, cse::CSUPP),
+    (admin_opc::KEEP_ALIVE, cse::CSUPP),
+];
+
+/// NVM I/O commands the target implements, with their effects entries; `io_shape` in
+/// `queue.rs` accepts exactly these.
+pub(crate) const IO_COMMANDS: &[(u8, u32)] = &[
+    (io_opc::FLUSH, cse::CSUPP),
+    (io_opc::WRITE, cse::CSUPP | cse::LBCC),
+    (io_opc::READ, cse::CSUPP),
+    (io_opc::COMPARE, cse::CSUPP),
+    (io_opc::WRITE_ZEROES, cse::CSUPP | cse::LBCC),
+    (io_opc::DATASET_MANAGEMENT, cse::CSUPP | cse::LBCC),
+];
+
+/// Whether `opc` is an I/O command we implement.
+pub(crate) fn io_supported(opc: u8) -> bool {
+    IO_COMMANDS.iter().any(|&(o, _)| o == opc)
+}
+
+/// Fabrics commands: Connect, Property Get, Property Set, Disconnect.
 pub(crate) fn fabrics(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> Outcome {
     let fctype = cmd.as_bytes()[4];
     match fctype {
         FCTYPE_CONNECT => connect(ctx, cmd, data, now),
+        FCTYPE_DISCONNECT => disconnect(ctx, cmd),
         FCTYPE_PROPERTY_GET | FCTYPE_PROPERTY_SET => {
             let Some(ctrl) = &ctx.ctrl else {
                 return Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE);
@@ -71,6 +102,31 @@ pub(crate) fn fabrics(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) 
         }
         _ => Outcome::err(Status::INVALID_OPCODE, loc::FCTYPE),
     }
+}
+
+/// Disconnect (I/O queues only; `parse` refuses it on the admin queue): the I/O queue is
+/// deleted — its queue id is free for a new Connect and later commands on this
+/// connection need a Connect first. The host tears the connection down (the response
+/// must reach it first, so the target does not).
+fn disconnect(ctx: &mut QueueCtx, cmd: &Sqe) -> Outcome {
+    if cmd.cdw10.get() & 0xffff != 0 {
+        return Outcome::err(
+            Status::new(
+                nvme::spec::sct::COMMAND_SPECIFIC,
+                connect_status::INCOMPATIBLE_FORMAT,
+            ),
+            loc::CDW10,
+        );
+    }
+    if let Some(ctrl) = ctx.ctrl.take() {
+        ctrl.release_io_queue(ctx.qid);
+        tracing::debug!(
+            cntlid = ctrl.cntlid(),
+            qid = ctx.qid,
+            "I/O queue disconnected"
+        );
+    }
+    Outcome::ok()
 }
 
 /// Connect, with every refusal logged at warn: an operator sees which subsystem and host
@@ -335,7 +391,9 @@ pub(crate) fn identify_controller(ctrl: &Controller) -> IdentifyController {
     id.cntrltype = if sub.discovery { 2 } else { 1 };
     id.acl = 3;
     id.aerl = (AER_LIMIT - 1) as u8;
-    id.lpa = 1 << 2; // extended data for Get Log Page (offsets)
+    id.frmw = (1 << 1) | 1; // one firmware slot, read only
+                            // Commands Supported and Effects log; extended data for Get Log Page (offsets).
+    id.lpa = (1 << 1) | (1 << 2);
     id.elpe = (ERROR_LOG_ENTRIES - 1) as u8;
     id.kas = U16::new(10); // 100 ms units: 1 s granularity
     id.maxcmd = U16::new(lim.queue_depth);
@@ -350,12 +408,15 @@ pub(crate) fn identify_controller(ctrl: &Controller) -> IdentifyController {
     id.sqes = 0x66;
     id.cqes = 0x44;
     id.nn = U32::new(sub.max_nsid());
-    id.oncs = U16::new(oncs::DSM | oncs::WRITE_ZEROES);
-    let vwc = sub
-        .namespaces()
-        .iter()
-        .any(|n| n.backend.volatile_write_cache());
-    id.vwc = if vwc { 1 | (3 << 1) } else { 3 << 1 };
+    id.wctemp = U16::new(WCTEMP_KELVIN);
+    id.cctemp = U16::new(CCTEMP_KELVIN);
+    // Fused operations: none (FUSES 0); a fused command is refused with Invalid Field.
+    id.oncs = U16::new(oncs::COMPARE | oncs::DSM | oncs::WRITE_ZEROES | oncs::SAVE_SELECT);
+    id.vwc = if ctrl.has_volatile_cache() {
+        1 | (3 << 1)
+    } else {
+        3 << 1
+    };
     id.ioccsz = U32::new((64 + lim.in_capsule_data_size) / 16);
     id.iorcsz = U32::new(1);
     id
@@ -383,9 +444,45 @@ fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -
             }
             n.max(64)
         }
+        (log::FIRMWARE_SLOT, false) => {
+            let mut f = FirmwareSlotLog::new_zeroed();
+            f.afi = 1; // running slot 1; next reset: the same (bits 6:4 zero)
+            f.frs[0] = identify_controller(ctrl).fr;
+            page[..512].copy_from_slice(f.as_bytes());
+            512
+        }
+        (log::COMMANDS_SUPPORTED, false) => {
+            // Command set specific (NVMe 2.0): CSI in CDW14 bits 31:24; only NVM (0).
+            if cmd.cdw14.get() >> 24 != 0 {
+                return Outcome::err(Status::INVALID_FIELD, loc::CDW14);
+            }
+            let mut e = CommandsEffectsLog::new_zeroed();
+            for &(opc, fx) in ADMIN_COMMANDS {
+                e.acs[usize::from(opc)] = U32::new(fx);
+            }
+            if ctx.shared.direct.get().is_some() {
+                for opc in [
+                    crate::direct::proto::OPC_DIRECT_ATTACH,
+                    crate::direct::proto::OPC_DIRECT_DETACH,
+                ] {
+                    e.acs[usize::from(opc)] = U32::new(cse::CSUPP);
+                }
+            }
+            for &(opc, fx) in IO_COMMANDS {
+                e.iocs[usize::from(opc)] = U32::new(fx);
+            }
+            page.copy_from_slice(e.as_bytes());
+            4096
+        }
         (log::SMART, false) => {
             let mut s = SmartLog::zeroed();
-            s.temperature = U16::new(300);
+            s.temperature = U16::new(COMPOSITE_TEMP_KELVIN);
+            {
+                let st = ctrl.lock();
+                if COMPOSITE_TEMP_KELVIN > st.temp_over || COMPOSITE_TEMP_KELVIN < st.temp_under {
+                    s.critical_warning |= 1 << 1; // temperature threshold condition
+                }
+            }
             s.avail_spare = 100;
             s.spare_thresh = 10;
             let st = &ctrl.stats;
@@ -475,13 +572,43 @@ fn discovery_log(ctx: &QueueCtx, ctrl: &Controller, offset: u64, data: &mut [u8]
     Outcome::data(data.len())
 }
 
+/// Temperature Threshold (FID 04h) selection in CDW11: which threshold of which sensor.
+/// Only the composite temperature (TMPSEL 0; 0Fh = all sensors, Set Features only) is
+/// reported, so only it has thresholds. `Err` on another sensor or a reserved THSEL.
+fn temp_threshold_sel(dw11: u32, set: bool) -> Result<bool, Outcome> {
+    let tmpsel = (dw11 >> 16) & 0xf;
+    let thsel = (dw11 >> 20) & 0x3;
+    if !(tmpsel == 0 || (set && tmpsel == 0xf)) || thsel > 1 {
+        return Err(Outcome::err(Status::INVALID_FIELD, loc::CDW11));
+    }
+    Ok(thsel == 0) // true: over temperature threshold
+}
+
+/// Whether feature `fid` exists on this controller.
+fn feature_supported(ctrl: &Controller, fid: u8) -> bool {
+    let io = !ctrl.subsystem().discovery;
+    match fid {
+        feat::KEEP_ALIVE_TIMER | feat::ASYNC_EVENT_CONFIG => true,
+        feat::NUM_QUEUES | feat::TEMPERATURE_THRESHOLD => io,
+        // Without a volatile write cache the feature does not exist (Identify VWC = 0).
+        feat::VOLATILE_WRITE_CACHE => io && ctrl.has_volatile_cache(),
+        _ => false,
+    }
+}
+
 fn set_features(ctrl: &Controller, cmd: &Sqe, now: Instant) -> Outcome {
     let fid = cmd.cdw10.get() as u8;
     let dw11 = cmd.cdw11.get();
-    let discovery = ctrl.subsystem().discovery;
+    if !feature_supported(ctrl, fid) {
+        return Outcome::err(Status::INVALID_FIELD, loc::CDW10);
+    }
+    // Save (SV, CDW10 bit 31): no feature is saveable.
+    if cmd.cdw10.get() >> 31 != 0 {
+        return Outcome::err(Status::FEATURE_NOT_SAVEABLE, loc::CDW10);
+    }
     let mut st = ctrl.lock();
     match fid {
-        feat::NUM_QUEUES if !discovery => {
+        feat::NUM_QUEUES => {
             let (nsq, ncq) = ((dw11 & 0xffff) as u16, (dw11 >> 16) as u16);
             if nsq == 0xffff || ncq == 0xffff {
                 return Outcome::err(Status::INVALID_FIELD, loc::CDW11);
@@ -501,26 +628,73 @@ fn set_features(ctrl: &Controller, cmd: &Sqe, now: Instant) -> Outcome {
             st.aec = dw11;
             Outcome::ok()
         }
-        feat::VOLATILE_WRITE_CACHE if !discovery => {
-            st.vwc_enabled = dw11 & 1 != 0;
+        feat::TEMPERATURE_THRESHOLD => {
+            let over = match temp_threshold_sel(dw11, true) {
+                Ok(o) => o,
+                Err(o) => return o,
+            };
+            let t = dw11 as u16;
+            if over {
+                st.temp_over = t;
+            } else {
+                st.temp_under = t;
+            }
+            Outcome::ok()
+        }
+        feat::VOLATILE_WRITE_CACHE => {
+            ctrl.set_write_cache(&mut st, dw11 & 1 != 0);
             Outcome::ok()
         }
         _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
     }
 }
 
-fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
-    let fid = cmd.cdw10.get() as u8;
-    let discovery = ctrl.subsystem().discovery;
-    let st = ctrl.lock();
+/// Value of feature `fid` in `st` (CQE DW0); `default` gives the value at controller
+/// creation instead of the current one.
+fn feature_value(ctrl: &Controller, st: &CtrlState, fid: u8, dw11: u32, default: bool) -> Outcome {
     match fid {
-        feat::NUM_QUEUES if !discovery => {
-            let g = u64::from(st.nsq_granted.saturating_sub(1));
+        feat::NUM_QUEUES => {
+            let n = if default {
+                ctrl.limits().max_io_queues
+            } else {
+                st.nsq_granted
+            };
+            let g = u64::from(n.saturating_sub(1));
             Outcome::result(g | (g << 16))
         }
-        feat::KEEP_ALIVE_TIMER => Outcome::result(st.kato.as_millis() as u64),
-        feat::ASYNC_EVENT_CONFIG => Outcome::result(u64::from(st.aec)),
-        feat::VOLATILE_WRITE_CACHE if !discovery => Outcome::result(u64::from(st.vwc_enabled)),
+        feat::KEEP_ALIVE_TIMER => {
+            let k = if default { st.kato_connect } else { st.kato };
+            Outcome::result(k.as_millis() as u64)
+        }
+        feat::ASYNC_EVENT_CONFIG => Outcome::result(if default { 0 } else { u64::from(st.aec) }),
+        feat::TEMPERATURE_THRESHOLD => match temp_threshold_sel(dw11, false) {
+            Ok(true) => Outcome::result(u64::from(if default {
+                WCTEMP_KELVIN
+            } else {
+                st.temp_over
+            })),
+            Ok(false) => Outcome::result(if default { 0 } else { u64::from(st.temp_under) }),
+            Err(o) => o,
+        },
+        feat::VOLATILE_WRITE_CACHE => Outcome::result(u64::from(default || st.vwc_enabled)),
+        _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
+    }
+}
+
+/// Get Features with the Select field (CDW10 bits 10:8): current, default, saved (no
+/// feature is saveable, so the default) or supported capabilities (every feature we have
+/// is changeable, none saveable, none namespace specific).
+fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
+    let fid = cmd.cdw10.get() as u8;
+    let sel = ((cmd.cdw10.get() >> 8) & 7) as u8;
+    if !feature_supported(ctrl, fid) {
+        return Outcome::err(Status::INVALID_FIELD, loc::CDW10);
+    }
+    let st = ctrl.lock();
+    match sel {
+        feat_sel::CURRENT => feature_value(ctrl, &st, fid, cmd.cdw11.get(), false),
+        feat_sel::DEFAULT | feat_sel::SAVED => feature_value(ctrl, &st, fid, cmd.cdw11.get(), true),
+        feat_sel::SUPPORTED_CAPABILITIES => Outcome::result(u64::from(feat_sel::CAP_CHANGEABLE)),
         _ => Outcome::err(Status::INVALID_FIELD, loc::CDW10),
     }
 }

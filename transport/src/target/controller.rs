@@ -21,6 +21,14 @@ pub const AEC_NS_ATTR: u32 = 1 << 8;
 /// Asynchronous event configuration bit: discovery log page change notices.
 pub const AEC_DISCOVERY_CHANGE: u32 = 1 << 31;
 
+/// Default over temperature threshold of the composite temperature, kelvin: the
+/// Warning Composite Temperature Threshold (Identify WCTEMP) we report, 70 °C.
+pub const WCTEMP_KELVIN: u16 = 343;
+/// Critical Composite Temperature Threshold (Identify CCTEMP), 85 °C.
+pub const CCTEMP_KELVIN: u16 = 358;
+/// Composite temperature reported in the SMART log (no sensor behind our namespaces).
+pub const COMPOSITE_TEMP_KELVIN: u16 = 300;
+
 /// Counters reported in the SMART / health log and by `stats`.
 #[derive(Debug, Default)]
 pub struct ControllerStats {
@@ -43,6 +51,12 @@ pub(crate) struct CtrlState {
     pub kato: Duration,
     pub last_keep_alive: Instant,
     pub aec: u32,
+    /// Keep Alive Timeout given in Connect (the feature's default value).
+    pub kato_connect: Duration,
+    /// Temperature Threshold feature, composite sensor: over and under thresholds (K).
+    pub temp_over: u16,
+    pub temp_under: u16,
+    /// Volatile Write Cache feature (WCE); mirrored in [`Controller::write_through`].
     pub vwc_enabled: bool,
     pub nsq_granted: u16,
     pub io_queues: Vec<bool>,
@@ -63,6 +77,10 @@ pub struct Controller {
     alive: AtomicBool,
     /// Mirror of CSTS.RDY, read on every command without taking the lock.
     ready: AtomicBool,
+    /// The volatile write cache is disabled (Set Features VWC, WCE = 0) while a
+    /// namespace has one: every write is flushed before it completes. Read per I/O
+    /// without the lock.
+    write_through: AtomicBool,
     state: Mutex<CtrlState>,
     /// Counters.
     pub stats: ControllerStats,
@@ -85,12 +103,16 @@ impl Controller {
             limits,
             alive: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            write_through: AtomicBool::new(false),
             state: Mutex::new(CtrlState {
                 cc: Cc(0),
                 csts: Csts(0),
                 kato: Duration::from_millis(u64::from(kato_ms)),
+                kato_connect: Duration::from_millis(u64::from(kato_ms)),
                 last_keep_alive: now,
                 aec: 0,
+                temp_over: WCTEMP_KELVIN,
+                temp_under: 0,
                 vwc_enabled: subsys
                     .namespaces()
                     .iter()
@@ -151,6 +173,26 @@ impl Controller {
     /// Whether CSTS.RDY is set (I/O and most admin commands are allowed).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether writes must be flushed before they complete (the host disabled the
+    /// volatile write cache it was told about).
+    pub(crate) fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Relaxed)
+    }
+
+    /// Whether some namespace has a volatile write cache (Identify VWC bit 0).
+    pub(crate) fn has_volatile_cache(&self) -> bool {
+        self.subsys
+            .namespaces()
+            .iter()
+            .any(|n| n.backend.volatile_write_cache())
+    }
+
+    /// Set Features Volatile Write Cache (WCE).
+    pub(crate) fn set_write_cache(&self, st: &mut CtrlState, enabled: bool) {
+        st.vwc_enabled = enabled;
+        self.write_through.store(!enabled, Ordering::Relaxed);
     }
 
     pub(crate) fn limits(&self) -> Limits {

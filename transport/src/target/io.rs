@@ -1,4 +1,4 @@
-//! NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset Management.
+//! NVM I/O commands: Read, Write, Compare, Flush, Write Zeroes, Dataset Management.
 
 use nvme::spec::{dsm, io_opc, DsmRange, Sqe, Status};
 use zerocopy::FromBytes;
@@ -36,6 +36,7 @@ pub(crate) fn execute(ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome 
     let res = match cmd.opcode() {
         io_opc::READ => b.read(cmd.slba(), data).map(|_| Outcome::data(data.len())),
         io_opc::WRITE => b.write(cmd.slba(), data).map(|_| Outcome::ok()),
+        io_opc::COMPARE => compare(b, cmd.slba(), data),
         io_opc::FLUSH => b.flush().map(|_| Outcome::ok()),
         io_opc::WRITE_ZEROES => {
             let nlb = u64::from(cmd.nlb0()) + 1;
@@ -75,8 +76,48 @@ pub(crate) fn execute(ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome 
         }
         _ => return Outcome::err(Status::INVALID_OPCODE, loc::OPCODE),
     };
+    // Write-through when the host disabled the volatile write cache: the data is durable
+    // before the command completes.
+    let changed = matches!(
+        cmd.opcode(),
+        io_opc::WRITE | io_opc::WRITE_ZEROES | io_opc::DATASET_MANAGEMENT
+    );
+    let res = match res {
+        Ok(o) if changed && ctrl.write_through() && b.volatile_write_cache() => {
+            b.flush().map(|_| o)
+        }
+        r => r,
+    };
     res.unwrap_or_else(|e| {
         tracing::warn!(error = %e, nsid, "backend I/O failed");
         Outcome::err(backend_status(&e, cmd.opcode() != io_opc::READ), loc::CDW10)
     })
+}
+
+/// Compare: reads the blocks at `slba` a few at a time into a stack buffer (a larger
+/// block than that takes one heap buffer) and compares them with the host's `data`.
+fn compare(
+    b: &dyn crate::backend::Backend,
+    slba: u64,
+    data: &[u8],
+) -> crate::error::Result<Outcome> {
+    let bs = b.block_size() as usize;
+    let mut stack = [0u8; 4096];
+    let mut heap = Vec::new();
+    let scratch: &mut [u8] = if bs <= stack.len() {
+        &mut stack[..4096 / bs * bs]
+    } else {
+        heap.resize(bs, 0);
+        &mut heap
+    };
+    let mut lba = slba;
+    for chunk in data.chunks(scratch.len()) {
+        let got = &mut scratch[..chunk.len()];
+        b.read(lba, got)?;
+        if got != chunk {
+            return Ok(Outcome::err(Status::COMPARE_FAILURE, loc::CDW10));
+        }
+        lba += (chunk.len() / bs) as u64;
+    }
+    Ok(Outcome::ok())
 }

@@ -33,7 +33,8 @@ use super::controller::Controller;
 use super::{admin, io, TargetShared};
 use crate::backend::{AsyncOp, Backend, IoChannel, SubmitError};
 use crate::fabrics::{
-    DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_PROPERTY_GET, FCTYPE_PROPERTY_SET, OPC_FABRICS,
+    DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_DISCONNECT, FCTYPE_PROPERTY_GET,
+    FCTYPE_PROPERTY_SET, OPC_FABRICS,
 };
 use crate::pool::{BufIdx, BufferPool};
 use crate::wire::{Qpair, RemoteBuf, TransferDone};
@@ -506,6 +507,13 @@ impl<Q: Qpair> QueueHandler<Q> {
                         }
                     }
                     let cmd = req.cmd;
+                    if self.ctx.qid == 0 && cmd.opcode() == admin_opc::ABORT {
+                        let out = self.abort(&cmd);
+                        let req = &mut self.reqs[tag];
+                        req.out = out;
+                        req.state = ReqState::Completing;
+                        continue;
+                    }
                     let out = {
                         let data: &mut [u8] = match req.data {
                             Data::None => &mut [],
@@ -577,6 +585,33 @@ impl<Q: Qpair> QueueHandler<Q> {
             steps += 1;
         }
         steps
+    }
+
+    /// Abort (CDW10: SQID bits 15:0, CID bits 31:16). A command still queued here — an
+    /// Asynchronous Event Request waiting on this admin queue — completes with Abort
+    /// Requested and DW0 bit 0 is 0; any other command (in flight on an I/O queue, in a
+    /// device, or already done) runs to completion and DW0 bit 0 is 1, "not aborted".
+    fn abort(&mut self, cmd: &Sqe) -> Outcome {
+        let sqid = cmd.cdw10.get() as u16;
+        let cid = (cmd.cdw10.get() >> 16) as u16;
+        if sqid == self.ctx.qid {
+            if let Some(r) = self
+                .reqs
+                .iter_mut()
+                .find(|r| r.state == ReqState::AwaitEvent && r.cmd.cid() == cid)
+            {
+                r.out = Outcome {
+                    status: Status::ABORT_REQUESTED,
+                    loc: loc::OPCODE,
+                    ..Outcome::ok()
+                };
+                r.state = ReqState::Completing;
+                self.ctx.aers -= 1;
+                self.kick = true;
+                return Outcome::result(0);
+            }
+        }
+        Outcome::result(1)
     }
 
     /// Sends the response of request `tag` and frees it; false when the wire is busy.
@@ -729,6 +764,15 @@ fn start_async(
     let Some(ns) = ctrl.subsystem().namespace(cmd.nsid.get()) else {
         return Async::Sync;
     };
+    // Write-through (the host disabled the volatile write cache): the synchronous path
+    // flushes after the write.
+    if opc != io_opc::READ
+        && opc != io_opc::FLUSH
+        && ctrl.write_through()
+        && ns.backend.volatile_write_cache()
+    {
+        return Async::Sync;
+    }
     let id = backend_id(&ns.backend);
     let Some(ch) = chans.iter_mut().find(|c| c.backend == id) else {
         return Async::Sync;
@@ -836,6 +880,7 @@ pub(crate) mod loc {
     pub const CDW10: u16 = 40;
     pub const CDW11: u16 = 44;
     pub const CDW12: u16 = 48;
+    pub const CDW14: u16 = 56;
 }
 
 /// What a command needs, decided by opcode before anything executes.
@@ -877,6 +922,7 @@ fn parse(ctx: &QueueCtx, req: &mut Request) -> Result<ReqState, Outcome> {
             if opc == OPC_FABRICS {
                 match fctype {
                     FCTYPE_PROPERTY_GET | FCTYPE_PROPERTY_SET if ctx.qid == 0 => shape_none(),
+                    FCTYPE_DISCONNECT if ctx.qid != 0 => shape_none(),
                     FCTYPE_CONNECT => {
                         return Err(Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::FCTYPE))
                     }
@@ -963,6 +1009,7 @@ fn admin_shape(cmd: &Sqe) -> Result<Shape, Outcome> {
         }
         admin_opc::SET_FEATURES | admin_opc::GET_FEATURES => shape_none(),
         admin_opc::KEEP_ALIVE | admin_opc::ASYNC_EVENT_REQUEST => shape_none(),
+        admin_opc::ABORT => shape_none(),
         crate::direct::proto::OPC_DIRECT_ATTACH => from(256),
         crate::direct::proto::OPC_DIRECT_DETACH => shape_none(),
         _ => return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE)),
@@ -971,14 +1018,7 @@ fn admin_shape(cmd: &Sqe) -> Result<Shape, Outcome> {
 
 fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
     let opc = cmd.opcode();
-    if !matches!(
-        opc,
-        io_opc::READ
-            | io_opc::WRITE
-            | io_opc::FLUSH
-            | io_opc::WRITE_ZEROES
-            | io_opc::DATASET_MANAGEMENT
-    ) {
+    if !admin::io_supported(opc) {
         return Err(Outcome::err(Status::INVALID_OPCODE, loc::OPCODE));
     }
     let nsid = cmd.nsid.get();
@@ -991,7 +1031,7 @@ fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
     };
     let bs = ns.backend.block_size();
     Ok(match opc {
-        io_opc::READ | io_opc::WRITE => {
+        io_opc::READ | io_opc::WRITE | io_opc::COMPARE => {
             let nlb = u32::from(cmd.nlb0()) + 1;
             let len = nlb.saturating_mul(bs);
             let dir = if opc == io_opc::READ {
