@@ -64,6 +64,7 @@ fn kernel_initiator_nvme_cli_and_fio_on_every_backend() {
         );
         let subsys = sh_ok("nvme", &["list-subsys"]);
         assert!(subsys.contains(nqn), "list-subsys:\n{subsys}");
+        spec_commands(&dev, &scratch);
         if backend.starts_with("vfio:") {
             // the whole (64 MiB) namespace, small and large blocks
             fio_verify(&dev, "4k", 32, "64M");
@@ -80,6 +81,78 @@ fn kernel_initiator_nvme_cli_and_fio_on_every_backend() {
         "{stats}"
     );
     serve.stop();
+}
+
+/// The log pages, features and commands of issue 15 through nvme-cli: Firmware Slot log,
+/// Commands Supported and Effects log, Temperature Threshold with every Select value,
+/// Compare (matching and not).
+fn spec_commands(dev: &str, scratch: &Path) {
+    let fw = sh_ok("nvme", &["fw-log", dev]);
+    assert!(fw.contains("frs1"), "fw-log:\n{fw}");
+    // `--csi 0`: without it nvme-cli 2.3 reads CAP.CSS from the PCI BAR, which a fabrics
+    // controller has not, and silently prints nothing.
+    let fx = sh_ok("nvme", &["effects-log", dev, "--csi=0"]);
+    assert!(
+        fx.contains("Get Log Page") && fx.contains("Compare"),
+        "effects-log:\n{fx}"
+    );
+    for sel in ["0", "1", "2", "3"] {
+        let t = sh_ok("nvme", &["get-feature", dev, "-f", "4", "-s", sel]);
+        eprintln!("get-feature -f 4 -s {sel}: {}", t.trim());
+        // "get-feature:0x04 (Temperature Threshold), Current value:0x00000157"
+        let value = t
+            .split("value:")
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+        let want = if sel == "3" { 0b100 } else { 343 }; // changeable / WCTEMP in kelvin
+        assert_eq!(value, Some(want), "get-feature -f 4 -s {sel}:\n{t}");
+    }
+    let name = dev.trim_start_matches("/dev/");
+    let lbs: usize = std::fs::read_to_string(format!("/sys/block/{name}/queue/logical_block_size"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+    let same = scratch.join("compare-same.bin");
+    let other = scratch.join("compare-other.bin");
+    std::fs::write(&same, &data).unwrap();
+    let mut d2 = data.clone();
+    d2[100] ^= 0xff;
+    std::fs::write(&other, &d2).unwrap();
+    let c = (4096 / lbs - 1).to_string();
+    let args = |f: &Path| {
+        vec![
+            dev.to_string(),
+            "-s".into(),
+            "0".into(),
+            "-c".into(),
+            c.clone(),
+            "-z".into(),
+            "4096".into(),
+            "-d".into(),
+            f.display().to_string(),
+        ]
+    };
+    let run = |sub: &str, f: &Path| {
+        let mut a = vec![sub.to_string()];
+        a.extend(args(f));
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        sh("nvme", &a)
+    };
+    let w = run("write", &same);
+    assert!(w.status.success(), "nvme write: {w:?}");
+    let ok = run("compare", &same);
+    assert!(ok.status.success(), "nvme compare (same data): {ok:?}");
+    let bad = run("compare", &other);
+    let err =
+        String::from_utf8_lossy(&bad.stderr).to_string() + &String::from_utf8_lossy(&bad.stdout);
+    eprintln!("nvme compare (different data): {}", err.trim());
+    assert!(
+        !bad.status.success() && err.to_uppercase().contains("COMPARE"),
+        "nvme compare with different data must fail with Compare Failure: {bad:?}"
+    );
 }
 
 #[test]
