@@ -33,6 +33,23 @@ pub struct IoReq {
     pub index: usize,
 }
 
+impl IoReq {
+    /// The request as blocks of `1 << shift` bytes: `(slba, nlb)`, or the sentence that
+    /// says why it is not in whole blocks.
+    pub fn blocks(&self, shift: u32) -> Result<(u64, u64), String> {
+        let mask = (1u64 << shift) - 1;
+        if self.offset & mask != 0 || self.len as u64 & mask != 0 {
+            return Err(format!(
+                "I/O of {} bytes at offset {} is not in whole {}-byte blocks",
+                self.len,
+                self.offset,
+                1u64 << shift
+            ));
+        }
+        Ok((self.offset >> shift, (self.len as u64) >> shift))
+    }
+}
+
 /// What `queue` did with a request.
 pub enum Queued {
     /// In the queue; completes through `getevents`.
@@ -414,4 +431,33 @@ pub(crate) unsafe extern "C" fn event(td: *mut thread_data, i: c_int) -> *mut io
             .and_then(|t| t.events.get(i as usize).copied())
             .unwrap_or(std::ptr::null_mut())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IoReq;
+    use crate::sys::fio_ddir;
+
+    fn req(offset: u64, len: usize) -> IoReq {
+        IoReq {
+            ddir: fio_ddir::DDIR_READ,
+            offset,
+            len,
+            buf: std::ptr::null_mut(),
+            tag: 0,
+            index: 0,
+        }
+    }
+
+    #[test]
+    fn blocks_splits_whole_blocks_and_names_the_rest() {
+        assert_eq!(req(8192, 4096).blocks(12), Ok((2, 1)));
+        assert_eq!(req(1024, 1536).blocks(9), Ok((2, 3)));
+        let e = req(4096, 1000).blocks(12).unwrap_err();
+        assert!(
+            e.contains("1000 bytes at offset 4096") && e.contains("4096-byte"),
+            "{e}"
+        );
+        assert!(req(100, 4096).blocks(12).is_err());
+    }
 }

@@ -139,18 +139,13 @@ impl Backend for Nvmf {
     }
 
     fn queue(&mut self, r: &IoReq) -> Result<Queued, c_uint> {
-        let mask = (1u64 << self.shift) - 1;
-        if r.offset & mask != 0 || r.len as u64 & mask != 0 {
-            self.report(format!(
-                "I/O of {} bytes at offset {} is not in whole {}-byte blocks",
-                r.len,
-                r.offset,
-                1u64 << self.shift
-            ));
-            return Err(EINVAL);
-        }
-        let slba = r.offset >> self.shift;
-        let nlb = (r.len as u64) >> self.shift;
+        let (slba, nlb) = match r.blocks(self.shift) {
+            Ok(b) => b,
+            Err(msg) => {
+                self.report(msg);
+                return Err(EINVAL);
+            }
+        };
         let sqe = match r.ddir {
             fio_ddir::DDIR_READ | fio_ddir::DDIR_WRITE => {
                 let Some(pool) = &self.pool else {
