@@ -8,16 +8,14 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use transport::direct::host::{Completions, DirectHost, DirectQueue, HostOptions};
 
 mod common;
-use common::{blockdev_of, discover, env, sh, sh_ok};
-
-const BIN: &str = env!("CARGO_BIN_EXE_nvmf-p2p");
+use common::serve::{Serve, BIN};
+use common::{blockdev_of, env, sh, sh_ok};
 const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-direct";
 const DIRECT_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d1";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000e2";
@@ -28,83 +26,27 @@ const PORT: u16 = 4430;
 #[global_allocator]
 static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
 
-struct Serve {
-    child: Child,
-    log: PathBuf,
-    sock: PathBuf,
-}
-
-impl Serve {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    /// utime + stime of the serve process, in seconds.
-    fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // fields after ')' start at state (3rd field overall): utime is 14th, stime 15th.
-        (ticks(11) + ticks(12)) / 100.0
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = sh("kill", &["-TERM", &self.child.id().to_string()]);
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// serve with the direct-mode subsystem, once direct mode is up.
 fn start_serve() -> Serve {
-    let scratch = PathBuf::from(env("NVMF_P2P_SCRATCH"));
-    let sock = PathBuf::from("/run/nvmf-p2p/vm-direct.sock");
-    let cfg = scratch.join("vm-direct.toml");
-    let text = format!(
-        "control_socket = \"{}\"\n\n[[listener]]\ntrtype = \"rdma\"\naddress = \"{}\"\nport = {PORT}\n\n\
-         [[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\ndirect_hosts = [\"{DIRECT_HOST}\"]\n\
+    let subsystems = format!(
+        "[[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\ndirect_hosts = [\"{DIRECT_HOST}\"]\n\
          [[subsystem.namespace]]\nbackend = \"vfio:{}\"\n",
-        sock.display(),
-        env("NVMF_P2P_ADDR"),
         env("NVMF_P2P_BDF"),
     );
-    std::fs::write(&cfg, text).unwrap();
-    let log = scratch.join("vm-direct.log");
-    let child = Command::new(BIN)
-        .args(["--log", "info", "serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn nvmf-p2p serve");
-    let mut s = Serve { child, log, sock };
+    let mut s = Serve::start("vm-direct", PORT, &subsystems);
     let t0 = Instant::now();
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
+    while !s.log_text().contains("direct mode on") {
+        if let Some(st) = s.child_status() {
             panic!("serve exited early ({st}):\n{}", s.log_text());
-        }
-        if s.sock.exists() && s.log_text().contains("direct mode on") {
-            let d = discover(PORT);
-            if d.status.success() {
-                return s;
-            }
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "serve did not come up:\n{}",
+            "direct mode did not come up:\n{}",
             s.log_text()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    s
 }
 
 fn direct_args(host: &str, extra: &[&str]) -> Vec<String> {
@@ -211,7 +153,12 @@ fn direct_mode_end_to_end() {
     let lba_size = a["lba_size"].as_u64().unwrap() as usize;
     let st: serde_json::Value = serde_json::from_str(&sh_ok(
         BIN,
-        &["stats", "--json", "--socket", serve.sock.to_str().unwrap()],
+        &[
+            "stats",
+            "--json",
+            "--socket",
+            serve.sock().to_str().unwrap(),
+        ],
     ))
     .unwrap();
     assert!(st["direct"]["refused"].as_u64().unwrap() >= 1, "{st}");
@@ -656,7 +603,12 @@ fn reset_under_load(serve: &Serve, completions: &str, seed: &str, lba: &str) {
     loop {
         let st: serde_json::Value = serde_json::from_str(&sh_ok(
             BIN,
-            &["stats", "--json", "--socket", serve.sock.to_str().unwrap()],
+            &[
+                "stats",
+                "--json",
+                "--socket",
+                serve.sock().to_str().unwrap(),
+            ],
         ))
         .unwrap();
         let flowing = st["direct"]["queues"].as_array().is_some_and(|q| {
@@ -678,7 +630,7 @@ fn reset_under_load(serve: &Serve, completions: &str, seed: &str, lba: &str) {
         &[
             "ctl",
             "--socket",
-            serve.sock.to_str().unwrap(),
+            serve.sock().to_str().unwrap(),
             "reset-device",
         ],
     );

@@ -80,6 +80,22 @@ impl Serve {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// The control socket.
+    pub fn sock(&self) -> &std::path::Path {
+        &self.sock
+    }
+
+    /// utime + stime of the serve process so far, in seconds (0 once it has exited).
+    pub fn cpu_seconds(&self) -> f64 {
+        let Some(c) = &self.child else { return 0.0 };
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id())).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // fields after ')' start at state (3rd field overall): utime is 14th, stime 15th.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -117,8 +133,17 @@ impl Serve {
 }
 
 impl Drop for Serve {
+    /// Not stopped by the test (a failed check): SIGTERM, up to 20 s to drain, then kill.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = sh("kill", &["-TERM", &c.id().to_string()]);
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
