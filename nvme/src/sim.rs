@@ -22,6 +22,12 @@ use crate::spec::{
     IdentifyNamespace, LbaFormat, NsIdDescriptor, Sqe, Status, PAGE_SIZE, U16, U32, U64,
 };
 
+/// Composite temperature of the simulated controller's SMART log (45 °C): not the 300 K
+/// a target answers without a device, so tests can tell a passed-through log.
+pub const SIM_TEMPERATURE_KELVIN: u16 = 318;
+/// Error count of the one entry of the simulated controller's Error Information log.
+pub const SIM_ERROR_COUNT: u64 = 3;
+
 /// Simulated controller configuration.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -953,12 +959,30 @@ impl Engine {
                 let len = numd * 4;
                 let mut v = vec![0u8; len.min(2 * PAGE_SIZE)];
                 match cdw10 as u8 {
-                    log::ERROR => {}
+                    log::ERROR => {
+                        // One entry, so a target passing the log through shows it.
+                        let e = spec::ErrorLogEntry {
+                            error_count: SIM_ERROR_COUNT.into(),
+                            sqid: U16::new(1),
+                            cid: U16::new(7),
+                            status: U16::new(Status::LBA_OUT_OF_RANGE.to_field_with_phase(false)),
+                            parameter_error_location: U16::new(0xffff),
+                            lba: 0x1234u64.into(),
+                            nsid: 1u32.into(),
+                            ..Default::default()
+                        };
+                        let b = e.as_bytes();
+                        let n = b.len().min(v.len());
+                        v[..n].copy_from_slice(&b[..n]);
+                    }
                     log::SMART => {
                         let mut sl = spec::SmartLog::zeroed();
-                        sl.temperature = U16::new(300);
-                        sl.avail_spare = 100;
+                        sl.temperature = U16::new(SIM_TEMPERATURE_KELVIN);
+                        sl.temp_sensor[0] = U16::new(SIM_TEMPERATURE_KELVIN);
+                        sl.avail_spare = 97;
                         sl.spare_thresh = 10;
+                        sl.power_on_hours = 42u128.into();
+                        sl.num_error_log_entries = u128::from(SIM_ERROR_COUNT).into();
                         sl.host_read_commands = (self.reads as u128).into();
                         sl.host_write_commands = (self.writes as u128).into();
                         let b = sl.as_bytes();

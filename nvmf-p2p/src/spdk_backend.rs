@@ -811,6 +811,7 @@ struct SyncIo {
 /// Namespace `nsid` of an SPDK-attached controller as a target backend.
 pub struct SpdkBackend {
     name: String,
+    nsid: u32,
     ns: NonNull<sys::spdk_nvme_ns>,
     block_size: u32,
     blocks: u64,
@@ -851,6 +852,7 @@ impl SpdkBackend {
         let vwc = ctrl.identify().vwc & 1 == 1;
         Ok(SpdkBackend {
             name,
+            nsid,
             ns,
             block_size,
             blocks,
@@ -993,6 +995,37 @@ impl Backend for SpdkBackend {
         let q = SpdkQueue::open(&self.ctrl, self.ns, CHANNEL_DEPTH)?;
         tracing::info!(backend = %self.name, depth = q.depth, interrupt_fd = ?q.wake, "poll group SPDK queue pair");
         Ok(Some(Box::new(SpdkChannel { q })))
+    }
+    fn device(&self) -> Option<transport::backend::DeviceRef> {
+        Some(transport::backend::DeviceRef {
+            key: Arc::as_ptr(&self.ctrl) as usize,
+            name: format!("spdk:{}", self.ctrl.bdf),
+            nsid: self.nsid,
+        })
+    }
+    fn device_log_page(&self, lid: u8, len: usize) -> Result<Vec<u8>> {
+        if len == 0 || len > 2 * nvme::spec::PAGE_SIZE || !len.is_multiple_of(4) {
+            return Err(backend_err(
+                &self.name,
+                "get log page",
+                format!("log page length {len}"),
+            ));
+        }
+        let buf = alloc_dma(len)?;
+        // SPDK fills the CID and the data pointer (admin_raw).
+        let sqe = Sqe::get_log_page(lid, u32::MAX, len as u32, 0, 0, 0);
+        let cqe = self.ctrl.admin_raw(&sqe, Some(&buf))?;
+        if !cqe.status().is_success() {
+            return Err(backend_err(
+                &self.name,
+                "get log page",
+                format!("log page {lid:#04x}: status {:?}", cqe.status()),
+            ));
+        }
+        let mut v = vec![0u8; len];
+        buf.read(0, &mut v)
+            .map_err(|e| backend_err(&self.name, "get log page", e.to_string()))?;
+        Ok(v)
     }
 }
 

@@ -71,6 +71,33 @@ pub trait Backend: Send + Sync {
     fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
         Ok(None)
     }
+    /// The NVMe controller this backend's blocks live on, whose health and error logs
+    /// the target passes through (Get Log Page 02h and 01h, see
+    /// `transport/src/target/device_logs.rs`). `None`: no device (ram, file).
+    fn device(&self) -> Option<DeviceRef> {
+        None
+    }
+    /// Reads `len` bytes of log page `lid` with controller scope (NSID FFFFFFFFh) from the
+    /// controller of [`Backend::device`]. An admin command to the device, synchronous:
+    /// for log pages hosts read rarely, never for I/O.
+    fn device_log_page(&self, _lid: u8, _len: usize) -> Result<Vec<u8>> {
+        Err(Error::BackendUnavailable {
+            kind: "device log",
+            reason: "this backend has no device",
+        })
+    }
+}
+
+/// Which controller (and which of its namespaces) a backend is ([`Backend::device`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRef {
+    /// The same for every namespace of one controller (the target reads each
+    /// controller's logs once, however many of its namespaces a subsystem has).
+    pub key: usize,
+    /// The controller for messages (`vfio:0000:01:00.0`).
+    pub name: String,
+    /// The namespace id on the device.
+    pub nsid: u32,
 }
 
 /// A command for [`IoChannel::submit`]. Data buffers lie in memory of the channel's DMA

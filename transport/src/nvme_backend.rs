@@ -18,7 +18,7 @@ use std::time::Duration;
 use nvme::spec::{Sqe, Status};
 use nvme::{Controller, DmaBuffer, IoQueuePair, QueueOptions};
 
-use crate::backend::{check_range, AsyncOp, Backend, Fault, IoChannel, SubmitError};
+use crate::backend::{check_range, AsyncOp, Backend, DeviceRef, Fault, IoChannel, SubmitError};
 use crate::error::{Error, Result};
 
 /// Timeout of one synchronous command.
@@ -282,6 +282,24 @@ impl Backend for NvmeBackend {
             qp,
             dev: self.dev.clone(),
         })))
+    }
+    fn device(&self) -> Option<DeviceRef> {
+        // `vfio:BDF:nsid` names namespace `nsid` of controller `vfio:BDF`.
+        let name = match self.name.rsplit_once(':') {
+            Some((ctrl, ns)) if ns == self.nsid.to_string() => ctrl.to_string(),
+            _ => self.name.clone(),
+        };
+        Some(DeviceRef {
+            key: Arc::as_ptr(&self.dev) as *const () as usize,
+            name,
+            nsid: self.nsid,
+        })
+    }
+    fn device_log_page(&self, lid: u8, len: usize) -> Result<Vec<u8>> {
+        self.dev
+            .controller()
+            .get_log_page(lid, u32::MAX, len)
+            .map_err(|e| io_err(&self.name, "get log page", e))
     }
 }
 

@@ -612,3 +612,111 @@ fn compare_on_a_namespace_with_an_async_channel() {
     assert_eq!(cs[2].status(), Status::SUCCESS);
     assert_eq!(rig.group.free_buffers(), 16, "every pool buffer returned");
 }
+
+/// SMART / Health and Error Information logs come from the devices behind the namespaces
+/// (the simulator's 318 K, its power-on hours, its one error entry), each device counted
+/// once however many namespaces it backs, combined over devices.
+#[test]
+fn smart_and_error_logs_pass_through_from_devices() {
+    use nvme::sim::{SIM_ERROR_COUNT, SIM_TEMPERATURE_KELVIN};
+    use nvme::spec::{log, ErrorLogEntry, SmartLog};
+    use transport::config::{BackendSpec, TargetConfig};
+    use zerocopy::FromBytes;
+
+    let start = || {
+        let sim = Simulator::start(SimConfig {
+            blocks: 1024,
+            block_size: 4096,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        let ctrl = Arc::new(Controller::new(sim.platform(), ControllerOptions::default()).unwrap());
+        (sim, ctrl)
+    };
+    let (_sim_a, a) = start();
+    let (_sim_b, b) = start();
+    // nsid 1 and 2: namespace 1 of device A (twice), nsid 3: namespace 1 of device B.
+    let text = config_text("").replacen(
+        "backend = \"ram:4MiB\"",
+        "backend = \"ram:4MiB\"\n[[subsystem.namespace]]\nbackend = \"ram:2MiB\"\n\
+         [[subsystem.namespace]]\nbackend = \"ram:3MiB\"",
+        1,
+    );
+    let cfg = TargetConfig::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let open = |c: &Arc<Controller>, name: &str| -> Arc<dyn Backend> {
+        Arc::new(NvmeBackend::open(c.clone(), name.into(), 1, 128 * 1024).unwrap())
+    };
+    let (na1, na2, nb) = (
+        open(&a, "sim-a:1"),
+        open(&a, "sim-a:1"),
+        open(&b, "sim-b:1"),
+    );
+    let target = Target::with_backends(&cfg, |spec| match spec {
+        BackendSpec::Ram { size } if *size == 4 << 20 => Ok(na1.clone()),
+        BackendSpec::Ram { size } if *size == 2 << 20 => Ok(na2.clone()),
+        BackendSpec::Ram { size } if *size == 3 << 20 => Ok(nb.clone()),
+        s => transport::backend::open_backend(s, None),
+    })
+    .unwrap();
+    let mut rig = Rig::with_target(target);
+    let (mut admin, _) = rig.admin(0);
+
+    let r = admin.wire().register(512);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::SMART, u32::MAX, 512, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let s = SmartLog::read_from_bytes(&admin.wire().read_region(r)).unwrap();
+    assert_eq!(s.temperature.get(), SIM_TEMPERATURE_KELVIN, "the device's");
+    assert_eq!(s.avail_spare, 97);
+    assert_eq!(
+        s.power_on_hours.get(),
+        2 * 42,
+        "two devices, A counted once"
+    );
+    assert_eq!(
+        s.num_error_log_entries.get(),
+        2 * u128::from(SIM_ERROR_COUNT)
+    );
+    assert_eq!(s.critical_warning, 0);
+
+    // A temperature threshold below the device's temperature raises the warning bit.
+    let c = rig.exec(&mut admin, cmd::set_features(4, 310), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::SMART, u32::MAX, 512, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let s = SmartLog::read_from_bytes(&admin.wire().read_region(r)).unwrap();
+    assert_eq!(s.critical_warning & (1 << 1), 1 << 1);
+
+    let r = admin.wire().register(4096);
+    let c = rig.exec(
+        &mut admin,
+        cmd::get_log_page(log::ERROR, u32::MAX, 4096, 0, keyed(r)),
+        &[],
+    );
+    assert_eq!(c.status(), Status::SUCCESS);
+    let page = admin.wire().read_region(r);
+    let entries: Vec<ErrorLogEntry> = page
+        .chunks_exact(64)
+        .map(|c| ErrorLogEntry::read_from_bytes(c).unwrap())
+        .filter(|e| e.error_count.get() != 0)
+        .collect();
+    assert_eq!(entries.len(), 2, "one entry per device: {entries:?}");
+    assert!(entries
+        .iter()
+        .all(|e| e.error_count.get() == SIM_ERROR_COUNT
+            && e.lba.get() == 0x1234
+            && e.sqid.get() == 0xffff
+            && e.cid.get() == 0xffff));
+    // Device A's namespace 1 is our nsid 1, device B's is our nsid 3.
+    assert_eq!(
+        entries.iter().map(|e| e.nsid.get()).collect::<Vec<_>>(),
+        [1, 3]
+    );
+}

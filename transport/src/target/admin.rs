@@ -189,7 +189,7 @@ fn connect_checked(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> 
     let Some(subnqn) = get_str(&d.subnqn) else {
         return invalid_param(true, connect_offset::DATA_SUBNQN);
     };
-    let Some(sub) = ctx.shared.subsystem(subnqn).cloned() else {
+    let Some(sub) = ctx.shared.subsystem(subnqn) else {
         return invalid_param(true, connect_offset::DATA_SUBNQN);
     };
     // An empty host NQN is what spdk_nvme_perf sends when `-r` has no `hostnqn:` (it copies
@@ -380,8 +380,8 @@ pub(crate) fn identify_controller(ctrl: &Controller) -> IdentifyController {
     let sub = ctrl.subsystem();
     let lim = ctrl.limits();
     let mut id = IdentifyController::zeroed();
-    set_ascii_field(&mut id.sn, &sub.serial);
-    set_ascii_field(&mut id.mn, &sub.model);
+    set_ascii_field(&mut id.sn, &sub.serial());
+    set_ascii_field(&mut id.mn, &sub.model());
     set_ascii_field(&mut id.fr, env!("CARGO_PKG_VERSION"));
     id.rab = 6;
     id.cmic = 1 << 1; // several controllers per subsystem
@@ -436,13 +436,16 @@ fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -
     let len = match (lid, sub.discovery) {
         (log::DISCOVERY, true) => return discovery_log(ctx, ctrl, offset, data),
         (log::ERROR, _) => {
-            let st = ctrl.lock();
-            let mut n = 0;
-            for (i, e) in st.error_log.iter().enumerate().take(page.len() / 64) {
+            // This controller's errors (newest first), then the devices' (passed through).
+            let mut entries: Vec<nvme::spec::ErrorLogEntry> =
+                ctrl.lock().error_log.iter().copied().collect();
+            entries.truncate(ERROR_LOG_ENTRIES);
+            let room = ERROR_LOG_ENTRIES - entries.len();
+            entries.extend(super::device_logs::errors(&sub.namespaces()[..], room));
+            for (i, e) in entries.iter().enumerate().take(page.len() / 64) {
                 page[i * 64..(i + 1) * 64].copy_from_slice(e.as_bytes());
-                n = (i + 1) * 64;
             }
-            n.max(64)
+            (entries.len() * 64).clamp(64, page.len())
         }
         (log::FIRMWARE_SLOT, false) => {
             let mut f = FirmwareSlotLog::new_zeroed();
@@ -475,23 +478,41 @@ fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -
             4096
         }
         (log::SMART, false) => {
-            let mut s = SmartLog::zeroed();
-            s.temperature = U16::new(COMPOSITE_TEMP_KELVIN);
+            // The devices' health, combined (device_logs.rs); without a device, this
+            // controller's own counters and a nominal temperature.
+            let own_errors = u128::from(ctrl.lock().error_count);
+            let mut s = match super::device_logs::smart(&sub.namespaces()[..]) {
+                Some(mut s) => {
+                    let n = s.num_error_log_entries.get().saturating_add(own_errors);
+                    s.num_error_log_entries = U128::new(n);
+                    s
+                }
+                None => {
+                    let mut s = SmartLog::zeroed();
+                    s.temperature = U16::new(COMPOSITE_TEMP_KELVIN);
+                    s.avail_spare = 100;
+                    s.spare_thresh = 10;
+                    let st = &ctrl.stats;
+                    let units = |b: u64| U128::new(u128::from(b.div_ceil(512_000)));
+                    s.data_units_read = units(st.bytes_read.load(Ordering::Relaxed));
+                    s.data_units_written = units(st.bytes_written.load(Ordering::Relaxed));
+                    s.host_read_commands =
+                        U128::new(st.read_commands.load(Ordering::Relaxed).into());
+                    s.host_write_commands =
+                        U128::new(st.write_commands.load(Ordering::Relaxed).into());
+                    s.num_error_log_entries = U128::new(own_errors);
+                    s
+                }
+            };
             {
+                // The thresholds a host set with Set Features (FID 04h) apply to the
+                // composite temperature we report.
                 let st = ctrl.lock();
-                if COMPOSITE_TEMP_KELVIN > st.temp_over || COMPOSITE_TEMP_KELVIN < st.temp_under {
+                let t = s.temperature.get();
+                if t > st.temp_over || t < st.temp_under {
                     s.critical_warning |= 1 << 1; // temperature threshold condition
                 }
             }
-            s.avail_spare = 100;
-            s.spare_thresh = 10;
-            let st = &ctrl.stats;
-            let units = |b: u64| U128::new(u128::from(b.div_ceil(512_000)));
-            s.data_units_read = units(st.bytes_read.load(Ordering::Relaxed));
-            s.data_units_written = units(st.bytes_written.load(Ordering::Relaxed));
-            s.host_read_commands = U128::new(st.read_commands.load(Ordering::Relaxed).into());
-            s.host_write_commands = U128::new(st.write_commands.load(Ordering::Relaxed).into());
-            s.num_error_log_entries = U128::new(ctrl.lock().error_count.into());
             page[..512].copy_from_slice(s.as_bytes());
             512
         }
@@ -517,9 +538,9 @@ fn discovery_log(ctx: &QueueCtx, ctrl: &Controller, offset: u64, data: &mut [u8]
     let shared = &ctx.shared;
     let host = ctrl.hostnqn();
     let mut entries: Vec<DiscoveryLogEntry> = Vec::new();
-    for (portid, l) in shared.listeners.iter().enumerate() {
-        for sub in shared
-            .subsystems
+    let subsystems = shared.subsystem_list();
+    for (portid, l) in shared.listener_list().iter().enumerate() {
+        for sub in subsystems
             .iter()
             .filter(|s| s.discovery || s.host_allowed(host))
         {
