@@ -47,6 +47,13 @@ pub const DEFAULT_IN_CAPSULE_DATA_SIZE: u32 = 8192;
 pub const DEFAULT_MAX_IO_SIZE: u32 = 128 * 1024;
 /// Default number of data buffers per poll group.
 pub const DEFAULT_DATA_BUFFERS: u32 = 256;
+/// Largest `max_io_size` accepted (bytes): every data buffer has this size.
+pub const MAX_MAX_IO_SIZE: u32 = 1 << 20;
+/// Largest `data_buffers` accepted (per poll group).
+pub const MAX_DATA_BUFFERS: u32 = 16384;
+/// Largest data pool of one poll group (`data_buffers × max_io_size`, bytes): pinned,
+/// DMA-mapped and registered memory.
+pub const MAX_POOL_BYTES: u64 = 1 << 30;
 
 /// Whole target configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +92,14 @@ pub struct TargetConfig {
     /// Control socket path used by `nvmf-p2p stats` / `ctl`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// TCP port of direct mode's own RDMA CM listener (on the first listener's address),
+    /// for firewalls; 0 (the default): a free port the kernel picks, which hosts learn
+    /// from the attach descriptor.
+    #[serde(default)]
+    pub direct_port: u16,
+    /// Prometheus metrics over HTTP (`GET /metrics`); off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     /// Listeners; each also serves the discovery subsystem.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -93,11 +108,21 @@ pub struct TargetConfig {
     pub subsystems: Vec<SubsystemConfig>,
 }
 
+/// The `[metrics]` table: an HTTP listener serving `nvmf-p2p stats --format prometheus`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port, e.g. `127.0.0.1:9464`; a loopback address (the counters are not
+    /// authenticated).
+    pub listen: std::net::SocketAddr,
+}
+
 /// Transport type of a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrType {
     /// NVMe over RDMA (RoCE / iWARP / InfiniBand).
+    #[default]
     Rdma,
 }
 
@@ -105,7 +130,8 @@ pub enum TrType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Transport type.
+    /// Transport type (default `rdma`, the only one).
+    #[serde(default)]
     pub trtype: TrType,
     /// IP address to listen on.
     pub address: IpAddr,
@@ -346,6 +372,8 @@ impl Default for TargetConfig {
             shadow_doorbells: true,
             nvme_interrupts: true,
             control_socket: default_control_socket(),
+            direct_port: 0,
+            metrics: None,
             listeners: Vec::new(),
             subsystems: Vec::new(),
         }
@@ -369,7 +397,16 @@ struct SpannedShadow {
     #[serde(default)]
     data_buffers: Option<Spanned<toml::Value>>,
     #[serde(default)]
+    cores: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    metrics: Option<SpannedMetrics>,
+    #[serde(default)]
     subsystem: Vec<SpannedSubsystem>,
+}
+
+#[derive(Deserialize)]
+struct SpannedMetrics {
+    listen: Spanned<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -381,6 +418,8 @@ struct SpannedSubsystem {
     model: Option<Spanned<String>>,
     #[serde(default)]
     hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    direct_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     namespace: Vec<SpannedNamespace>,
 }
@@ -411,6 +450,16 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
 }
 
+/// The name of a `[name]` table header (single brackets) at or after `offset`'s line
+/// start, when the span toml reports begins on one.
+fn single_table_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?.trim();
+    let name = line.strip_prefix('[')?.split(']').next()?.trim();
+    (!line.starts_with("[[") && !name.is_empty()).then(|| name.to_owned())
+}
+
 impl TargetConfig {
     /// Loads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -431,13 +480,23 @@ impl TargetConfig {
                 }
                 None => (0, 0, None),
             };
-            let message = e.message().trim().to_owned();
-            let field = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.contains("field"))
-                .map(str::to_owned)
-                .or(field_from_span)
+            let mut message = e.message().trim().to_owned();
+            // `[listener]` where `[[listener]]` is meant: toml points at the table.
+            let table = e.span().and_then(|span| single_table_at(text, span.start));
+            if let Some(t) = &table {
+                if ["listener", "subsystem", "subsystem.namespace"].contains(&t.as_str()) {
+                    message = format!("{message}: `{t}` is a list of tables, write [[{t}]]");
+                }
+            }
+            let field = table
+                .or_else(|| {
+                    message
+                        .split('`')
+                        .nth(1)
+                        .filter(|_| message.contains("field"))
+                        .map(str::to_owned)
+                        .or(field_from_span)
+                })
                 .unwrap_or_else(|| "<document>".to_owned());
             Error::Config {
                 file: file.to_owned(),
@@ -498,12 +557,45 @@ impl TargetConfig {
                 "must be a power of two ≥ 4096".into(),
             ));
         }
-        if self.data_buffers == 0 {
+        if self.max_io_size > MAX_MAX_IO_SIZE {
+            return Err(err(
+                sp(&sh.max_io_size),
+                "max_io_size".into(),
+                format!(
+                    "must be at most {MAX_MAX_IO_SIZE} (1 MiB): every data buffer has this size"
+                ),
+            ));
+        }
+        if self.data_buffers == 0 || self.data_buffers > MAX_DATA_BUFFERS {
             return Err(err(
                 sp(&sh.data_buffers),
                 "data_buffers".into(),
-                "must be ≥ 1".into(),
+                format!("must be between 1 and {MAX_DATA_BUFFERS}"),
             ));
+        }
+        let pool = u64::from(self.data_buffers) * u64::from(self.max_io_size);
+        if pool > MAX_POOL_BYTES {
+            return Err(err(
+                sp(&sh.data_buffers).or(sp(&sh.max_io_size)),
+                "data_buffers".into(),
+                format!(
+                    "data_buffers × max_io_size is {} MiB per poll group, the limit is {} MiB of pinned memory: lower one of them",
+                    pool >> 20,
+                    MAX_POOL_BYTES >> 20
+                ),
+            ));
+        }
+        if let Some(m) = &self.metrics {
+            if !m.listen.ip().is_loopback() {
+                return Err(err(
+                    sh.metrics.as_ref().map(|m| m.listen.span()),
+                    "metrics.listen".into(),
+                    format!(
+                        "{} is not a loopback address: the metrics endpoint has no authentication, serve it on 127.0.0.1 or ::1",
+                        m.listen
+                    ),
+                ));
+            }
         }
         let mut nqns: Vec<&str> = Vec::new();
         for (i, (s, ss)) in self.subsystems.iter().zip(&sh.subsystem).enumerate() {
@@ -543,6 +635,20 @@ impl TargetConfig {
                     return Err(err(Some(hs.span()), at(&format!("hosts[{j}]")), m));
                 }
             }
+            for (j, (h, hs)) in s.direct_hosts.iter().zip(&ss.direct_hosts).enumerate() {
+                let field = at(&format!("direct_hosts[{j}]"));
+                if let Err(m) = check_nqn(h) {
+                    return Err(err(Some(hs.span()), field, m));
+                }
+                // A direct host connects an admin queue first, like any host.
+                if !s.allow_any_host && !s.hosts.contains(h) {
+                    return Err(err(
+                        Some(hs.span()),
+                        field,
+                        format!("{h} is not on hosts: a direct host must also be allowed to connect (add it to hosts, or set allow_any_host = true)"),
+                    ));
+                }
+            }
             if !s.allow_any_host && s.hosts.is_empty() {
                 return Err(err(
                     Some(ss.nqn.span()),
@@ -578,6 +684,101 @@ impl TargetConfig {
         Ok(())
     }
 
+    /// The checks `serve` makes beyond the file's own consistency, against this machine:
+    /// a listener is configured, every core of `cores` exists (`cpus` online CPUs), every
+    /// `vfio:`/`spdk:` PCI address names a device (`pci_exists`). `text` is the file's
+    /// content (for line numbers), `file` its name in messages. `serve --print-config`
+    /// runs them too.
+    pub fn check_deploy(
+        &self,
+        text: &str,
+        file: &Path,
+        cpus: usize,
+        pci_exists: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        let shadow: SpannedShadow = toml::from_str(text).map_err(|e| Error::Config {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            field: "<document>".to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let err = |span: Option<std::ops::Range<usize>>, field: String, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+            Error::Config {
+                file: file.to_owned(),
+                line,
+                column,
+                field,
+                message,
+            }
+        };
+        if self.listeners.is_empty() {
+            return Err(err(
+                None,
+                "listener".into(),
+                "no [[listener]]: add one with the RDMA address to serve on".into(),
+            ));
+        }
+        let cores_span = shadow.cores.as_ref().map(|c| c.span());
+        for (i, &c) in self.cores.iter().enumerate() {
+            if c >= cpus {
+                return Err(err(
+                    cores_span.clone(),
+                    format!("cores[{i}]"),
+                    format!(
+                        "core {c} does not exist: this machine has {cpus} CPUs (0..={})",
+                        cpus.saturating_sub(1)
+                    ),
+                ));
+            }
+            if self.cores[..i].contains(&c) {
+                return Err(err(
+                    cores_span.clone(),
+                    format!("cores[{i}]"),
+                    format!("core {c} is listed twice (one poll group per core)"),
+                ));
+            }
+        }
+        for (i, (s, ss)) in self.subsystems.iter().zip(&shadow.subsystem).enumerate() {
+            for (j, (n, ns)) in s.namespaces.iter().zip(&ss.namespace).enumerate() {
+                if let BackendSpec::Vfio { bdf, .. } | BackendSpec::Spdk { bdf, .. } = &n.backend {
+                    if !pci_exists(bdf) {
+                        return Err(err(
+                            Some(ns.backend.span()),
+                            format!("subsystem[{i}].namespace[{j}].backend"),
+                            format!("no PCI device {bdf} on this machine (see lspci -D)"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a configuration built in memory (a `ctl` request applied to the running
+    /// one) with exactly the checks of a configuration file: it is printed as TOML and
+    /// parsed back through [`TargetConfig::parse`]. The error names the field.
+    pub fn check(&self, origin: &str) -> Result<()> {
+        let text = self.to_toml();
+        match Self::parse(&text, Path::new(origin)) {
+            Ok(_) => Ok(()),
+            Err(Error::Config {
+                file,
+                field,
+                message,
+                ..
+            }) => Err(Error::Config {
+                file,
+                line: 0,
+                column: 0,
+                field,
+                message,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Namespace ids in effect for a subsystem (explicit, or position + 1).
     pub fn nsids(sub: &SubsystemConfig) -> impl Iterator<Item = (u32, &NamespaceConfig)> {
         sub.namespaces
@@ -591,6 +792,73 @@ impl TargetConfig {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
     }
 }
+
+/// The annotated template `serve --print-config` prints without `--config`: every key
+/// with its default (commented out where there is no default to show), parsed by the
+/// tests so it cannot drift from the model. Copy it to `/etc/nvmf-p2p/target.toml`.
+pub const TEMPLATE: &str = r#"# nvmf-p2p serve configuration (TOML). Every key is shown with its default;
+# lines starting with '#' are left out or examples.
+
+# Entries per queue the target offers (2..=4096).
+queue_depth = 128
+# I/O queues one controller (one host connection) may create.
+max_io_queues = 16
+# Data carried inside a command capsule (bytes, multiple of 16, <= 65536).
+in_capsule_data_size = 8192
+# Largest transfer per command (MDTS; bytes, power of two, 4096..=1048576); also the
+# size of each data buffer.
+max_io_size = 131072
+# Data buffers per poll group (1..=16384; data_buffers x max_io_size <= 1 GiB).
+data_buffers = 256
+# CPU cores, one poll group pinned to each; empty: one unpinned poll group.
+cores = []
+# vfio: controllers use shadow doorbells when offered; false for direct mode's P2P level.
+shadow_doorbells = true
+# Poll groups sleep on the NVMe queues' MSI-X interrupts (false: polled queues).
+nvme_interrupts = true
+# Unix socket of `nvmf-p2p stats` and `nvmf-p2p ctl` (owner only).
+control_socket = "/run/nvmf-p2p/control.sock"
+# Direct mode's own RDMA CM port on the first listener's address; 0: the kernel picks
+# one (hosts learn it from the attach answer). Fix it when a firewall is in the way.
+direct_port = 0
+
+# Prometheus metrics (GET /metrics) on a loopback address; off unless given.
+# [metrics]
+# listen = "127.0.0.1:9464"
+
+# One or more listeners; each also serves the discovery subsystem.
+[[listener]]
+# Transport type: rdma (the default and the only one).
+trtype = "rdma"
+# The RDMA-capable IP address to listen on (RoCE/iWARP/InfiniBand netdev).
+address = "192.168.1.10"
+# trsvcid.
+port = 4420
+
+# One or more NVM subsystems.
+[[subsystem]]
+nqn = "nqn.2026-11.io.example:disk0"
+# Serial number (<= 20 ASCII characters) and model (<= 40).
+serial = "NVMFP2P0000000000001"
+model = "nvmf-p2p"
+# Accept any host NQN (an empty host NQN too), or only those on hosts. The Linux
+# initiator sends the NQN in /etc/nvme/hostnqn.
+allow_any_host = false
+hosts = ["nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-000000000001"]
+# Hosts that may attach direct-mode queues (docs/direct-mode.md); each must be on hosts
+# too (or allow_any_host). Empty: direct mode off.
+direct_hosts = []
+
+# Namespaces; nsid defaults to the position in the list + 1.
+[[subsystem.namespace]]
+# nsid = 1
+# vfio:BDF[:NSID]  a namespace of a controller on vfio-pci (nvmf-p2p bind BDF), our driver
+# spdk:BDF[:NSID]  the same through SPDK's NVMe driver (builds with the spdk feature)
+# file:PATH        a file or block device
+# ram:SIZE         memory, zero-filled (e.g. ram:1GiB)
+# NSID is the namespace on that controller (default 1).
+backend = "vfio:0000:01:00.0:1"
+"#;
 
 /// Checks an NQN's shape: `nqn.yyyy-mm.reverse-domain:...` or the UUID form, ≤ 223 bytes.
 pub fn check_nqn(nqn: &str) -> std::result::Result<(), String> {
@@ -771,5 +1039,149 @@ backend = "file:/tmp/disk.img"
         let (line, field, _) = config_err(&text);
         assert_eq!(line, 2);
         assert_eq!(field, "colors");
+    }
+
+    #[test]
+    fn template_parses_with_the_defaults_and_names_every_key() {
+        let c = TargetConfig::parse(TEMPLATE, Path::new("template")).unwrap();
+        let d = TargetConfig::default();
+        assert_eq!(
+            (c.queue_depth, c.max_io_queues, c.in_capsule_data_size),
+            (d.queue_depth, d.max_io_queues, d.in_capsule_data_size)
+        );
+        assert_eq!(
+            (c.max_io_size, c.data_buffers),
+            (d.max_io_size, d.data_buffers)
+        );
+        assert_eq!(
+            (c.cores.clone(), c.control_socket.clone()),
+            (d.cores, d.control_socket)
+        );
+        assert_eq!((c.shadow_doorbells, c.nvme_interrupts), (true, true));
+        assert_eq!((c.direct_port, c.metrics.clone()), (0, None));
+        assert_eq!(c.listeners[0].port, DEFAULT_PORT);
+        let s = &c.subsystems[0];
+        assert_eq!(
+            (s.serial.clone(), s.model.clone()),
+            (default_serial(), default_model())
+        );
+        c.check_deploy(TEMPLATE, Path::new("template"), 1, &|_| true)
+            .unwrap();
+        // Every key the model serializes (with the optional ones filled in) is in the
+        // template, so a new key cannot be left out of it.
+        let mut full = c.clone();
+        full.metrics = Some(MetricsConfig {
+            listen: "127.0.0.1:9464".parse().unwrap(),
+        });
+        full.subsystems[0].direct_hosts = full.subsystems[0].hosts.clone();
+        full.subsystems[0].namespaces[0].nsid = Some(1);
+        for line in full.to_toml().lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                let key = key.trim();
+                assert!(
+                    TEMPLATE.lines().any(|l| l
+                        .trim_start_matches(['#', ' '])
+                        .starts_with(&format!("{key} ="))),
+                    "key {key} missing from TEMPLATE"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn single_bracket_list_table_names_field_and_line() {
+        let (line, field, msg) =
+            config_err("queue_depth = 64\n[listener]\naddress = \"10.0.0.1\"\n");
+        assert_eq!((line, field.as_str()), (2, "listener"), "{msg}");
+        assert!(msg.contains("[[listener]]"), "{msg}");
+        let (_, field, msg) = config_err("[subsystem]\nnqn = \"nqn.2026-11.io.x:a\"\n");
+        assert_eq!(field, "subsystem", "{msg}");
+    }
+
+    #[test]
+    fn trtype_defaults_to_rdma() {
+        let c =
+            TargetConfig::parse("[[listener]]\naddress = \"10.0.0.1\"\n", Path::new("t")).unwrap();
+        assert_eq!(c.listeners[0].trtype, TrType::Rdma);
+    }
+
+    #[test]
+    fn buffer_bounds_name_the_field() {
+        let (line, field, msg) = config_err("\nmax_io_size = 2097152\n");
+        assert_eq!((line, field.as_str()), (2, "max_io_size"), "{msg}");
+        let (_, field, msg) = config_err("data_buffers = 100000\n");
+        assert_eq!(field, "data_buffers", "{msg}");
+        let (_, field, msg) = config_err("max_io_size = 1048576\ndata_buffers = 2048\n");
+        assert_eq!(field, "data_buffers", "{msg}");
+        assert!(msg.contains("2048 MiB"), "{msg}");
+        TargetConfig::parse(
+            "max_io_size = 1048576\ndata_buffers = 1024\n",
+            Path::new("t"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn direct_host_must_be_allowed_to_connect() {
+        let text = GOOD.replace(
+            "hosts = [\"nqn.2014-08.org.nvmexpress:uuid:1111\"]",
+            "hosts = [\"nqn.2014-08.org.nvmexpress:uuid:1111\"]\ndirect_hosts = [\"nqn.2014-08.org.nvmexpress:uuid:2222\"]",
+        );
+        let (line, field, msg) = config_err(&text);
+        assert_eq!(
+            (line, field.as_str()),
+            (11, "subsystem[0].direct_hosts[0]"),
+            "{msg}"
+        );
+        assert!(msg.contains("not on hosts"), "{msg}");
+        let ok = text.replace("uuid:2222", "uuid:1111");
+        TargetConfig::parse(&ok, Path::new("t")).unwrap();
+        let any = text.replace(
+            "hosts = [\"nqn.2014-08.org.nvmexpress:uuid:1111\"]\n",
+            "allow_any_host = true\n",
+        );
+        TargetConfig::parse(&any, Path::new("t")).unwrap();
+    }
+
+    #[test]
+    fn metrics_only_on_loopback() {
+        let c = TargetConfig::parse("[metrics]\nlisten = \"127.0.0.1:9464\"\n", Path::new("t"))
+            .unwrap();
+        assert_eq!(c.metrics.unwrap().listen.port(), 9464);
+        let (line, field, msg) = config_err("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+        assert_eq!((line, field.as_str()), (2, "metrics.listen"), "{msg}");
+    }
+
+    #[test]
+    fn deploy_checks_listener_cores_and_devices() {
+        let check = |text: &str, cpus: usize| {
+            let c = TargetConfig::parse(text, Path::new("d.toml")).unwrap();
+            match c.check_deploy(text, Path::new("d.toml"), cpus, &|b| b == "0000:01:00.0") {
+                Ok(()) => None,
+                Err(Error::Config {
+                    line,
+                    field,
+                    message,
+                    ..
+                }) => Some((line, field, message)),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(check(GOOD, 2), None);
+        let (_, field, msg) = check("queue_depth = 64\n", 2).unwrap();
+        assert_eq!(field, "listener", "{msg}");
+        let (line, field, msg) = check(&GOOD.replace("cores = [0]", "cores = [0, 99]"), 2).unwrap();
+        assert_eq!((line, field.as_str()), (2, "cores[1]"), "{msg}");
+        assert!(msg.contains("2 CPUs"), "{msg}");
+        let (_, field, _) = check(&GOOD.replace("cores = [0]", "cores = [1, 1]"), 2).unwrap();
+        assert_eq!(field, "cores[1]");
+        let (line, field, msg) =
+            check(&GOOD.replace("0000:01:00.0:2", "0000:02:00.0:2"), 2).unwrap();
+        assert_eq!(
+            (line, field.as_str()),
+            (15, "subsystem[0].namespace[1].backend"),
+            "{msg}"
+        );
+        assert!(msg.contains("0000:02:00.0"), "{msg}");
     }
 }
