@@ -429,6 +429,8 @@ impl Status {
     pub const SGL_DESCRIPTOR_TYPE_INVALID: Status = Status::new(sct::GENERIC, 0x11);
     pub const INVALID_PRP_OFFSET: Status = Status::new(sct::GENERIC, 0x13);
     pub const SGL_OFFSET_INVALID: Status = Status::new(sct::GENERIC, 0x16);
+    /// Command Interrupted (NVMe 1.4): not processed, the host should retry it.
+    pub const COMMAND_INTERRUPTED: Status = Status::new(sct::GENERIC, 0x21);
     pub const LBA_OUT_OF_RANGE: Status = Status::new(sct::GENERIC, 0x80);
     pub const CAPACITY_EXCEEDED: Status = Status::new(sct::GENERIC, 0x81);
     pub const NAMESPACE_NOT_READY: Status = Status::new(sct::GENERIC, 0x82);

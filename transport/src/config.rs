@@ -47,6 +47,8 @@ pub const DEFAULT_IN_CAPSULE_DATA_SIZE: u32 = 8192;
 pub const DEFAULT_MAX_IO_SIZE: u32 = 128 * 1024;
 /// Default number of data buffers per poll group.
 pub const DEFAULT_DATA_BUFFERS: u32 = 256;
+/// Default time a connection has to send Connect (ms).
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u32 = 10_000;
 /// Largest `max_io_size` accepted (bytes): every data buffer has this size.
 pub const MAX_MAX_IO_SIZE: u32 = 1 << 20;
 /// Largest `data_buffers` accepted (per poll group).
@@ -74,6 +76,11 @@ pub struct TargetConfig {
     /// Data buffers (each `max_io_size` bytes) per poll group.
     #[serde(default = "default_data_buffers")]
     pub data_buffers: u32,
+    /// How long a new connection may take to send its Connect command, in milliseconds;
+    /// one that does not is dropped (logged, counted in `stats` as `connect_timeouts`).
+    /// 0: never.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u32,
     /// CPU cores for poll groups (one poll group per entry); empty = one poll group, unpinned.
     #[serde(default)]
     pub cores: Vec<usize>,
@@ -347,6 +354,9 @@ fn default_max_io_size() -> u32 {
 fn default_data_buffers() -> u32 {
     DEFAULT_DATA_BUFFERS
 }
+fn default_connect_timeout_ms() -> u32 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
 fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
@@ -368,6 +378,7 @@ impl Default for TargetConfig {
             in_capsule_data_size: DEFAULT_IN_CAPSULE_DATA_SIZE,
             max_io_size: DEFAULT_MAX_IO_SIZE,
             data_buffers: DEFAULT_DATA_BUFFERS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             cores: Vec::new(),
             shadow_doorbells: true,
             nvme_interrupts: true,
@@ -810,6 +821,8 @@ in_capsule_data_size = 8192
 max_io_size = 131072
 # Data buffers per poll group (1..=16384; data_buffers x max_io_size <= 1 GiB).
 data_buffers = 256
+# Time a new connection has to send Connect before it is dropped (ms); 0: never.
+connect_timeout_ms = 10000
 # CPU cores, one poll group pinned to each; empty: one unpinned poll group.
 cores = []
 # vfio: controllers use shadow doorbells when offered; false for direct mode's P2P level.

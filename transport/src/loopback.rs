@@ -251,6 +251,10 @@ impl Qpair for LoopbackQpair {
         })
     }
 
+    fn capsules_waiting(&self) -> usize {
+        lock(&self.link).sq.len()
+    }
+
     fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy> {
         let mut l = lock(&self.link);
         let ok = match (l.state, region_range(&l, remote, local.len())) {

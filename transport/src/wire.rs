@@ -55,6 +55,10 @@ pub trait Qpair {
     /// Takes the next received command capsule: the 64-byte command into `cmd`, in-capsule
     /// data into `icd`. Returns `None` when nothing is pending.
     fn poll_capsule(&mut self, cmd: &mut [u8; 64], icd: &mut [u8]) -> Option<Received>;
+    /// Received capsules not yet taken by [`Qpair::poll_capsule`] (on RDMA with a shared
+    /// receive queue each holds one of the SRQ's buffers, which every queue of the poll
+    /// group shares: the core bounds it, see `QueueHandler::poll`).
+    fn capsules_waiting(&self) -> usize;
     /// Starts an RDMA READ of `remote` into `local` (host → target data).
     fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy>;
     /// Starts an RDMA WRITE of `local` to `remote` (target → host data).

@@ -695,6 +695,10 @@ impl Qpair for RdmaQpair {
         }
     }
 
+    fn capsules_waiting(&self) -> usize {
+        lock(&self.state).recvs.len()
+    }
+
     fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy> {
         self.post_transfer(KIND_READ, tag, remote, local.as_ptr(), local.len())
     }

@@ -441,7 +441,7 @@ fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -
                 ctrl.lock().error_log.iter().copied().collect();
             entries.truncate(ERROR_LOG_ENTRIES);
             let room = ERROR_LOG_ENTRIES - entries.len();
-            entries.extend(super::device_logs::errors(&sub.namespaces()[..], room));
+            entries.extend(super::device_logs::errors(sub, room));
             for (i, e) in entries.iter().enumerate().take(page.len() / 64) {
                 page[i * 64..(i + 1) * 64].copy_from_slice(e.as_bytes());
             }
@@ -481,7 +481,7 @@ fn get_log_page(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -
             // The devices' health, combined (device_logs.rs); without a device, this
             // controller's own counters and a nominal temperature.
             let own_errors = u128::from(ctrl.lock().error_count);
-            let mut s = match super::device_logs::smart(&sub.namespaces()[..]) {
+            let mut s = match super::device_logs::smart(sub) {
                 Some(mut s) => {
                     let n = s.num_error_log_entries.get().saturating_add(own_errors);
                     s.num_error_log_entries = U128::new(n);

@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use nvme::spec::{log, ErrorLogEntry, SmartLog, U128, U16, U32};
 use zerocopy::FromBytes;
 
-use super::Namespace;
+use super::{Namespace, Subsystem};
 use crate::backend::DeviceRef;
 
 /// The distinct devices behind `namespaces` with the namespaces they back, in namespace
@@ -44,11 +44,13 @@ fn devices<N: Borrow<Namespace>>(namespaces: &[N]) -> Vec<(DeviceRef, &Namespace
     out
 }
 
-/// The combined SMART / Health log of the devices behind `namespaces`, or `None` when no
-/// namespace has a device (or no device answered: each failure is logged).
-pub(crate) fn smart<N: Borrow<Namespace>>(namespaces: &[N]) -> Option<SmartLog> {
+/// The combined SMART / Health log of the devices behind the namespaces of `sub`, or
+/// `None` when no namespace has a device (or no device answered: each failure is logged).
+pub(crate) fn smart(sub: &Subsystem) -> Option<SmartLog> {
+    let held = sub.namespaces();
+    let namespaces: Vec<&Namespace> = held.iter().map(|n| -> &Namespace { n }).collect();
     let mut acc: Option<SmartLog> = None;
-    for (dev, ns) in devices(namespaces) {
+    for (dev, ns) in devices(&namespaces) {
         let page = ns
             .backend
             .device_log_page(log::SMART, size_of::<SmartLog>())
@@ -109,8 +111,12 @@ pub(crate) fn merge_smart(a: &mut SmartLog, b: &SmartLog) {
     sum32(&mut a.thermal_mgmt_t2_time, b.thermal_mgmt_t2_time);
 }
 
-/// Up to `max` entries of the devices' Error Information logs (see the module comment).
-pub(crate) fn errors<N: Borrow<Namespace>>(namespaces: &[N], max: usize) -> Vec<ErrorLogEntry> {
+/// Up to `max` entries of the Error Information logs of the devices behind the namespaces
+/// of `sub` (see the module comment).
+pub(crate) fn errors(sub: &Subsystem, max: usize) -> Vec<ErrorLogEntry> {
+    let held = sub.namespaces();
+    let namespaces: Vec<&Namespace> = held.iter().map(|n| -> &Namespace { n }).collect();
+    let namespaces = &namespaces[..];
     let mut out = Vec::new();
     if max == 0 {
         return out;

@@ -128,6 +128,8 @@ pub struct Limits {
     pub in_capsule_data_size: u32,
     /// Maximum data transfer per command (MDTS) in bytes.
     pub max_io_size: u32,
+    /// Time a new queue has to send Connect before it is dropped (zero: never).
+    pub connect_timeout: Duration,
 }
 
 /// State shared by every poll group of one target.
@@ -139,6 +141,8 @@ pub struct TargetShared {
     controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
     discovery_genctr: AtomicU64,
+    /// Connections dropped because they sent no Connect in time.
+    connect_timeouts: AtomicU64,
     direct: std::sync::OnceLock<crate::direct::DirectProvider>,
     /// Every poll group's mailbox (taken on group creation and device resets only).
     groups: Mutex<Vec<GroupHandle>>,
@@ -223,6 +227,7 @@ impl Target {
             max_io_queues: cfg.max_io_queues,
             in_capsule_data_size: cfg.in_capsule_data_size,
             max_io_size: cfg.max_io_size,
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms.into()),
         };
         Ok(Target {
             shared: Arc::new(TargetShared {
@@ -233,6 +238,7 @@ impl Target {
                 controllers: Mutex::new(HashMap::new()),
                 next_cntlid: AtomicU16::new(0),
                 discovery_genctr: AtomicU64::new(1),
+                connect_timeouts: AtomicU64::new(0),
                 direct: std::sync::OnceLock::new(),
                 groups: Mutex::new(Vec::new()),
                 hold_serial: Mutex::new(()),
@@ -372,6 +378,12 @@ impl Target {
             tracing::error!(error = %e, "cannot start the recovery thread");
             self.shared.recovering.store(false, Ordering::Release);
         }
+    }
+
+    /// Connections dropped so far because they sent no Connect within
+    /// [`Limits::connect_timeout`].
+    pub fn connect_timeouts(&self) -> u64 {
+        self.shared.connect_timeouts.load(Ordering::Relaxed)
     }
 
     /// The limits every queue applies.

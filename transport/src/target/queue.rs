@@ -157,6 +157,9 @@ pub struct QueueStats {
     pub backend_busy: u64,
     /// Requests in use right now.
     pub in_flight: u16,
+    /// Capsules beyond the queue's depth answered with Command Interrupted (a host that
+    /// does not keep to its SQ size).
+    pub overflows: u64,
 }
 
 /// Queue state other than the request array (so execution can borrow both).
@@ -206,6 +209,10 @@ pub(crate) struct QueueHandler<Q: Qpair> {
     /// Some request can move without a new event (it waited for a buffer, the wire, the
     /// backend channel, or an asynchronous event), or a backend completion arrived.
     kick: bool,
+    /// Until when the host may take to send Connect (set on the first poll).
+    connect_deadline: Option<Instant>,
+    /// CIDs of capsules beyond the queue's depth, to answer with Command Interrupted.
+    overflow: std::collections::VecDeque<u16>,
 }
 
 const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
@@ -247,6 +254,8 @@ impl<Q: Qpair> QueueHandler<Q> {
             phase: Phase::Live,
             next_ka_check: None,
             kick: false,
+            connect_deadline: None,
+            overflow: std::collections::VecDeque::with_capacity(usize::from(entries)),
         }
     }
 
@@ -347,6 +356,25 @@ impl<Q: Qpair> QueueHandler<Q> {
             self.begin_teardown("disconnected by host");
             return 1 + self.drain(pool);
         }
+        if self.ctx.ctrl.is_none() {
+            // A connection that never sends a (successful) Connect holds receive buffers
+            // and a queue slot: dropped after the configured time.
+            let timeout = self.ctx.shared.limits.connect_timeout;
+            let deadline = *self.connect_deadline.get_or_insert(now + timeout);
+            if !timeout.is_zero() && now >= deadline {
+                tracing::warn!(
+                    qid = self.ctx.qid,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "no Connect within the connect timeout: connection dropped"
+                );
+                self.ctx
+                    .shared
+                    .connect_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                self.begin_teardown("connect timeout");
+                return 1 + self.drain(pool);
+            }
+        }
         if let Some(ctrl) = &self.ctx.ctrl {
             if !ctrl.is_alive() {
                 self.begin_teardown("controller gone");
@@ -387,6 +415,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             self.ctx.stats.commands += 1;
             work += 1;
         }
+        work += self.overflow_capsules();
         // Requests waiting for an event (RDMA transfer, backend completion) cannot move
         // until one arrives: skip the pass over the slots when nothing happened.
         if self.free.len() < self.reqs.len() && (work > 0 || self.kick) {
@@ -400,6 +429,61 @@ impl<Q: Qpair> QueueHandler<Q> {
                     _ => true,
                 };
             }
+        }
+        work
+    }
+
+    /// Every request is in use and still more capsules wait: the host sends beyond its
+    /// SQ size. Each waiting capsule holds a receive buffer the poll group's queues share
+    /// (the SRQ), so a host flooding one queue would starve the others; a queue may have
+    /// one more depth of capsules waiting (responses just sent free their requests only
+    /// when the wire reports them done, so a host keeping to its depth can be that far
+    /// ahead), and each capsule beyond that is taken at once and answered with Command
+    /// Interrupted (retryable: the host may send it again once it keeps to its depth).
+    /// The connection lives. (A host must not submit to a full SQ; we know of no status
+    /// the NVMe-oF specification assigns to a capsule that arrives anyway.)
+    fn overflow_capsules(&mut self) -> usize {
+        let mut work = 0;
+        let depth = usize::from(self.ctx.entries);
+        while self.free.is_empty() && self.qp.capsules_waiting() > depth {
+            let mut cmd = [0u8; 64];
+            if self.qp.poll_capsule(&mut cmd, &mut []).is_none() {
+                break;
+            }
+            work += 1;
+            self.ctx.stats.commands += 1;
+            self.ctx.stats.overflows += 1;
+            if self.ctx.stats.overflows == 1 || self.ctx.stats.overflows.is_power_of_two() {
+                tracing::warn!(
+                    qid = self.ctx.qid,
+                    depth,
+                    overflows = self.ctx.stats.overflows,
+                    "capsule beyond the queue's depth: answered Command Interrupted"
+                );
+            }
+            // Bounded: beyond one depth of unanswered overflows the capsule is dropped
+            // unanswered (the host gets its timeout for it).
+            if self.overflow.len() < depth {
+                let cid = u16::from_le_bytes([cmd[2], cmd[3]]);
+                self.overflow.push_back(cid);
+            }
+        }
+        while let Some(&cid) = self.overflow.front() {
+            let cqe = Cqe {
+                dw0: U32::new(0),
+                dw1: U32::new(0),
+                sq_head: U16::new(self.ctx.sqhd),
+                sq_id: U16::new(self.ctx.qid),
+                cid: U16::new(cid),
+                status: U16::new(Status::COMMAND_INTERRUPTED.to_field_with_phase(false)),
+            };
+            if self.qp.send_response(&cqe, None).is_err() {
+                self.ctx.stats.wire_busy += 1;
+                break;
+            }
+            self.overflow.pop_front();
+            self.ctx.stats.errors += 1;
+            work += 1;
         }
         work
     }
