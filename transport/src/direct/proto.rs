@@ -21,6 +21,11 @@ pub const VERSION: u16 = 1;
 /// SCT 2h (media and data integrity), SC 86h Access Denied.
 pub const STATUS_ACCESS_DENIED: Status = Status::new(nvme::spec::sct::MEDIA, 0x86);
 
+/// Refusal of an attach beyond the target's direct-mode limits (queues or pinned memory
+/// per host, pinned memory in all): SCT 1h (command specific), SC 01h Invalid Queue
+/// Identifier, what Create I/O Queue answers when no more queues are available.
+pub const STATUS_ATTACH_LIMIT: Status = Status::new(nvme::spec::sct::COMMAND_SPECIFIC, 0x01);
+
 /// Data-path level of an attached queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
