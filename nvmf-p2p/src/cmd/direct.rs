@@ -64,7 +64,7 @@ pub fn start_service(
     }
     let svc = DirectService::start(DirectConfig {
         address: l.address,
-        port: 0,
+        port: cfg.direct_port,
         default_depth: 128,
         max_pool: 64 << 20,
         subsystems,
@@ -73,7 +73,6 @@ pub fn start_service(
     })
     .map_err(|e| CliError::new(format!("direct mode: {e}")))?;
     target.set_direct(svc.clone() as DirectProvider);
-    eprintln!("nvmf-p2p: direct mode on (direct port {})", svc.port());
     Ok(Some(svc))
 }
 
