@@ -169,3 +169,49 @@ fn stats_prometheus_from_the_control_socket() {
         "nvmf_p2p_controller_read_commands_total{subsystem=\"nqn.2026-11.io.example:disk0\",controller=\"3\",host=\"nqn.2014-08.org.nvmexpress:uuid:1\"} 12\n"
     ), "{out}");
 }
+
+#[test]
+fn perf_and_direct_share_the_flag_vocabulary_and_the_host_nqn() {
+    let help = |cmd: &str| String::from_utf8_lossy(&run(&[cmd, "--help"]).stdout).into_owned();
+    let (perf, direct) = (help("perf"), help("direct"));
+    for flag in [
+        "-q, --queue-depth",
+        "-o, --io-size",
+        "-w, --workload",
+        "-t, --time",
+    ] {
+        assert!(
+            perf.contains(flag) && direct.contains(flag),
+            "{flag} missing"
+        );
+    }
+    for alias in ["[alias: --qd]", "[alias: --bs]", "[alias: --rw]"] {
+        assert!(direct.contains(alias), "direct lost the old {alias}");
+    }
+    let default = |h: &str| {
+        let at = h.find("--hostnqn").expect("--hostnqn");
+        let d = &h[at..];
+        d[d.find("[default: ").unwrap() + 10..]
+            .split(']')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(default(&perf), default(&direct));
+    // the 8 KiB limit of direct queues is explained, before any connection is tried
+    let o = run(&[
+        "direct",
+        "--traddr",
+        "127.0.0.1",
+        "--subnqn",
+        "nqn.2026-11.io.x:a",
+        "-o",
+        "16k",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("at most 8192 bytes per I/O") && e.contains("PRP"),
+        "{e}"
+    );
+}
