@@ -3,10 +3,8 @@
 
 mod cmd;
 mod control;
-mod metrics;
 #[cfg(feature = "spdk")]
 mod spdk_backend;
-mod sd_notify;
 mod vfio_backend;
 
 use std::process::ExitCode;

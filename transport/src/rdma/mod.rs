@@ -38,7 +38,9 @@ use rdma::{
 use zerocopy::IntoBytes;
 
 pub use host::RdmaHost;
-pub use serve::{serve, serve_with, ServeOptions};
+pub use serve::{
+    serve, serve_with, serve_with_control, ListenerControl, ListenerOps, ServeOptions,
+};
 pub use session::{hostid_of, keyed, Namespace, Session, SessionOptions, DEFAULT_HOSTNQN};
 
 use crate::error::{Error, Result};
@@ -97,6 +99,44 @@ impl RdmaTransport {
     /// on; 0 gives every queue pair its own receive queue (queue depth entries).
     pub fn set_srq_depth(&mut self, depth: u32) {
         self.srq_depth = depth.min(u32::from(SRQ_SLOT) - 1);
+    }
+
+    /// Starts listening on `addr` too, on the same CM channel (`nvmf-p2p ctl
+    /// add-listener`); the address must be on the RDMA device of the first listener
+    /// (every poll group's queue pairs live on it).
+    pub fn add_listener(&mut self, addr: SocketAddr) -> Result<()> {
+        if self.listeners.iter().any(|l| l.local_addr() == addr) {
+            return Ok(());
+        }
+        if !addr.ip().is_unspecified() {
+            let ctx = context_for(addr.ip()).map_err(rdma_err("device for listen address"))?;
+            if ctx.name() != self.ctx.name() {
+                return Err(Error::Transport {
+                    qid: u16::MAX,
+                    reason: format!(
+                        "{} is on RDMA device {}, the target serves on {}: one device per target",
+                        addr.ip(),
+                        ctx.name(),
+                        self.ctx.name()
+                    ),
+                });
+            }
+        }
+        self.listeners
+            .push(Listener::bind(&self.channel, addr, 128).map_err(rdma_err("listen"))?);
+        tracing::info!(addr = %addr, "listening (rdma)");
+        Ok(())
+    }
+
+    /// Stops listening on `addr`; connections made through it stay up. False when it
+    /// was not listened on.
+    pub fn remove_listener(&mut self, addr: SocketAddr) -> bool {
+        let before = self.listeners.len();
+        self.listeners.retain(|l| l.local_addr() != addr);
+        if self.listeners.len() != before {
+            tracing::info!(addr = %addr, "stopped listening (rdma)");
+        }
+        self.listeners.len() != before
     }
 
     /// Addresses actually bound (ports resolved).

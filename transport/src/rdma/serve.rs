@@ -11,12 +11,17 @@
 //! polled queues it is a short nap instead.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
+use nvme::EventFd;
 
 use super::RdmaTransport;
 use crate::config::TargetConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::target::{BackendWait, PollGroup, Target};
 
 /// Sleeps of a group while commands are in its NVMe backend channels: a quarter of the
@@ -69,6 +74,91 @@ pub fn serve(
     serve_with(target, cfg, stop, opts, || {})
 }
 
+/// A listener change for the RDMA CM thread of a running [`serve_with`].
+enum ListenerOp {
+    Add(SocketAddr, Sender<Result<()>>),
+    Remove(SocketAddr, Sender<Result<()>>),
+}
+
+/// Where another thread (the control socket's) asks the running serve loop to start or
+/// stop listening on an address: the CM thread owns the transport and applies it.
+#[derive(Clone)]
+pub struct ListenerControl {
+    tx: Sender<ListenerOp>,
+    wake: Arc<EventFd>,
+}
+
+/// The serve loop's side of a [`ListenerControl`].
+pub struct ListenerOps {
+    rx: Receiver<ListenerOp>,
+    wake: Arc<EventFd>,
+}
+
+/// How long a listener change waits for the CM thread.
+const LISTENER_OP_WAIT: Duration = Duration::from_secs(5);
+
+impl ListenerControl {
+    /// A control and the receiving side to pass to [`serve_with`].
+    pub fn new() -> Result<(ListenerControl, ListenerOps)> {
+        let wake = Arc::new(EventFd::new().map_err(|e| Error::Transport {
+            qid: u16::MAX,
+            reason: format!("listener control eventfd: {e}"),
+        })?);
+        let (tx, rx) = unbounded();
+        Ok((
+            ListenerControl {
+                tx,
+                wake: wake.clone(),
+            },
+            ListenerOps { rx, wake },
+        ))
+    }
+
+    fn ask(&self, op: impl FnOnce(Sender<Result<()>>) -> ListenerOp) -> Result<()> {
+        let (reply, rx) = bounded(1);
+        let gone = || Error::Transport {
+            qid: u16::MAX,
+            reason: "the serve loop is not running".into(),
+        };
+        self.tx.send(op(reply)).map_err(|_| gone())?;
+        self.wake.signal();
+        rx.recv_timeout(LISTENER_OP_WAIT).map_err(|_| gone())?
+    }
+
+    /// Binds and listens on `addr` (an error if it cannot: the address is not local, or
+    /// on another RDMA device).
+    pub fn add(&self, addr: SocketAddr) -> Result<()> {
+        self.ask(|r| ListenerOp::Add(addr, r))
+    }
+
+    /// Stops listening on `addr`.
+    pub fn remove(&self, addr: SocketAddr) -> Result<()> {
+        self.ask(|r| ListenerOp::Remove(addr, r))
+    }
+}
+
+fn apply_listener_ops(transport: &mut RdmaTransport, ops: &ListenerOps) {
+    ops.wake.clear();
+    while let Ok(op) = ops.rx.try_recv() {
+        match op {
+            ListenerOp::Add(addr, reply) => {
+                let _ = reply.send(transport.add_listener(addr));
+            }
+            ListenerOp::Remove(addr, reply) => {
+                let r = if transport.remove_listener(addr) {
+                    Ok(())
+                } else {
+                    Err(Error::Transport {
+                        qid: u16::MAX,
+                        reason: format!("not listening on {addr}"),
+                    })
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
 /// [`serve`], calling `on_ready` once every listener is bound and the poll groups exist —
 /// the moment a host can connect (the binary opens its control socket then, so tools
 /// that wait for the socket never race the listener).
@@ -78,6 +168,18 @@ pub fn serve_with(
     stop: &AtomicBool,
     opts: ServeOptions,
     on_ready: impl FnOnce(),
+) -> Result<()> {
+    serve_with_control(target, cfg, stop, opts, on_ready, None)
+}
+
+/// [`serve_with`], also taking listener changes from `ops` (see [`ListenerControl`]).
+pub fn serve_with_control(
+    target: &Target,
+    cfg: &TargetConfig,
+    stop: &AtomicBool,
+    opts: ServeOptions,
+    on_ready: impl FnOnce(),
+    ops: Option<ListenerOps>,
 ) -> Result<()> {
     let addrs: Vec<SocketAddr> = cfg
         .listeners
@@ -109,10 +211,18 @@ pub fn serve_with(
             }
         }
         let mut next = 0usize;
+        let mut fds = vec![transport.event_fd()];
+        if let Some(o) = &ops {
+            fds.push(o.wake.as_raw_fd());
+        }
         while !stop.load(Ordering::Relaxed) {
-            match nvme::irq::wait_readable(&[transport.event_fd()], CM_WAIT) {
+            match nvme::irq::wait_readable(&fds, CM_WAIT) {
                 Ok(0) => continue,
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(o) = &ops {
+                        apply_listener_ops(&mut transport, o);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "poll on the RDMA CM channel");
                     std::thread::sleep(CM_WAIT);

@@ -189,7 +189,7 @@ fn connect_checked(ctx: &mut QueueCtx, cmd: &Sqe, data: &[u8], now: Instant) -> 
     let Some(subnqn) = get_str(&d.subnqn) else {
         return invalid_param(true, connect_offset::DATA_SUBNQN);
     };
-    let Some(sub) = ctx.shared.subsystem(subnqn).cloned() else {
+    let Some(sub) = ctx.shared.subsystem(subnqn) else {
         return invalid_param(true, connect_offset::DATA_SUBNQN);
     };
     // An empty host NQN is what spdk_nvme_perf sends when `-r` has no `hostnqn:` (it copies
@@ -380,8 +380,8 @@ pub(crate) fn identify_controller(ctrl: &Controller) -> IdentifyController {
     let sub = ctrl.subsystem();
     let lim = ctrl.limits();
     let mut id = IdentifyController::zeroed();
-    set_ascii_field(&mut id.sn, &sub.serial);
-    set_ascii_field(&mut id.mn, &sub.model);
+    set_ascii_field(&mut id.sn, &sub.serial());
+    set_ascii_field(&mut id.mn, &sub.model());
     set_ascii_field(&mut id.fr, env!("CARGO_PKG_VERSION"));
     id.rab = 6;
     id.cmic = 1 << 1; // several controllers per subsystem
@@ -538,9 +538,9 @@ fn discovery_log(ctx: &QueueCtx, ctrl: &Controller, offset: u64, data: &mut [u8]
     let shared = &ctx.shared;
     let host = ctrl.hostnqn();
     let mut entries: Vec<DiscoveryLogEntry> = Vec::new();
-    for (portid, l) in shared.listeners.iter().enumerate() {
-        for sub in shared
-            .subsystems
+    let subsystems = shared.subsystem_list();
+    for (portid, l) in shared.listener_list().iter().enumerate() {
+        for sub in subsystems
             .iter()
             .filter(|s| s.discovery || s.host_allowed(host))
         {

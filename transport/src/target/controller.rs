@@ -316,6 +316,17 @@ impl Controller {
         }
     }
 
+    /// The discovery log changed (a discovery controller): queues the Discovery Log Page
+    /// Change notice if the host enabled it (AEC bit 31).
+    pub(crate) fn discovery_changed(&self) {
+        let mut st = self.lock();
+        if st.aec & AEC_DISCOVERY_CHANGE != 0 {
+            // Type 2 (notice), info F0h (discovery log page change), log page 70h.
+            st.events
+                .push_back(2 | (0xf0 << 8) | (u32::from(nvme::spec::log::DISCOVERY) << 16));
+        }
+    }
+
     /// Takes the next pending asynchronous event (CQE DW0 encoding).
     pub(crate) fn take_event(&self) -> Option<u32> {
         self.lock().events.pop_front()

@@ -9,6 +9,7 @@ mod controller;
 mod device_logs;
 mod io;
 mod queue;
+mod reconfig;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +24,7 @@ use nvme::EventFd;
 
 pub use controller::{Controller, ControllerStats};
 pub use queue::{QueueStats, ReqState};
+pub use reconfig::Reconfigured;
 
 use crate::backend::{open_backend, Backend, BackendOpener, Fault, HEALTH_CHECK_PERIOD};
 use crate::config::{ListenerConfig, SubsystemConfig, TargetConfig};
@@ -43,44 +45,97 @@ pub struct Namespace {
     pub nguid: [u8; 16],
 }
 
-/// An NVM subsystem (or the discovery subsystem).
+/// An NVM subsystem (or the discovery subsystem). Its NQN is fixed; the rest can change
+/// while it runs (`nvmf-p2p ctl`, see [`Target::reconfigure`]), so it sits behind a lock
+/// that the data path takes only to look a namespace up (a read lock, never contended
+/// but by a reconfiguration).
 pub struct Subsystem {
     /// Subsystem NQN.
     pub nqn: String,
+    /// True for the discovery subsystem.
+    pub discovery: bool,
+    state: std::sync::RwLock<SubState>,
+}
+
+/// What of a subsystem a reconfiguration may change.
+#[derive(Clone)]
+pub struct SubState {
     /// Serial number.
     pub serial: String,
     /// Model number.
     pub model: String,
-    /// True for the discovery subsystem.
-    pub discovery: bool,
-    allow_any_host: bool,
-    hosts: Vec<String>,
-    namespaces: Vec<Namespace>,
+    /// Accept any host NQN.
+    pub allow_any_host: bool,
+    /// Allowed host NQNs.
+    pub hosts: Vec<String>,
+    /// Namespaces in ascending nsid order.
+    pub namespaces: Vec<Arc<Namespace>>,
 }
 
 impl Subsystem {
+    pub(crate) fn new(nqn: String, discovery: bool, state: SubState) -> Subsystem {
+        Subsystem {
+            nqn,
+            discovery,
+            state: std::sync::RwLock::new(state),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, SubState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the changeable state at this moment.
+    pub fn state(&self) -> SubState {
+        self.read().clone()
+    }
+
+    pub(crate) fn set_state(&self, state: SubState) {
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// Serial number.
+    pub fn serial(&self) -> String {
+        self.read().serial.clone()
+    }
+
+    /// Model number.
+    pub fn model(&self) -> String {
+        self.read().model.clone()
+    }
+
     /// Whether `hostnqn` may connect.
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
-        self.allow_any_host || self.hosts.iter().any(|h| h == hostnqn)
+        let st = self.read();
+        st.allow_any_host || st.hosts.iter().any(|h| h == hostnqn)
     }
 
     /// The namespace with id `nsid`.
-    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
-        self.namespaces.iter().find(|n| n.nsid == nsid)
+    pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        self.read()
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .cloned()
     }
 
     /// Namespaces in ascending nsid order.
-    pub fn namespaces(&self) -> &[Namespace] {
-        &self.namespaces
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.read().namespaces.clone()
     }
 
     /// Highest namespace id (Identify Controller NN).
     pub fn max_nsid(&self) -> u32 {
-        self.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0)
+        self.read()
+            .namespaces
+            .iter()
+            .map(|n| n.nsid)
+            .max()
+            .unwrap_or(0)
     }
 }
 
-fn nguid_for(nqn: &str, nsid: u32) -> [u8; 16] {
+pub(crate) fn nguid_for(nqn: &str, nsid: u32) -> [u8; 16] {
     // FNV-1a over the NQN, twice with different seeds, then the nsid: stable across runs.
     let fnv = |seed: u64| {
         nqn.bytes().fold(seed, |h, b| {
@@ -136,8 +191,11 @@ pub struct Limits {
 pub struct TargetShared {
     limits: Limits,
     data_buffers: u32,
-    subsystems: Vec<Arc<Subsystem>>,
-    listeners: Vec<ListenerConfig>,
+    /// The discovery subsystem first; replaced whole by a reconfiguration.
+    subsystems: std::sync::RwLock<Vec<Arc<Subsystem>>>,
+    listeners: std::sync::RwLock<Vec<ListenerConfig>>,
+    /// One reconfiguration at a time ([`Target::reconfigure`]).
+    reconfig: Mutex<()>,
     controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
     discovery_genctr: AtomicU64,
@@ -170,8 +228,27 @@ impl TargetShared {
         self.controllers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn subsystem(&self, nqn: &str) -> Option<&Arc<Subsystem>> {
-        self.subsystems.iter().find(|s| s.nqn == nqn)
+    fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .cloned()
+    }
+
+    pub(crate) fn subsystem_list(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn listener_list(&self) -> Vec<ListenerConfig> {
+        self.listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn alloc_cntlid(&self) -> Option<u16> {
@@ -210,15 +287,17 @@ impl Target {
         cfg: &TargetConfig,
         mut open: impl FnMut(&crate::config::BackendSpec) -> Result<Arc<dyn Backend>>,
     ) -> Result<Self> {
-        let mut subsystems = vec![Arc::new(Subsystem {
-            nqn: DISCOVERY_NQN.to_owned(),
-            serial: "NVMFP2PDISCOVERY".to_owned(),
-            model: "nvmf-p2p discovery".to_owned(),
-            discovery: true,
-            allow_any_host: true,
-            hosts: Vec::new(),
-            namespaces: Vec::new(),
-        })];
+        let mut subsystems = vec![Arc::new(Subsystem::new(
+            DISCOVERY_NQN.to_owned(),
+            true,
+            SubState {
+                serial: "NVMFP2PDISCOVERY".to_owned(),
+                model: "nvmf-p2p discovery".to_owned(),
+                allow_any_host: true,
+                hosts: Vec::new(),
+                namespaces: Vec::new(),
+            },
+        ))];
         for sub in &cfg.subsystems {
             subsystems.push(Arc::new(Self::subsystem(sub, &mut open)?));
         }
@@ -233,8 +312,9 @@ impl Target {
             shared: Arc::new(TargetShared {
                 limits,
                 data_buffers: cfg.data_buffers,
-                subsystems,
-                listeners: cfg.listeners.clone(),
+                subsystems: std::sync::RwLock::new(subsystems),
+                listeners: std::sync::RwLock::new(cfg.listeners.clone()),
+                reconfig: Mutex::new(()),
                 controllers: Mutex::new(HashMap::new()),
                 next_cntlid: AtomicU16::new(0),
                 discovery_genctr: AtomicU64::new(1),
@@ -249,29 +329,31 @@ impl Target {
         })
     }
 
-    fn subsystem(
+    pub(crate) fn subsystem(
         sub: &SubsystemConfig,
         open: &mut impl FnMut(&crate::config::BackendSpec) -> Result<Arc<dyn Backend>>,
     ) -> Result<Subsystem> {
         let mut namespaces = Vec::new();
         for (nsid, ns) in TargetConfig::nsids(sub) {
             let backend = open(&ns.backend)?;
-            namespaces.push(Namespace {
+            namespaces.push(Arc::new(Namespace {
                 nsid,
                 backend,
                 nguid: nguid_for(&sub.nqn, nsid),
-            });
+            }));
         }
         namespaces.sort_by_key(|n| n.nsid);
-        Ok(Subsystem {
-            nqn: sub.nqn.clone(),
-            serial: sub.serial.clone(),
-            model: sub.model.clone(),
-            discovery: false,
-            allow_any_host: sub.allow_any_host,
-            hosts: sub.hosts.clone(),
-            namespaces,
-        })
+        Ok(Subsystem::new(
+            sub.nqn.clone(),
+            false,
+            SubState {
+                serial: sub.serial.clone(),
+                model: sub.model.clone(),
+                allow_any_host: sub.allow_any_host,
+                hosts: sub.hosts.clone(),
+                namespaces,
+            },
+        ))
     }
 
     /// Enables direct mode (the vendor-specific attach/detach admin commands) through
@@ -391,9 +473,14 @@ impl Target {
         self.shared.limits
     }
 
-    /// All subsystems; the first is the discovery subsystem.
-    pub fn subsystems(&self) -> &[Arc<Subsystem>] {
-        &self.shared.subsystems
+    /// All subsystems at this moment; the first is the discovery subsystem.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.shared.subsystem_list()
+    }
+
+    /// The listeners at this moment (what the discovery log reports).
+    pub fn listeners(&self) -> Vec<ListenerConfig> {
+        self.shared.listener_list()
     }
 
     /// Live controllers, by controller id.
@@ -459,7 +546,7 @@ impl Target {
             self.shared.data_buffers,
             self.shared.limits.max_io_size as usize,
         );
-        let (pool, channels) = self.async_pool(count, chunk);
+        let (pool, channels, dma_domain) = self.async_pool(count, chunk);
         let pool = pool.unwrap_or_else(|| BufferPool::new(count, chunk));
         let (base, len) = pool.region();
         // SAFETY: the pool is owned by the PollGroup next to `wire` and declared after
@@ -488,6 +575,8 @@ impl Target {
             },
             hold: Hold::Live,
             next_health_check: Instant::now(),
+            dma_domain,
+            dropping: Vec::new(),
             channels,
             wire,
             pool,
@@ -496,17 +585,19 @@ impl Target {
 
     /// A DMA buffer pool and the channels of the backends that can use it, if any
     /// namespace has an asynchronous backend.
-    fn async_pool(&self, count: u32, chunk: usize) -> (Option<BufferPool>, Vec<Channel>) {
-        let backends: Vec<&Arc<dyn Backend>> = self
+    fn async_pool(
+        &self,
+        count: u32,
+        chunk: usize,
+    ) -> (Option<BufferPool>, Vec<Channel>, Option<usize>) {
+        let backends: Vec<Arc<dyn Backend>> = self
             .subsystems()
             .iter()
-            .flat_map(|s| s.namespaces().iter().map(|n| &n.backend))
+            .flat_map(|s| s.namespaces().into_iter().map(|n| n.backend.clone()))
             .collect();
-        let Some((domain, provider)) = backends
-            .iter()
-            .find_map(|b| b.dma_domain().map(|d| (d, *b)))
+        let Some((domain, provider)) = backends.iter().find_map(|b| b.dma_domain().map(|d| (d, b)))
         else {
-            return (None, Vec::new());
+            return (None, Vec::new(), None);
         };
         let chunk = chunk.max(1).next_multiple_of(crate::pool::POOL_ALIGN);
         let pool = provider
@@ -521,25 +612,12 @@ impl Target {
             Err(e) => {
                 tracing::warn!(backend = %provider.describe(), error = %e,
                     "no DMA buffer pool: I/O takes the synchronous path");
-                return (None, Vec::new());
+                return (None, Vec::new(), None);
             }
         };
         let mut channels: Vec<Channel> = Vec::new();
-        for b in backends {
-            let id = backend_id(b);
-            if b.dma_domain() != Some(domain) || channels.iter().any(|c| c.backend == id) {
-                continue;
-            }
-            match b.open_channel() {
-                Ok(Some(chan)) => channels.push(Channel {
-                    backend: id,
-                    max_transfer: chan.max_transfer(),
-                    chan,
-                }),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(backend = %b.describe(), error = %e,
-                    "no asynchronous channel: this namespace takes the synchronous path"),
-            }
+        for b in &backends {
+            open_channel_into(&mut channels, b, Some(domain));
         }
         tracing::info!(
             channels = channels.len(),
@@ -547,7 +625,26 @@ impl Target {
             buffers = count,
             "poll group: buffer pool in the backend's DMA memory (zero-copy asynchronous I/O)"
         );
-        (Some(pool), channels)
+        (Some(pool), channels, Some(domain))
+    }
+}
+
+/// Opens the asynchronous channel of `b` into `channels` when it shares the pool's DMA
+/// `domain` and has none there yet (group creation, and a namespace added at run time).
+fn open_channel_into(channels: &mut Vec<Channel>, b: &Arc<dyn Backend>, domain: Option<usize>) {
+    let id = backend_id(b);
+    if domain.is_none() || b.dma_domain() != domain || channels.iter().any(|c| c.backend == id) {
+        return;
+    }
+    match b.open_channel() {
+        Ok(Some(chan)) => channels.push(Channel {
+            backend: id,
+            max_transfer: chan.max_transfer(),
+            chan,
+        }),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(backend = %b.describe(), error = %e,
+            "no asynchronous channel: this namespace takes the synchronous path"),
     }
 }
 
@@ -582,6 +679,15 @@ enum GroupMsg {
     },
     /// Back to normal after a [`GroupMsg::Hold`].
     Release,
+    /// A namespace was added: open its backend's channel if it can use this group's pool.
+    AddBackend(Arc<dyn Backend>),
+    /// A namespace was removed (new commands to it already fail): once the commands in
+    /// the channel of backend `id` completed (or at `until`), drop the channel and answer.
+    DropBackend {
+        id: usize,
+        until: Instant,
+        reply: Sender<()>,
+    },
 }
 
 /// Where the target reaches a poll group.
@@ -672,6 +778,10 @@ pub struct PollGroup<T: Transport> {
     mailbox: Mailbox<T::Incoming>,
     hold: Hold,
     next_health_check: Instant,
+    /// DMA domain of the pool, when it is a backend's DMA memory.
+    dma_domain: Option<usize>,
+    /// Channels of removed namespaces draining before they are dropped.
+    dropping: Vec<(usize, Instant, Sender<()>)>,
     channels: Vec<Channel>,
     wire: T::PollGroup,
     pool: BufferPool,
@@ -772,9 +882,40 @@ impl<T: Transport> PollGroup<T> {
                 }
             }
         }
+        if !self.dropping.is_empty() && !matches!(self.hold, Hold::Held) {
+            work += self.drop_drained_channels(now);
+        }
         let before = self.queues.len();
         self.queues.retain(|q| !q.is_closed());
         work + (before - self.queues.len())
+    }
+
+    /// Drops the channels of removed namespaces whose commands completed (or whose drain
+    /// time ran out: what is left completes, if ever, to a queue that finds no request).
+    fn drop_drained_channels(&mut self, now: Instant) -> usize {
+        let mut done = 0;
+        let channels = &mut self.channels;
+        self.dropping.retain(|(id, until, reply)| {
+            let left: usize = channels
+                .iter()
+                .filter(|c| c.backend == *id)
+                .map(|c| c.chan.in_flight())
+                .sum();
+            if left > 0 && now < *until {
+                return true;
+            }
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "removed namespace: commands still in the device after the drain time"
+                );
+            }
+            channels.retain(|c| c.backend != *id);
+            let _ = reply.send(());
+            done += 1;
+            false
+        });
+        done
     }
 
     /// Takes the messages other threads left: connections to accept, hold/release of
@@ -794,6 +935,12 @@ impl<T: Transport> PollGroup<T> {
                 GroupMsg::Release => {
                     self.hold = Hold::Live;
                     self.next_health_check = now + HEALTH_CHECK_PERIOD;
+                }
+                GroupMsg::AddBackend(b) => {
+                    open_channel_into(&mut self.channels, &b, self.dma_domain);
+                }
+                GroupMsg::DropBackend { id, until, reply } => {
+                    self.dropping.push((id, until, reply));
                 }
             }
         }
