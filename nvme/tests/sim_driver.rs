@@ -95,7 +95,9 @@ fn init_reports_identify_and_features() {
     let smart = ctrl.smart_log().unwrap();
     assert_eq!(smart.avail_spare, 97);
     assert_eq!(smart.temperature.get(), nvme::sim::SIM_TEMPERATURE_KELVIN);
-    let errors = ctrl.get_log_page(nvme::spec::log::ERROR, u32::MAX, 128).unwrap();
+    let errors = ctrl
+        .get_log_page(nvme::spec::log::ERROR, u32::MAX, 128)
+        .unwrap();
     assert_eq!(errors[0], nvme::sim::SIM_ERROR_COUNT as u8, "one entry");
     assert!(errors[64..].iter().all(|&b| b == 0));
     // Unknown log page is a typed command-specific error.

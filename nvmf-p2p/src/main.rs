@@ -3,8 +3,10 @@
 
 mod cmd;
 mod control;
+mod metrics;
 #[cfg(feature = "spdk")]
 mod spdk_backend;
+mod sd_notify;
 mod vfio_backend;
 
 use std::process::ExitCode;

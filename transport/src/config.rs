@@ -811,72 +811,9 @@ impl TargetConfig {
 
 /// The annotated template `serve --print-config` prints without `--config`: every key
 /// with its default (commented out where there is no default to show), parsed by the
-/// tests so it cannot drift from the model. Copy it to `/etc/nvmf-p2p/target.toml`.
-pub const TEMPLATE: &str = r#"# nvmf-p2p serve configuration (TOML). Every key is shown with its default;
-# lines starting with '#' are left out or examples.
-
-# Entries per queue the target offers (2..=4096).
-queue_depth = 128
-# I/O queues one controller (one host connection) may create.
-max_io_queues = 16
-# Data carried inside a command capsule (bytes, multiple of 16, <= 65536).
-in_capsule_data_size = 8192
-# Largest transfer per command (MDTS; bytes, power of two, 4096..=1048576); also the
-# size of each data buffer.
-max_io_size = 131072
-# Data buffers per poll group (1..=16384; data_buffers x max_io_size <= 1 GiB).
-data_buffers = 256
-# Time a new connection has to send Connect before it is dropped (ms); 0: never.
-connect_timeout_ms = 10000
-# CPU cores, one poll group pinned to each; empty: one unpinned poll group.
-cores = []
-# vfio: controllers use shadow doorbells when offered; false for direct mode's P2P level.
-shadow_doorbells = true
-# Poll groups sleep on the NVMe queues' MSI-X interrupts (false: polled queues).
-nvme_interrupts = true
-# Unix socket of `nvmf-p2p stats` and `nvmf-p2p ctl` (owner only).
-control_socket = "/run/nvmf-p2p/control.sock"
-# Direct mode's own RDMA CM port on the first listener's address; 0: the kernel picks
-# one (hosts learn it from the attach answer). Fix it when a firewall is in the way.
-direct_port = 0
-
-# Prometheus metrics (GET /metrics) on a loopback address; off unless given.
-# [metrics]
-# listen = "127.0.0.1:9464"
-
-# One or more listeners; each also serves the discovery subsystem.
-[[listener]]
-# Transport type: rdma (the default and the only one).
-trtype = "rdma"
-# The RDMA-capable IP address to listen on (RoCE/iWARP/InfiniBand netdev).
-address = "192.168.1.10"
-# trsvcid.
-port = 4420
-
-# One or more NVM subsystems.
-[[subsystem]]
-nqn = "nqn.2026-11.io.example:disk0"
-# Serial number (<= 20 ASCII characters) and model (<= 40).
-serial = "NVMFP2P0000000000001"
-model = "nvmf-p2p"
-# Accept any host NQN (an empty host NQN too), or only those on hosts. The Linux
-# initiator sends the NQN in /etc/nvme/hostnqn.
-allow_any_host = false
-hosts = ["nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-000000000001"]
-# Hosts that may attach direct-mode queues (docs/direct-mode.md); each must be on hosts
-# too (or allow_any_host). Empty: direct mode off.
-direct_hosts = []
-
-# Namespaces; nsid defaults to the position in the list + 1.
-[[subsystem.namespace]]
-# nsid = 1
-# vfio:BDF[:NSID]  a namespace of a controller on vfio-pci (nvmf-p2p bind BDF), our driver
-# spdk:BDF[:NSID]  the same through SPDK's NVMe driver (builds with the spdk feature)
-# file:PATH        a file or block device
-# ram:SIZE         memory, zero-filled (e.g. ram:1GiB)
-# NSID is the namespace on that controller (default 1).
-backend = "vfio:0000:01:00.0:1"
-"#;
+/// tests so it cannot drift from the model. It is `packaging/target.toml`, which the
+/// Debian package installs as `/etc/nvmf-p2p/target.toml`.
+pub const TEMPLATE: &str = include_str!("../../packaging/target.toml");
 
 /// Checks an NQN's shape: `nqn.yyyy-mm.reverse-domain:...` or the UUID form, ≤ 223 bytes.
 pub fn check_nqn(nqn: &str) -> std::result::Result<(), String> {

@@ -99,7 +99,7 @@ pub enum Error {
         depth: u16,
     },
     /// A command completed with a non-zero NVMe status.
-    #[error("queue {qid}: command {cid} failed with status sct {sct:#x} sc {sc:#x}")]
+    #[error("queue {qid}: command {cid} failed: {}", crate::fabrics::refusal(*.sct, *.sc))]
     CommandFailed {
         /// Queue id.
         qid: u16,
@@ -109,6 +109,8 @@ pub enum Error {
         sct: u8,
         /// Status code.
         sc: u8,
+        /// Completion DW0 (e.g. IATTR/IPO of a refused Connect).
+        result: u32,
     },
     /// An RDMA verbs or RDMA CM operation failed.
     #[error("rdma: {op}: {source}")]

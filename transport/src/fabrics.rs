@@ -319,6 +319,49 @@ pub mod property_offset {
     pub const OFST: u16 = 44;
 }
 
+/// A refused command's status in words, for hosts (`perf`, `direct`, the fio engine):
+/// the refusals our target and others give a host, named by what to check, then the
+/// spec's name and the raw codes. The one place that names statuses for users; a
+/// Connect refusal adds the NQNs ([`connect_refusal`]).
+pub fn refusal(sct: u8, sc: u8) -> String {
+    use nvme::spec::sct as t;
+    let what = match (sct, sc) {
+        (t::COMMAND_SPECIFIC, connect_status::INVALID_HOST) => "host not allowed",
+        (t::COMMAND_SPECIFIC, connect_status::INVALID_PARAMETERS) => "invalid Connect parameters",
+        (t::COMMAND_SPECIFIC, connect_status::CONTROLLER_BUSY) => "controller busy",
+        (t::MEDIA, 0x86) => "access denied (direct mode: host not on direct_hosts)",
+        (t::GENERIC, 0x82) => "namespace not ready (device reset in progress)",
+        (t::GENERIC, 0x01) => "invalid opcode (target without direct mode)",
+        (t::GENERIC, 0x0b) => "invalid namespace",
+        _ => return nvme::spec::Status::new(sct, sc).to_string(),
+    };
+    format!("{what} [sct {sct:#x} sc {sc:#x}]")
+}
+
+/// A refused fabrics Connect in words: which subsystem or host, and what to change.
+/// `result` is the completion's DW0 (IATTR/IPO of Connect Invalid Parameters).
+pub fn connect_refusal(sct: u8, sc: u8, result: u32, subnqn: &str, hostnqn: &str) -> String {
+    let field = match ConnectResponse::from_result(u64::from(result), false) {
+        ConnectResponse::InvalidParameter {
+            in_data: true,
+            offset,
+        } => Some(offset),
+        _ => None,
+    };
+    match (sct, sc, field) {
+        (nvme::spec::sct::COMMAND_SPECIFIC, connect_status::INVALID_HOST, _) => format!(
+            "host {hostnqn} is not allowed by subsystem {subnqn} (add it to the subsystem's hosts, or set allow_any_host = true)"
+        ),
+        (nvme::spec::sct::COMMAND_SPECIFIC, connect_status::INVALID_PARAMETERS, Some(connect_offset::DATA_SUBNQN)) => {
+            format!("subsystem {subnqn} not found on this target (nvme discover lists what it serves)")
+        }
+        (nvme::spec::sct::COMMAND_SPECIFIC, connect_status::INVALID_PARAMETERS, Some(connect_offset::DATA_HOSTNQN)) => {
+            format!("host NQN {hostnqn} refused as malformed")
+        }
+        _ => format!("Connect to {subnqn} as {hostnqn} refused: {}", refusal(sct, sc)),
+    }
+}
+
 /// The first 8 bytes (DW0/DW1) of a Connect response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectResponse {
@@ -580,6 +623,31 @@ assert_size!(DiscoveryLogEntry, 1024);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_named_with_the_codes() {
+        let r = refusal(nvme::spec::sct::MEDIA, 0x86);
+        assert_eq!(
+            r,
+            "access denied (direct mode: host not on direct_hosts) [sct 0x2 sc 0x86]"
+        );
+        assert!(refusal(0, 0x82).starts_with("namespace not ready"));
+        // not one of ours: the spec's name and the codes
+        let r = refusal(0, 0x02);
+        assert_eq!(r, "Invalid Field in Command (sct 0x0, sc 0x02)");
+        // a Connect refusal on a field other than the NQNs
+        let r = connect_refusal(
+            1,
+            connect_status::INVALID_PARAMETERS,
+            16 | 1 << 16,
+            "nqn.s",
+            "nqn.h",
+        );
+        assert!(
+            r.contains("nqn.s") && r.contains("invalid Connect parameters"),
+            "{r}"
+        );
+    }
 
     #[test]
     fn keyed_sgl_round_trip_and_layout() {

@@ -218,6 +218,23 @@ pub fn wait<W: HostWire>(q: &mut InitiatorQueue<W>, timeout: Duration) -> Result
     }
 }
 
+/// A failed fabrics Connect as a named refusal ([`crate::fabrics::connect_refusal`]:
+/// "subsystem ... not found on this target", "host ... not allowed"); other errors as
+/// they are.
+pub fn connect_error(e: Error, dst: std::net::SocketAddr, subnqn: &str, hostnqn: &str) -> Error {
+    match e {
+        Error::CommandFailed {
+            sct, sc, result, ..
+        } => Error::Session(format!(
+            "{dst}: {}",
+            crate::fabrics::connect_refusal(sct, sc, result, subnqn, hostnqn)
+        )),
+        other => Error::Session(format!(
+            "fabrics Connect to {subnqn} at {dst} as {hostnqn} failed: {other}"
+        )),
+    }
+}
+
 /// Submits `sqe` and waits for its completion; a non-success status is an error.
 pub fn execute<W: HostWire>(
     q: &mut InitiatorQueue<W>,
@@ -238,6 +255,7 @@ pub fn execute<W: HostWire>(
                 cid,
                 sct: st.sct(),
                 sc: st.sc(),
+                result: c.cqe.dw0.get(),
             });
         }
         return Ok(c);

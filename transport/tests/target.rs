@@ -441,8 +441,18 @@ fn connect_errors() {
         );
     };
     let mut q = rig.open(0, 32);
+    // What a host (perf, direct, the fio engine) prints for a refusal: named from the
+    // real completion, not raw codes (transport::fabrics::connect_refusal).
+    let named = |c: &nvme::spec::Cqe, subnqn: &str, hostnqn: &str| {
+        let st = c.status();
+        transport::fabrics::connect_refusal(st.sct(), st.sc(), c.dw0.get(), subnqn, hostnqn)
+    };
     let c = rig.connect_keyed(&mut q, SUBNQN, OTHER_HOST, CNTLID_DYNAMIC, 31, 0);
     check(&c, connect_status::INVALID_HOST, true, 512);
+    assert_eq!(
+        named(&c, SUBNQN, OTHER_HOST),
+        format!("host {OTHER_HOST} is not allowed by subsystem {SUBNQN} (add it to the subsystem's hosts, or set allow_any_host = true)")
+    );
     let c = rig.connect_keyed(
         &mut q,
         "nqn.2026-11.io.nvmf-p2p:nope",
@@ -452,6 +462,11 @@ fn connect_errors() {
         0,
     );
     check(&c, connect_status::INVALID_PARAMETERS, true, 256);
+    let msg = named(&c, "nqn.2026-11.io.nvmf-p2p:nope", HOSTNQN);
+    assert!(
+        msg.starts_with("subsystem nqn.2026-11.io.nvmf-p2p:nope not found on this target"),
+        "{msg}"
+    );
     let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, 5, 31, 0);
     check(&c, connect_status::INVALID_PARAMETERS, true, 16);
     let c = rig.connect_keyed(&mut q, SUBNQN, HOSTNQN, CNTLID_DYNAMIC, 0, 0);

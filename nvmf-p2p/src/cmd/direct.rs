@@ -64,7 +64,7 @@ pub fn start_service(
     }
     let svc = DirectService::start(DirectConfig {
         address: l.address,
-        port: 0,
+        port: cfg.direct_port,
         default_depth: 128,
         max_pool: 64 << 20,
         subsystems,
@@ -73,7 +73,6 @@ pub fn start_service(
     })
     .map_err(|e| CliError::new(format!("direct mode: {e}")))?;
     target.set_direct(svc.clone() as DirectProvider);
-    eprintln!("nvmf-p2p: direct mode on (direct port {})", svc.port());
     Ok(Some(svc))
 }
 
@@ -95,23 +94,37 @@ pub struct Args {
     /// Subsystem NQN.
     #[arg(long)]
     pub subnqn: String,
-    /// Host NQN (must be on the subsystem's direct_hosts).
+    /// Host NQN: must be on the subsystem's direct_hosts and hosts (or allow_any_host).
+    /// The default is `perf`'s and the fio engine's.
     #[arg(long, default_value = DEFAULT_HOSTNQN)]
     pub hostnqn: String,
     /// Namespace id.
     #[arg(long, default_value_t = 1)]
     pub nsid: u32,
-    /// Commands in flight (≤ queue entries − 1).
-    #[arg(long, default_value_t = 32)]
+    /// Commands in flight (≤ queue entries − 1). Same flag as `perf -q`.
+    #[arg(
+        short = 'q',
+        long = "queue-depth",
+        visible_alias = "qd",
+        default_value_t = 32
+    )]
     pub qd: u16,
-    /// I/O size in bytes (≤ 8192).
-    #[arg(long, default_value_t = 4096)]
+    /// I/O size in bytes (suffixes k/K: 4k), at most 8k: a direct queue's commands
+    /// carry two PRPs and no PRP list (docs/direct-mode.md). Same flag as `perf -o`.
+    #[arg(short = 'o', long = "io-size", visible_alias = "bs", default_value = "4k", value_parser = super::perf::parse_size)]
     pub bs: usize,
-    /// Random workload for `--time` seconds (unless --fill/--check/--attach-only).
-    #[arg(long, value_enum, default_value = "randread")]
+    /// Random workload for `--time` seconds (unless --fill/--check/--attach-only). Same
+    /// flag as `perf -w`.
+    #[arg(
+        short = 'w',
+        long = "workload",
+        visible_alias = "rw",
+        value_enum,
+        default_value = "randread"
+    )]
     pub rw: Rw,
-    /// Seconds of random I/O.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds of random I/O (`perf -t`).
+    #[arg(short = 't', long, default_value_t = 5.0)]
     pub time: f64,
     /// Write the pattern of SEED over [--lba, --lba + --blocks) and exit.
     #[arg(long, value_name = "SEED")]
@@ -163,11 +176,18 @@ struct Report {
 }
 
 const WRITE_BIT: u64 = 1 << 63;
-/// Host NQN used when `--hostnqn` is not given.
-pub const DEFAULT_HOSTNQN: &str =
-    "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d1";
+/// Host NQN used when `--hostnqn` is not given: the one default of every host command.
+pub use transport::rdma::DEFAULT_HOSTNQN;
+/// Largest I/O of a direct queue (two PRPs, no PRP list: docs/direct-mode.md).
+pub const MAX_DIRECT_IO: usize = 8192;
 
 pub fn run(a: Args) -> CliResult {
+    if a.bs > MAX_DIRECT_IO {
+        return Err(CliError::new(format!(
+            "-o/--io-size {}: a direct queue carries at most {MAX_DIRECT_IO} bytes per I/O (its commands have two PRPs and no PRP list; docs/direct-mode.md)",
+            a.bs
+        )));
+    }
     let opts = HostOptions {
         addr: SocketAddr::new(a.traddr, a.trsvcid),
         subnqn: a.subnqn.clone(),
@@ -211,7 +231,7 @@ pub fn run(a: Args) -> CliResult {
     let lba_size = d.lba_size.get() as usize;
     if a.bs == 0 || !a.bs.is_multiple_of(lba_size) {
         return Err(CliError::new(format!(
-            "--bs {} is not a multiple of the {lba_size}-byte LBA",
+            "-o/--io-size {} is not a multiple of the {lba_size}-byte LBA",
             a.bs
         )));
     }

@@ -36,7 +36,8 @@ pub struct Args {
     /// Subsystem NQN to connect to.
     #[arg(long, required_unless_present = "local")]
     pub subnqn: Option<String>,
-    /// Our host NQN.
+    /// Our host NQN (the same default as `nvmf-p2p direct` and the fio engine; list it
+    /// in the subsystem's hosts, and direct_hosts for --direct).
     #[arg(long, default_value = DEFAULT_HOSTNQN)]
     pub hostnqn: String,
     /// Run on a local NVMe controller (bound to vfio-pci) through our driver instead.
@@ -81,7 +82,7 @@ pub struct Args {
     pub json: bool,
 }
 
-fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1usize),

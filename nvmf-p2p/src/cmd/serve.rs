@@ -17,8 +17,10 @@ use crate::vfio_backend::VfioOpener;
 pub struct Args {
     /// Target configuration (TOML): subsystems, namespaces, listeners.
     #[arg(long, short)]
-    pub config: PathBuf,
-    /// Print the configuration with every default filled in, and exit.
+    pub config: Option<PathBuf>,
+    /// Check the configuration as serve would (listeners, cores, PCI devices), print it
+    /// with every default filled in, and exit. Without --config: print an annotated
+    /// template with every key and its default.
     #[arg(long)]
     pub print_config: bool,
     /// Open `vfio:` controllers without shadow doorbells (every doorbell an MMIO write;
@@ -43,19 +45,25 @@ fn one_driver_per_controller(spec: &BackendSpec) -> transport::Error {
 }
 
 pub fn run(a: Args) -> CliResult {
-    let mut cfg = TargetConfig::load(&a.config).map_err(|e| CliError(e.to_string()))?;
+    let Some(config_path) = a.config.clone() else {
+        if a.print_config {
+            print!("{}", transport::config::TEMPLATE);
+            return Ok(());
+        }
+        return Err(CliError::new(
+            "serve needs --config FILE (`nvmf-p2p serve --print-config` prints an annotated template)",
+        ));
+    };
+    let mut cfg = load_checked(&config_path)?;
     cfg.shadow_doorbells &= !a.no_shadow_doorbells;
     cfg.nvme_interrupts &= !a.no_nvme_interrupts;
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    if cfg.listeners.is_empty() {
-        return Err(CliError::new(format!(
-            "{}: no [[listener]]: add one with the RDMA address to serve on",
-            a.config.display()
-        )));
-    }
+    // Before anything is opened or printed: a second serve of the same configuration
+    // fails here, not after claiming devices and ports.
+    control_socket_free(&cfg.control_socket)?;
     let opener = Arc::new(VfioOpener::new(cfg.shadow_doorbells, cfg.nvme_interrupts));
     #[cfg(feature = "spdk")]
     let spdk = Arc::new(crate::spdk_backend::SpdkOpener::new(cfg.nvme_interrupts));
@@ -140,6 +148,8 @@ pub fn run(a: Args) -> CliResult {
     // The control socket opens once the listeners are bound: whoever waits for it (the
     // demo, tests, an operator's script) can connect right away.
     let mut control = None;
+    let mut metrics = None;
+    let stats_handler = handler.clone();
     let on_ready = || {
         match control::Server::start(&cfg.control_socket, handler) {
             Ok(server) => control = Some(Ok(server)),
@@ -159,16 +169,80 @@ pub fn run(a: Args) -> CliResult {
                 .join(", "),
             cfg.control_socket.display()
         );
+        if let Some(d) = &direct {
+            eprintln!("nvmf-p2p: direct mode on (direct port {})", d.port());
+        }
+        if let Some(m) = &cfg.metrics {
+            match start_metrics(m.listen, stats_handler) {
+                Ok(at) => eprintln!("nvmf-p2p: metrics on http://{at}/metrics"),
+                Err(e) => {
+                    metrics = Some(e);
+                    stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        crate::sd_notify::notify_logged("READY=1\nSTATUS=serving");
     };
     serve_with(&target, &cfg, &stop, ServeOptions::default(), on_ready)
         .map_err(|e| CliError(e.to_string()))?;
+    crate::sd_notify::notify_logged("STOPPING=1");
     if let Some(Err(e)) = control {
+        return Err(CliError(e));
+    }
+    if let Some(e) = metrics {
         return Err(CliError(e));
     }
     if stop.load(Ordering::Relaxed) {
         eprintln!("nvmf-p2p: stopped (queues drained, namespaces flushed)");
     }
     Ok(())
+}
+
+/// Reads and checks the configuration file the way `serve` needs it: the file's own
+/// consistency ([`TargetConfig::parse`]) and this machine ([`TargetConfig::check_deploy`]:
+/// a listener, cores that exist, PCI devices that exist). `--print-config` runs it too.
+pub fn load_checked(path: &std::path::Path) -> Result<TargetConfig, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new(format!("cannot read {}: {e}", path.display())))?;
+    let cfg = TargetConfig::parse(&text, path).map_err(|e| CliError(e.to_string()))?;
+    // SAFETY: sysconf only reads a system value.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    let pci_exists = |bdf: &str| {
+        let full = if bdf.matches(':').count() == 1 {
+            format!("0000:{bdf}")
+        } else {
+            bdf.to_owned()
+        };
+        std::path::Path::new("/sys/bus/pci/devices")
+            .join(full)
+            .exists()
+    };
+    cfg.check_deploy(&text, path, cpus, &pci_exists)
+        .map_err(|e| CliError(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Refuses to start when another `serve` answers on `path` (the control socket).
+fn control_socket_free(path: &std::path::Path) -> CliResult {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(CliError::new(format!(
+            "another nvmf-p2p serve is running on the control socket {} (stop it, or give this one its own control_socket, listener ports and direct_port)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The `[metrics]` HTTP endpoint: the control socket's `stats` reply as Prometheus text.
+fn start_metrics(
+    at: std::net::SocketAddr,
+    handler: control::Handler,
+) -> Result<std::net::SocketAddr, String> {
+    crate::metrics::start_http(
+        at,
+        Arc::new(move || handler(&Request::Stats).map(|v| crate::metrics::render(&v))),
+    )
 }
 
 /// The `stats` reply: subsystems with their namespaces, and live controllers with their

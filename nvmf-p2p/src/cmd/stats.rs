@@ -12,9 +12,20 @@ pub struct StatsArgs {
     /// Control socket of the target (the `control_socket` of its config).
     #[arg(long, default_value = transport::config::DEFAULT_CONTROL_SOCKET)]
     pub socket: PathBuf,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (same as `--format json`).
     #[arg(long)]
     pub json: bool,
+    /// Output format: `text`, `json`, or `prometheus` (text exposition format 0.0.4,
+    /// what the `[metrics] listen` endpoint of serve answers).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Prometheus,
 }
 
 #[derive(clap::Args)]
@@ -34,8 +45,12 @@ pub enum CtlCommand {
 
 pub fn run_stats(a: StatsArgs) -> CliResult {
     let v = control::request(&a.socket, &Request::Stats).map_err(CliError)?;
-    if a.json {
+    if a.json || a.format == Format::Json {
         return print_json(&v);
+    }
+    if a.format == Format::Prometheus {
+        print!("{}", crate::metrics::render(&v));
+        return Ok(());
     }
     print_text(&v, 0);
     Ok(())

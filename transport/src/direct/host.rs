@@ -280,16 +280,9 @@ pub enum AttachError {
     Other(#[from] Error),
 }
 
-/// Text for an attach status.
+/// Text for an attach status ([`crate::fabrics::refusal`], the one naming of statuses).
 pub fn describe(s: Status) -> String {
-    let what = match (s.sct(), s.sc()) {
-        (2, 0x86) => "access denied (host not on direct_hosts)",
-        (0, 0x82) => "namespace not ready (device reset in progress)",
-        (0, 0x01) => "invalid opcode (target without direct mode)",
-        (0, 0x0b) => "invalid namespace",
-        _ => "error",
-    };
-    format!("{what} [sct {:#x} sc {:#x}]", s.sct(), s.sc())
+    crate::fabrics::refusal(s.sct(), s.sc())
 }
 
 impl DirectHost {
@@ -306,7 +299,8 @@ impl DirectHost {
             cmd::connect(0, 31, 0, keyed(&abuf, 0, 1024)),
             &[],
             T,
-        )?;
+        )
+        .map_err(|e| crate::initiator::connect_error(e, opts.addr, &opts.subnqn, &opts.hostnqn))?;
         enable_controller(&mut admin, T)?;
         Ok(DirectHost { admin, abuf, opts })
     }

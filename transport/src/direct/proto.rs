@@ -21,6 +21,11 @@ pub const VERSION: u16 = 1;
 /// SCT 2h (media and data integrity), SC 86h Access Denied.
 pub const STATUS_ACCESS_DENIED: Status = Status::new(nvme::spec::sct::MEDIA, 0x86);
 
+/// Refusal of an attach beyond the target's direct-mode limits (queues or pinned memory
+/// per host, pinned memory in all): SCT 1h (command specific), SC 01h Invalid Queue
+/// Identifier, what Create I/O Queue answers when no more queues are available.
+pub const STATUS_ATTACH_LIMIT: Status = Status::new(nvme::spec::sct::COMMAND_SPECIFIC, 0x01);
+
 /// Data-path level of an attached queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -197,11 +202,13 @@ impl Descriptor {
         Level::from_u8(self.level).unwrap_or(Level::Forwarded)
     }
 
-    /// Sets the reason text (truncated to 63 bytes).
+    /// Sets the reason text. It has 63 bytes on the wire: a longer one is cut at the
+    /// last word that fits and ends in "..." (serve's log has it whole), never mid-word
+    /// or mid-character.
     pub fn set_reason(&mut self, s: &str) {
         self.reason = [0; 64];
-        let n = s.len().min(63);
-        self.reason[..n].copy_from_slice(&s.as_bytes()[..n]);
+        let t = fit_reason(s, 63);
+        self.reason[..t.len()].copy_from_slice(t.as_bytes());
     }
 
     /// The reason text.
@@ -209,6 +216,37 @@ impl Descriptor {
         let end = self.reason.iter().position(|&b| b == 0).unwrap_or(64);
         String::from_utf8_lossy(&self.reason[..end]).into_owned()
     }
+}
+
+/// `s` if it has at most `max` bytes, else its longest prefix of whole words that leaves
+/// room for "...", followed by "...".
+fn fit_reason(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let room = max - 3;
+    let mut end = 0;
+    for (i, c) in s.char_indices() {
+        if i + c.len_utf8() > room {
+            break;
+        }
+        if c == ' ' {
+            end = i;
+        }
+    }
+    if end == 0 {
+        // one long word: cut at a character boundary
+        end = s
+            .char_indices()
+            .map(|(i, c)| i + c.len_utf8())
+            .take_while(|&e| e <= room)
+            .last()
+            .unwrap_or(0);
+    }
+    format!(
+        "{}...",
+        s[..end].trim_end_matches([' ', ',', ';', ':', '('])
+    )
 }
 
 impl Default for Descriptor {
@@ -343,6 +381,29 @@ impl ConnectPrivate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_reasons_are_cut_between_words() {
+        let mut d = Descriptor::new();
+        let long =
+            "ibv_reg_dmabuf_mr: EOPNOTSUPP; the doorbell page export is not supported by this NIC";
+        d.set_reason(long);
+        let r = d.reason();
+        assert!(r.len() <= 63 && r.ends_with("..."), "{r}");
+        let kept = r.trim_end_matches("...");
+        assert!(long.starts_with(kept), "{r}");
+        assert!(
+            matches!(
+                long.as_bytes()[kept.len()],
+                b' ' | b',' | b';' | b':' | b'('
+            ),
+            "cut mid-word: {r}"
+        );
+        d.set_reason("SQ in the CMB");
+        assert_eq!(d.reason(), "SQ in the CMB");
+        d.set_reason(&"é".repeat(40));
+        assert!(d.reason().ends_with("...") && d.reason().len() <= 63);
+    }
 
     #[test]
     fn descriptor_round_trip() {

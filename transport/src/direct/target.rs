@@ -55,6 +55,7 @@ use super::proto::{
     reply_private, split_polled_imm, AttachRequest, ConnectPrivate, Descriptor, Level,
     RemoteRegion, ACCEPT_CQ_POLLED, ACCEPT_READS_PUSHED, CONNECT_CQ_POLLED, FLAG_CQE_PUSH,
     FLAG_CQ_POLL, FLAG_TAIL_IN_IMM, REJECT_UNKNOWN_TOKEN, STATUS_ACCESS_DENIED,
+    STATUS_ATTACH_LIMIT,
 };
 use super::DirectAttach;
 use crate::error::{Error, Result};
@@ -62,8 +63,137 @@ use crate::error::{Error, Result};
 const PAGE: usize = 4096;
 /// Extra receive/send slots beyond the queue depth.
 const SLACK: u32 = 16;
-/// Attachments not connected within this time are dropped.
-const PENDING_TTL: Duration = Duration::from_secs(20);
+/// How often the poller drops attachments whose host never connected.
+const REAP_PERIOD: Duration = Duration::from_millis(200);
+
+/// What attaches may hold: every attachment pins its SQ and CQ rings, its data pool and a
+/// doorbell page (DMA-mapped, registered memory) until it is detached, its connection
+/// ends, or — never connected — `pending_ttl` passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectLimits {
+    /// Attachments (pending or connected) of one host NQN.
+    pub max_queues_per_host: u32,
+    /// Pinned bytes of one host NQN's attachments.
+    pub max_pinned_per_host: u64,
+    /// Pinned bytes of all attachments.
+    pub max_pinned_total: u64,
+    /// An attachment whose host does not connect within this time is dropped (reaped by
+    /// the poller, not only on the next attach).
+    pub pending_ttl: Duration,
+}
+
+impl Default for DirectLimits {
+    /// 16 queues and 512 MiB per host, 2 GiB in all, 20 s to connect.
+    fn default() -> Self {
+        DirectLimits {
+            max_queues_per_host: 16,
+            max_pinned_per_host: 512 << 20,
+            max_pinned_total: 2 << 30,
+            pending_ttl: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Locks `m`, going on after a panic of another holder (the data stays consistent:
+/// every change is one assignment).
+fn held<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Attachments and pinned bytes per host and in all, kept by [`Pin`]s.
+#[derive(Debug, Default)]
+struct PinLedger {
+    per_host: HashMap<String, (u32, u64)>,
+    total: u64,
+}
+
+/// One attachment's share of the [`PinLedger`]; given back when dropped (with the
+/// attachment, however it ends).
+struct Pin {
+    ledger: Arc<Mutex<PinLedger>>,
+    host: String,
+    bytes: u64,
+}
+
+impl PinLedger {
+    /// Takes `bytes` for one more attachment of `host`, or says which limit refuses it.
+    fn reserve(
+        ledger: &Arc<Mutex<PinLedger>>,
+        lim: &DirectLimits,
+        host: &str,
+        bytes: u64,
+    ) -> std::result::Result<Pin, String> {
+        let mut l = held(ledger);
+        let (n, b) = l.per_host.get(host).copied().unwrap_or((0, 0));
+        if n >= lim.max_queues_per_host {
+            return Err(format!(
+                "the host has {n} direct queues (max_queues_per_host {})",
+                lim.max_queues_per_host
+            ));
+        }
+        if b + bytes > lim.max_pinned_per_host {
+            return Err(format!(
+                "the host's direct queues would pin {} bytes (max_pinned_per_host {})",
+                b + bytes,
+                lim.max_pinned_per_host
+            ));
+        }
+        if l.total + bytes > lim.max_pinned_total {
+            return Err(format!(
+                "direct queues would pin {} bytes in all (max_pinned_total {})",
+                l.total + bytes,
+                lim.max_pinned_total
+            ));
+        }
+        l.per_host.insert(host.to_owned(), (n + 1, b + bytes));
+        l.total += bytes;
+        Ok(Pin {
+            ledger: ledger.clone(),
+            host: host.to_owned(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut l = held(&self.ledger);
+        l.total = l.total.saturating_sub(self.bytes);
+        if let Some((n, b)) = l.per_host.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+            *b = b.saturating_sub(self.bytes);
+            if *n == 0 {
+                l.per_host.remove(&self.host);
+            }
+        }
+    }
+}
+
+/// Removes the entries of `pending` created `ttl` or longer before `now`; returns how many.
+fn reap_expired<T>(
+    pending: &mut HashMap<u64, T>,
+    now: Instant,
+    ttl: Duration,
+    created: impl Fn(&T) -> Instant,
+) -> usize {
+    let before = pending.len();
+    pending.retain(|_, a| now.saturating_duration_since(created(a)) < ttl);
+    before - pending.len()
+}
+
+/// Why an attach failed.
+enum AttachFail {
+    /// A [`DirectLimits`] bound.
+    Limit(String),
+    /// The device or the RDMA registration.
+    Device(nvme::Error),
+}
+
+impl From<nvme::Error> for AttachFail {
+    fn from(e: nvme::Error) -> Self {
+        AttachFail::Device(e)
+    }
+}
 const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_WRITE: u64 = 3;
@@ -151,6 +281,15 @@ pub struct ServiceReport {
     pub refused: u64,
     /// Attaches done.
     pub attached: u64,
+    /// Attaches refused by a [`DirectLimits`] bound.
+    pub limited: u64,
+    /// Attachments dropped because their host did not connect in time.
+    pub expired: u64,
+    /// SQ tails ignored because they would put more commands in flight than the queue
+    /// holds (a host writing bogus tails).
+    pub bogus_tails: u64,
+    /// Pinned bytes of all attachments now.
+    pub pinned_bytes: u64,
     /// Times the poller went to sleep on its channels.
     pub sleeps: u64,
     /// Of those, sleeps on NVMe interrupts while commands were in the device.
@@ -186,6 +325,8 @@ struct Attachment {
     generation: u64,
     report: QueueReport,
     created: Instant,
+    /// This attachment's share of the pinned memory (last: given back after the rest).
+    _pin: Pin,
 }
 
 /// An attachment with its direct connection.
@@ -235,6 +376,10 @@ struct Inner {
     pd: Arc<ProtectionDomain>,
     port: u16,
     control: Mutex<Control>,
+    limits: Mutex<DirectLimits>,
+    pins: Arc<Mutex<PinLedger>>,
+    /// Bogus SQ tails ignored (see `tail_advance`).
+    bogus_tails: AtomicU64,
     stop: AtomicBool,
     paused: AtomicBool,
     quiesce_req: AtomicU64,
@@ -280,6 +425,9 @@ impl DirectService {
                     ..Default::default()
                 },
             }),
+            limits: Mutex::new(DirectLimits::default()),
+            pins: Arc::new(Mutex::new(PinLedger::default())),
+            bogus_tails: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             quiesce_req: AtomicU64::new(0),
@@ -412,13 +560,15 @@ impl DirectAttach for DirectService {
             Ok((att, desc)) => {
                 let mut c = lock(&inner.control);
                 c.report.attached += 1;
-                let now = Instant::now();
-                c.pending
-                    .retain(|_, a| now.duration_since(a.created) < PENDING_TTL);
                 c.pending.insert(desc.token.get(), att);
                 Ok(desc)
             }
-            Err(e) => {
+            Err(AttachFail::Limit(why)) => {
+                tracing::warn!(subnqn, hostnqn, why, "direct attach refused: limit");
+                lock(&inner.control).report.limited += 1;
+                Err(STATUS_ATTACH_LIMIT)
+            }
+            Err(AttachFail::Device(e)) => {
                 tracing::warn!(subnqn, hostnqn, error = %e, "direct attach failed");
                 Err(Status::INTERNAL_ERROR)
             }
@@ -494,13 +644,19 @@ impl DirectService {
 }
 
 impl DirectService {
+    /// Replaces the bounds on attaches (default [`DirectLimits::default`]); attachments
+    /// already made stay.
+    pub fn set_limits(&self, limits: DirectLimits) {
+        *held(&self.inner.limits) = limits;
+    }
+
     fn build(
         &self,
         subnqn: &str,
         hostnqn: &str,
         ns: &DirectNamespace,
         req: AttachRequest,
-    ) -> nvme::Result<(Attachment, Descriptor)> {
+    ) -> std::result::Result<(Attachment, Descriptor), AttachFail> {
         let inner = &self.inner;
         let ctrl = ns.device.controller();
         let info = ctrl.info();
@@ -524,7 +680,13 @@ impl DirectService {
         };
         let pool_len = page_round(pool_len.max(PAGE));
         let sq_len = page_round(usize::from(depth) * 64);
-        let cq = ctrl.alloc_dma(page_round(usize::from(depth) * 16))?;
+        let cq_len = page_round(usize::from(depth) * 16);
+        // Rings, pool and the doorbell mirror page.
+        let pinned = (sq_len + cq_len + pool_len + PAGE) as u64;
+        let limits = *held(&inner.limits);
+        let pin =
+            PinLedger::reserve(&inner.pins, &limits, hostnqn, pinned).map_err(AttachFail::Limit)?;
+        let cq = ctrl.alloc_dma(cq_len)?;
         let pool = ctrl.alloc_dma(pool_len)?;
         let reg = |buf: &DmaBuffer, access: Access, what: &'static str| {
             // SAFETY: `buf` is VFIO-mapped memory kept alive by the attachment (the queue
@@ -643,6 +805,7 @@ impl DirectService {
                 interrupt_vector,
             },
             created: Instant::now(),
+            _pin: pin,
         };
         Ok((att, d))
     }
@@ -834,7 +997,7 @@ impl Poller {
                 self.active.retain(|a| !a.dead);
                 self.publish();
             }
-            if last_report.elapsed() > Duration::from_millis(200) {
+            if last_report.elapsed() > REAP_PERIOD {
                 self.publish();
                 last_report = Instant::now();
             }
@@ -953,7 +1116,16 @@ impl Poller {
 
     fn publish(&mut self) {
         let queues: Vec<QueueReport> = self.active.iter().map(|a| a.att.report.clone()).collect();
+        let ttl = held(&self.inner.limits).pending_ttl;
+        let pinned = held(&self.inner.pins).total;
         let mut c = lock(&self.inner.control);
+        let expired = reap_expired(&mut c.pending, Instant::now(), ttl, |a| a.created);
+        if expired > 0 {
+            tracing::info!(expired, ?ttl, "direct: attachments never connected dropped");
+        }
+        c.report.expired += expired as u64;
+        c.report.bogus_tails = self.inner.bogus_tails.load(Ordering::Relaxed);
+        c.report.pinned_bytes = pinned;
         c.report.queues = queues;
         c.report.sleeps = self.sleeps;
         c.report.device_sleeps = self.device_sleeps;
@@ -1134,9 +1306,9 @@ impl Poller {
                         if a.polled {
                             let (t, h) = split_polled_imm(imm);
                             set_cq_head(a, h);
-                            advance_tail(a, u32::from(t));
+                            advance_tail(a, &self.inner.bogus_tails, u32::from(t));
                         } else {
-                            advance_tail(a, imm);
+                            advance_tail(a, &self.inner.bogus_tails, imm);
                         }
                     }
                     let mut b = RecvBatch::<1>::new();
@@ -1182,7 +1354,7 @@ impl Poller {
         }
         if t != a.mirror_last {
             a.mirror_last = t;
-            advance_tail(a, u32::from(t));
+            advance_tail(a, &self.inner.bogus_tails, u32::from(t));
         }
         ring(a);
         1
@@ -1287,18 +1459,53 @@ impl Poller {
     }
 }
 
-fn advance_tail(a: &mut Active, t: u32) {
-    let depth = u32::from(a.att.raw.depth());
+/// Commands a new SQ tail `t` adds to a queue of `depth` entries whose tail is `tail`,
+/// with `in_flight` commands submitted and not completed (pushed completions; polled:
+/// not counted, `None`). Err: a bogus tail — beyond the ring, or one that would have more
+/// commands outstanding than the queue holds (depth − 1: the CQ is as deep as the SQ).
+fn tail_advance(
+    depth: u32,
+    tail: u16,
+    in_flight: Option<u32>,
+    t: u32,
+) -> std::result::Result<u32, &'static str> {
     if t >= depth {
-        tracing::debug!(
+        return Err("beyond the ring");
+    }
+    let added = (t + depth - u32::from(tail)) % depth;
+    if let Some(n) = in_flight {
+        if n + added > depth - 1 {
+            return Err("more commands than the queue holds");
+        }
+    }
+    Ok(added)
+}
+
+/// `stats` counts them, the log says so at powers of two (a flood of bogus tails is not a
+/// flood of log lines).
+fn bogus_tail(a: &Active, bogus: &AtomicU64, t: u32, why: &'static str) {
+    let n = bogus.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(
             token = a.att.report.token,
             tail = t,
-            "direct: tail out of range ignored"
+            current = a.tail,
+            in_flight = a.in_flight,
+            why,
+            bogus_tails = n,
+            "direct: bogus SQ tail ignored"
         );
-        return;
     }
+}
+
+fn advance_tail(a: &mut Active, bogus: &AtomicU64, t: u32) {
+    let depth = u32::from(a.att.raw.depth());
+    let in_flight = (!a.polled).then_some(a.in_flight);
+    let added = match tail_advance(depth, a.tail, in_flight, t) {
+        Ok(n) => n,
+        Err(why) => return bogus_tail(a, bogus, t, why),
+    };
     let t = t as u16;
-    let added = (u32::from(t) + depth - u32::from(a.tail)) % depth;
     if added == 0 {
         return;
     }
@@ -1383,5 +1590,86 @@ fn ring(a: &mut Active) {
         a.ring = false;
         a.att.report.doorbells_forwarded += 1;
         a.att.raw.ring_sq(a.tail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_bound_queues_and_bytes_per_host_and_in_all() {
+        let ledger = Arc::new(Mutex::new(PinLedger::default()));
+        let lim = DirectLimits {
+            max_queues_per_host: 2,
+            max_pinned_per_host: 100,
+            max_pinned_total: 150,
+            pending_ttl: Duration::from_secs(1),
+        };
+        let a1 = PinLedger::reserve(&ledger, &lim, "a", 40).unwrap();
+        let a2 = PinLedger::reserve(&ledger, &lim, "a", 40).unwrap();
+        let e = PinLedger::reserve(&ledger, &lim, "a", 1).err().unwrap();
+        assert!(e.contains("max_queues_per_host 2"), "{e}");
+        drop(a2);
+        let e = PinLedger::reserve(&ledger, &lim, "a", 61).err().unwrap();
+        assert!(e.contains("max_pinned_per_host 100"), "{e}");
+        let b = PinLedger::reserve(&ledger, &lim, "b", 100).unwrap();
+        let e = PinLedger::reserve(&ledger, &lim, "a", 20).err().unwrap();
+        assert!(e.contains("max_pinned_total 150"), "{e}");
+        assert_eq!(held(&ledger).total, 140);
+        drop((a1, b));
+        let l = held(&ledger);
+        assert_eq!(l.total, 0, "every pin given back");
+        assert!(l.per_host.is_empty());
+    }
+
+    #[test]
+    fn expired_attachments_are_reaped_by_time() {
+        let t0 = Instant::now();
+        let mut pending: HashMap<u64, Instant> = HashMap::new();
+        pending.insert(1, t0);
+        pending.insert(2, t0 + Duration::from_secs(5));
+        let ttl = Duration::from_secs(10);
+        assert_eq!(
+            reap_expired(&mut pending, t0 + Duration::from_secs(9), ttl, |c| *c),
+            0
+        );
+        assert_eq!(
+            reap_expired(&mut pending, t0 + Duration::from_secs(10), ttl, |c| *c),
+            1
+        );
+        assert!(pending.contains_key(&2) && !pending.contains_key(&1));
+        assert_eq!(
+            reap_expired(&mut pending, t0 + Duration::from_secs(15), ttl, |c| *c),
+            1
+        );
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn bogus_tails_cannot_inflate_in_flight() {
+        // Depth 8: at most 7 commands outstanding.
+        assert_eq!(tail_advance(8, 0, Some(0), 7), Ok(7));
+        assert_eq!(tail_advance(8, 6, Some(0), 2), Ok(4), "wraps");
+        assert!(tail_advance(8, 0, Some(0), 8).is_err(), "beyond the ring");
+        assert!(tail_advance(8, 0, Some(0), u32::MAX).is_err());
+        // Three in flight: the tail may move four more, not five.
+        assert_eq!(tail_advance(8, 3, Some(3), 7), Ok(4));
+        assert!(tail_advance(8, 3, Some(3), 0).is_err());
+        // A tail moved "backwards" is a near-full wrap: refused while commands are out.
+        assert!(tail_advance(8, 5, Some(1), 4).is_err());
+        // Repeating the same bogus tail never adds anything.
+        let mut in_flight = 0;
+        let mut tail = 0u16;
+        for t in [7u32, 6, 5, 7, 0, 3] {
+            if let Ok(n) = tail_advance(8, tail, Some(in_flight), t) {
+                in_flight += n;
+                tail = t as u16;
+            }
+            assert!(in_flight <= 7, "in flight {in_flight}");
+        }
+        // Polled queues do not count in-flight commands; only the ring bound applies.
+        assert_eq!(tail_advance(8, 3, None, 2), Ok(7));
+        assert!(tail_advance(8, 3, None, 9).is_err());
     }
 }

@@ -106,12 +106,7 @@ impl Session {
             &[],
             t,
         )
-        .map_err(|e| {
-            Error::Session(format!(
-                "fabrics Connect to {subnqn} at {dst} as {} refused: {e} (is the subsystem NQN right and this host allowed?)",
-                opts.hostnqn
-            ))
-        })?;
+        .map_err(|e| crate::initiator::connect_error(e, dst, subnqn, &opts.hostnqn))?;
         let cntlid = c.cqe.dw0.get() as u16;
         enable_controller(&mut admin, t)?;
         execute(
