@@ -29,6 +29,16 @@ pub enum Error {
     GroupNotViable { bdf: String, group: u32 },
     #[error("no permission to open {path} for {bdf}; run as root or give your user access to it")]
     Permission { bdf: String, path: String },
+    /// The VFIO group is open in another process (a group has one user at a time).
+    #[error("{bdf} is in use: {path} is held by {holder}{hint}")]
+    DeviceBusy {
+        bdf: String,
+        path: String,
+        /// Who holds it: `pid N (command line)`, or "another process".
+        holder: String,
+        /// What to do about it, when the holder is a known one (`nvmf-p2p serve`).
+        hint: &'static str,
+    },
     #[error("{op} failed for {bdf}: {source}")]
     Vfio {
         bdf: String,

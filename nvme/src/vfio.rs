@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -381,6 +382,39 @@ pub struct VfioPlatform {
     irqs: Mutex<Vec<Arc<EventFd>>>,
 }
 
+/// Processes that have `path` open (pid, command line), from /proc/*/fd; those whose
+/// fds cannot be read (other users, without privilege) are left out.
+pub fn holders_of(path: &Path) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path))
+        {
+            let cmd = std::fs::read(p.path().join("cmdline"))
+                .map(|b| {
+                    b.split(|&c| c == 0)
+                        .filter(|a| !a.is_empty())
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
 fn open_node(path: &str, bdf: &str) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -391,11 +425,31 @@ fn open_node(path: &str, bdf: &str) -> Result<File> {
                 bdf: bdf.into(),
                 path: path.into(),
             },
-            Some(libc::EBUSY) => Error::Vfio {
-                bdf: bdf.into(),
-                op: "opening the VFIO group (another process has it open)",
-                source: e,
-            },
+            Some(libc::EBUSY) => {
+                let holders = holders_of(Path::new(path));
+                let serve = holders.iter().any(|(_, cmd)| {
+                    cmd.split_whitespace().any(|w| w == "serve")
+                        && cmd.split_whitespace().any(|w| w.ends_with("nvmf-p2p"))
+                });
+                Error::DeviceBusy {
+                    bdf: bdf.into(),
+                    path: path.into(),
+                    holder: if holders.is_empty() {
+                        "another process".into()
+                    } else {
+                        holders
+                            .iter()
+                            .map(|(pid, cmd)| format!("pid {pid} ({cmd})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    hint: if serve {
+                        ": `nvmf-p2p serve` drives this controller; use it over NVMe-oF (perf --traddr), read `nvmf-p2p stats`, or stop serve first"
+                    } else {
+                        ""
+                    },
+                }
+            }
             _ => Error::io(format!("opening {path} for {bdf}"), e),
         })
 }
@@ -930,6 +984,27 @@ impl NvmeDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holders_of_finds_this_process_and_busy_names_it() {
+        let path = std::env::temp_dir().join(format!("nvmf-p2p-holder-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let held = holders_of(&path);
+        assert!(
+            held.iter().any(|(pid, _)| *pid == std::process::id()),
+            "{held:?}"
+        );
+        drop(f);
+        assert!(holders_of(&path).is_empty());
+        let _ = std::fs::remove_file(&path);
+        let e = Error::DeviceBusy {
+            bdf: "0000:01:00.0".into(),
+            path: "/dev/vfio/3".into(),
+            holder: "pid 42 (/usr/bin/nvmf-p2p serve --config t.toml)".into(),
+            hint: ": `nvmf-p2p serve` drives this controller",
+        };
+        assert_eq!(e.to_string(), "0000:01:00.0 is in use: /dev/vfio/3 is held by pid 42 (/usr/bin/nvmf-p2p serve --config t.toml): `nvmf-p2p serve` drives this controller");
+    }
 
     #[test]
     fn ioctl_numbers_match_the_uapi() {
