@@ -101,6 +101,12 @@ pub fn config_bdfs(cfg: &transport::config::TargetConfig) -> Vec<String> {
     out
 }
 
+pub fn run_unbind(a: UnbindArgs) -> CliResult {
+    let o = nvme::pci::unbind_from_vfio(&a.bdf, a.driver.as_deref())
+        .map_err(|e| CliError::new(e.to_string()))?;
+    report(&o, a.json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,10 +125,4 @@ mod tests {
         .unwrap();
         assert_eq!(config_bdfs(&cfg), ["0000:01:00.0", "0000:02:00.0"]);
     }
-}
-
-pub fn run_unbind(a: UnbindArgs) -> CliResult {
-    let o = nvme::pci::unbind_from_vfio(&a.bdf, a.driver.as_deref())
-        .map_err(|e| CliError::new(e.to_string()))?;
-    report(&o, a.json)
 }
