@@ -4,9 +4,10 @@
 mod cmd;
 mod control;
 mod metrics;
+mod reconfig;
+mod sd_notify;
 #[cfg(feature = "spdk")]
 mod spdk_backend;
-mod sd_notify;
 mod vfio_backend;
 
 use std::process::ExitCode;
@@ -43,8 +44,9 @@ enum Command {
     Direct(cmd::direct::Args),
     /// Counters of a running target, from its control socket.
     Stats(cmd::stats::StatsArgs),
-    /// Control commands to a running target (e.g. `ctl reset-device`).
-    Ctl(cmd::stats::CtlArgs),
+    /// Control commands to a running target: reconfigure it (`ctl add-namespace`, ...),
+    /// `ctl save-config`, `ctl reset-device`.
+    Ctl(cmd::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,7 +70,7 @@ fn main() -> ExitCode {
         Command::Perf(a) => cmd::perf::run(a),
         Command::Direct(a) => cmd::direct::run(a),
         Command::Stats(a) => cmd::stats::run_stats(a),
-        Command::Ctl(a) => cmd::stats::run_ctl(a),
+        Command::Ctl(a) => cmd::ctl::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -432,3 +432,224 @@ fn reset_device_under_fio_verify_load_loses_nothing() {
     disconnect(nqn);
     serve.stop();
 }
+
+/// Namespace block devices (`nvmeXnY`) the kernel initiator has for subsystem `nqn`.
+fn namespace_devs(nqn: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in ["/sys/class/nvme-subsystem", "/sys/class/nvme"] {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let sub = std::fs::read_to_string(e.path().join("subsysnqn")).unwrap_or_default();
+            if sub.trim() != nqn {
+                continue;
+            }
+            for n in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                let name = n.file_name().to_string_lossy().into_owned();
+                let is_ns = name.strip_prefix("nvme").is_some_and(|rest| {
+                    rest.split_once('n').is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && a.bytes().all(|c| c.is_ascii_digit())
+                            && !b.is_empty()
+                            && b.bytes().all(|c| c.is_ascii_digit())
+                    })
+                });
+                if is_ns && Path::new(&format!("/dev/{name}")).exists() && !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Polls `namespace_devs(nqn)` until it has `n` entries (no `nvme ns-rescan`: the
+/// kernel must act on the Namespace Attribute Changed event alone).
+fn wait_namespaces(nqn: &str, n: usize, serve: &Serve) -> Vec<String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let devs = namespace_devs(nqn);
+        if devs.len() == n {
+            return devs;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{nqn}: {devs:?}, want {n} namespaces\n{}\n--- serve log ---\n{}",
+            sh_ok("dmesg", &[])
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            serve.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `nvmf-p2p ctl` changes a running target: a namespace added appears at the connected
+/// kernel initiator as a new block device and goes again when removed (the AEN path, no
+/// rescan); a subsystem added shows in `nvme discover` and goes when removed;
+/// `save-config` writes what `serve --config` accepts; a refusal names the field.
+#[test]
+fn ctl_changes_reach_the_kernel_initiator() {
+    let nqn = "nqn.2026-11.io.nvmf-p2p:vm-ctl";
+    let added = "nqn.2026-11.io.nvmf-p2p:vm-ctl-added";
+    let port = 4436;
+    let serve = Serve::start("ctl", port, &subsystem(nqn, "ram:16MiB", None));
+    let sock = serve.sock().to_str().unwrap().to_string();
+    let ctl = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["ctl", "--socket", &sock, "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&sh_ok(BIN, &all)).expect("ctl --json is JSON")
+    };
+    let host = hostnqn();
+    let c = connect(nqn, port, &host);
+    assert!(
+        c.status.success(),
+        "connect: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+    let first = wait_namespaces(nqn, 1, &serve);
+
+    let reply = ctl(&["add-namespace", nqn, "ram:8MiB", "--nsid", "2"]);
+    assert!(
+        reply["changes"][0]
+            .as_str()
+            .unwrap()
+            .contains("namespace 2"),
+        "{reply}"
+    );
+    let devs = wait_namespaces(nqn, 2, &serve);
+    let new_dev = devs.iter().find(|d| !first.contains(d)).unwrap().clone();
+    let dev = format!("/dev/{new_dev}");
+    let size = sh_ok("blockdev", &["--getsize64", &dev]);
+    assert_eq!(size.trim(), (8u64 << 20).to_string(), "{dev}");
+    fio_verify(&dev, "4k", 8, "1M");
+
+    let reply = ctl(&["remove-namespace", nqn, "2"]);
+    assert_eq!(reply["drained"], true, "{reply}");
+    assert_eq!(wait_namespaces(nqn, 1, &serve), first);
+
+    // One clear refusal per bad request, naming the field.
+    let out = sh(
+        BIN,
+        &[
+            "ctl",
+            "--socket",
+            &sock,
+            "add-namespace",
+            nqn,
+            "ram:1MiB",
+            "--nsid",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("field `nsid`"),
+        "{err}"
+    );
+    let out = sh(
+        BIN,
+        &[
+            "ctl",
+            "--socket",
+            &sock,
+            "remove-subsystem",
+            "nqn.2026-11.io.nvmf-p2p:none",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not found on this target"),
+        "{err}"
+    );
+
+    // A subsystem added at run time is in the discovery log, with a new generation.
+    ctl(&[
+        "add-subsystem",
+        added,
+        "--allow-any-host",
+        "--serial",
+        "ADDED1",
+    ]);
+    ctl(&["add-namespace", added, "ram:4MiB"]);
+    let disc = sh_ok(
+        "nvme",
+        &[
+            "discover",
+            "-t",
+            "rdma",
+            "-a",
+            &env("NVMF_P2P_ADDR"),
+            "-s",
+            &port.to_string(),
+            "-q",
+            &host,
+        ],
+    );
+    assert!(disc.contains(added), "discovery lacks {added}:\n{disc}");
+    let c = connect(added, port, &host);
+    assert!(
+        c.status.success(),
+        "connect {added}: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+    assert_eq!(wait_namespaces(added, 1, &serve).len(), 1);
+
+    // save-config: the running configuration, accepted by serve's parser.
+    let saved = PathBuf::from(env("NVMF_P2P_SCRATCH")).join("ctl-saved.toml");
+    sh_ok(
+        BIN,
+        &[
+            "ctl",
+            "--socket",
+            &sock,
+            "save-config",
+            "--output",
+            saved.to_str().unwrap(),
+        ],
+    );
+    let cfg = transport::config::TargetConfig::load(&saved).expect("saved config parses");
+    let subs: Vec<&str> = cfg.subsystems.iter().map(|s| s.nqn.as_str()).collect();
+    assert_eq!(subs, [nqn, added]);
+    assert_eq!(cfg.subsystems[0].namespaces.len(), 1);
+
+    // Removing it tears its controller down and takes it out of the log.
+    let reply = ctl(&["remove-subsystem", added]);
+    assert!(
+        reply["changes"][0].as_str().unwrap().contains("removed"),
+        "{reply}"
+    );
+    let disc = sh_ok(
+        "nvme",
+        &[
+            "discover",
+            "-t",
+            "rdma",
+            "-a",
+            &env("NVMF_P2P_ADDR"),
+            "-s",
+            &port.to_string(),
+            "-q",
+            &host,
+        ],
+    );
+    assert!(
+        !disc.contains(added),
+        "discovery still lists {added}:\n{disc}"
+    );
+    let _ = sh("nvme", &["disconnect", "-n", added]);
+    // The first subsystem's host was not disturbed.
+    fio_verify(&format!("/dev/{}", first[0]), "4k", 8, "1M");
+    disconnect(nqn);
+    let log = serve.log_text();
+    assert!(
+        log.contains("nvmf-p2p: ctl: subsystem"),
+        "changes are logged:\n{log}"
+    );
+    serve.stop();
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use transport::config::{BackendSpec, TargetConfig};
+use transport::config::{BackendSpec, SubsystemConfig, TargetConfig};
 use transport::direct::host::{AttachError, Completions, DirectHost, HostOptions, OpCounts};
 use transport::direct::target::{DirectConfig, DirectNamespace, DirectService, DirectSubsystem};
 use transport::direct::{pattern, DirectProvider};
@@ -30,37 +30,9 @@ pub fn start_service(
     let Some(l) = cfg.listeners.first() else {
         return Ok(None);
     };
-    let devices: HashMap<String, _> = opener.devices().into_iter().collect();
     let mut subsystems = HashMap::new();
     for sub in cfg.subsystems.iter().filter(|s| !s.direct_hosts.is_empty()) {
-        let mut namespaces = HashMap::new();
-        for (nsid, ns) in TargetConfig::nsids(sub) {
-            if let BackendSpec::Vfio {
-                bdf,
-                nsid: dev_nsid,
-            } = &ns.backend
-            {
-                if let Some(d) = devices.get(bdf) {
-                    namespaces.insert(
-                        nsid,
-                        DirectNamespace {
-                            device: d.clone(),
-                            nsid: *dev_nsid,
-                        },
-                    );
-                }
-            }
-        }
-        if namespaces.is_empty() {
-            tracing::warn!(subnqn = %sub.nqn, "direct_hosts set but no vfio: namespace: direct mode cannot attach anything");
-        }
-        subsystems.insert(
-            sub.nqn.clone(),
-            DirectSubsystem {
-                hosts: sub.direct_hosts.clone(),
-                namespaces,
-            },
-        );
+        subsystems.insert(sub.nqn.clone(), direct_subsystem(sub, opener));
     }
     let svc = DirectService::start(DirectConfig {
         address: l.address,
@@ -74,6 +46,37 @@ pub fn start_service(
     .map_err(|e| CliError::new(format!("direct mode: {e}")))?;
     target.set_direct(svc.clone() as DirectProvider);
     Ok(Some(svc))
+}
+
+/// Direct-mode settings of `sub`: its `direct_hosts` and its `vfio:` namespaces (at
+/// startup, and when a reconfiguration changes them).
+pub fn direct_subsystem(sub: &SubsystemConfig, opener: &VfioOpener) -> DirectSubsystem {
+    let devices: HashMap<String, _> = opener.devices().into_iter().collect();
+    let mut namespaces = HashMap::new();
+    for (nsid, ns) in TargetConfig::nsids(sub) {
+        if let BackendSpec::Vfio {
+            bdf,
+            nsid: dev_nsid,
+        } = &ns.backend
+        {
+            if let Some(d) = devices.get(bdf) {
+                namespaces.insert(
+                    nsid,
+                    DirectNamespace {
+                        device: d.clone(),
+                        nsid: *dev_nsid,
+                    },
+                );
+            }
+        }
+    }
+    if namespaces.is_empty() {
+        tracing::warn!(subnqn = %sub.nqn, "direct_hosts set but no vfio: namespace: direct mode cannot attach anything");
+    }
+    DirectSubsystem {
+        hosts: sub.direct_hosts.clone(),
+        namespaces,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -2,6 +2,7 @@
 //! the error is what the user sees, so it says what to do.
 
 pub mod bind;
+pub mod ctl;
 pub mod direct;
 pub mod perf;
 pub mod perf_direct;

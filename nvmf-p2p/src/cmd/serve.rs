@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use serde_json::json;
 use transport::config::{BackendSpec, TargetConfig};
-use transport::rdma::{serve_with, ServeOptions};
+use transport::rdma::{serve_with_control, ListenerControl, ServeOptions};
 use transport::target::Target;
 
 use super::{CliError, CliResult};
 use crate::control::{self, Request};
+use crate::reconfig::{Opener, Running};
 use crate::vfio_backend::VfioOpener;
 
 #[derive(clap::Args)]
@@ -55,8 +56,14 @@ pub fn run(a: Args) -> CliResult {
         ));
     };
     let mut cfg = load_checked(&config_path)?;
-    cfg.shadow_doorbells &= !a.no_shadow_doorbells;
-    cfg.nvme_interrupts &= !a.no_nvme_interrupts;
+    let overrides = {
+        let (no_shadow, no_irq) = (a.no_shadow_doorbells, a.no_nvme_interrupts);
+        move |cfg: &mut TargetConfig| {
+            cfg.shadow_doorbells &= !no_shadow;
+            cfg.nvme_interrupts &= !no_irq;
+        }
+    };
+    overrides(&mut cfg);
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
@@ -68,11 +75,11 @@ pub fn run(a: Args) -> CliResult {
     #[cfg(feature = "spdk")]
     let spdk = Arc::new(crate::spdk_backend::SpdkOpener::new(cfg.nvme_interrupts));
     let max_io = cfg.max_io_size as usize;
-    let open = {
+    let open: Arc<Opener> = {
         let opener = opener.clone();
         #[cfg(feature = "spdk")]
         let spdk = spdk.clone();
-        move |spec: &BackendSpec| match spec {
+        Arc::new(move |spec: &BackendSpec| match spec {
             BackendSpec::Vfio { bdf, nsid } => {
                 #[cfg(feature = "spdk")]
                 if spdk.has(bdf) {
@@ -92,11 +99,24 @@ pub fn run(a: Args) -> CliResult {
                 spdk.open(bdf, *nsid, max_io)
             }
             _ => transport::backend::open_backend(spec, None),
-        }
+        })
     };
-    let target =
-        Arc::new(Target::from_config(&cfg, Some(&open)).map_err(|e| CliError(e.to_string()))?);
+    let target = Arc::new(
+        Target::with_backends(&cfg, |spec| open(spec)).map_err(|e| CliError(e.to_string()))?,
+    );
     let direct = super::direct::start_service(&cfg, &opener, &target)?;
+    let running = Arc::new(Running::new(
+        cfg.clone(),
+        target.clone(),
+        open.clone(),
+        direct.clone(),
+        opener.clone(),
+        Box::new(overrides),
+    ));
+    let (listener_control, listener_ops) =
+        ListenerControl::new().map_err(|e| CliError(e.to_string()))?;
+    let _ = running.listeners.set(listener_control);
+    start_reload_on_sighup(&running, &config_path)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -108,6 +128,7 @@ pub fn run(a: Args) -> CliResult {
         let target = target.clone();
         let opener = opener.clone();
         let direct = direct.clone();
+        let running = running.clone();
         #[cfg(feature = "spdk")]
         let spdk = spdk.clone();
         Arc::new(move |req| match req {
@@ -130,6 +151,12 @@ pub fn run(a: Args) -> CliResult {
                 let done = reset_devices(&target, &opener, direct.as_deref())?;
                 Ok(json!({ "reset": done }))
             }
+            Request::SaveConfig => Ok(json!({ "config": running.config().to_toml() })),
+            change => {
+                let reply = running.request(change)?;
+                log_changes("ctl", &reply);
+                Ok(reply)
+            }
         })
     };
     {
@@ -151,7 +178,11 @@ pub fn run(a: Args) -> CliResult {
     let mut metrics = None;
     let stats_handler = handler.clone();
     let on_ready = || {
-        match control::Server::start(&cfg.control_socket, handler) {
+        match control::Server::start(
+            &cfg.control_socket,
+            cfg.control_socket_group.as_deref(),
+            handler,
+        ) {
             Ok(server) => control = Some(Ok(server)),
             Err(e) => {
                 control = Some(Err(e));
@@ -184,8 +215,15 @@ pub fn run(a: Args) -> CliResult {
         }
         crate::sd_notify::notify_logged("READY=1\nSTATUS=serving");
     };
-    serve_with(&target, &cfg, &stop, ServeOptions::default(), on_ready)
-        .map_err(|e| CliError(e.to_string()))?;
+    serve_with_control(
+        &target,
+        &cfg,
+        &stop,
+        ServeOptions::default(),
+        on_ready,
+        Some(listener_ops),
+    )
+    .map_err(|e| CliError(e.to_string()))?;
     crate::sd_notify::notify_logged("STOPPING=1");
     if let Some(Err(e)) = control {
         return Err(CliError(e));
@@ -243,6 +281,45 @@ fn start_metrics(
         at,
         Arc::new(move || handler(&Request::Stats).map(|v| crate::metrics::render(&v))),
     )
+}
+
+/// Prints the changes of a reconfiguration reply (`changes`) to serve's log.
+fn log_changes(origin: &str, reply: &serde_json::Value) {
+    let changes = reply["changes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if changes.is_empty() {
+        eprintln!("nvmf-p2p: {origin}: no change");
+    }
+    for c in changes {
+        eprintln!("nvmf-p2p: {origin}: {}", c.as_str().unwrap_or_default());
+    }
+}
+
+/// On SIGHUP, reloads the configuration file and applies the difference (the same path
+/// as `ctl`); a refused file changes nothing and is logged.
+fn start_reload_on_sighup(running: &Arc<Running>, path: &std::path::Path) -> CliResult {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .map_err(|e| CliError::new(format!("cannot install the SIGHUP handler: {e}")))?;
+    let running = running.clone();
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let origin = format!("reload of {}", path.display());
+                let reloaded = load_checked(&path)
+                    .map_err(|e| e.0)
+                    .and_then(|cfg| running.reload(cfg, &path.display().to_string()));
+                match reloaded {
+                    Ok(reply) => log_changes(&origin, &reply),
+                    Err(e) => eprintln!("nvmf-p2p: {origin} refused, nothing changed: {e}"),
+                }
+            }
+        })
+        .map_err(|e| CliError::new(format!("cannot start the reload thread: {e}")))?;
+    Ok(())
 }
 
 /// The `stats` reply: subsystems with their namespaces, and live controllers with their

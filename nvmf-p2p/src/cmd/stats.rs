@@ -1,5 +1,5 @@
-//! `nvmf-p2p stats [--socket PATH] [--json]` and `nvmf-p2p ctl COMMAND` — clients of the
-//! control socket of a running `nvmf-p2p serve`.
+//! `nvmf-p2p stats [--socket PATH] [--json]` — a client of the control socket of a
+//! running `nvmf-p2p serve` (`ctl` is in `ctl.rs`).
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -28,21 +28,6 @@ pub enum Format {
     Prometheus,
 }
 
-#[derive(clap::Args)]
-pub struct CtlArgs {
-    /// Control socket of the target (the `control_socket` of its config).
-    #[arg(long, default_value = transport::config::DEFAULT_CONTROL_SOCKET)]
-    pub socket: PathBuf,
-    #[command(subcommand)]
-    pub cmd: CtlCommand,
-}
-
-#[derive(clap::Subcommand)]
-pub enum CtlCommand {
-    /// Device-level reset (FLR) of the VFIO-backed controllers; I/O resumes afterwards.
-    ResetDevice,
-}
-
 pub fn run_stats(a: StatsArgs) -> CliResult {
     let v = control::request(&a.socket, &Request::Stats).map_err(CliError)?;
     if a.json || a.format == Format::Json {
@@ -56,17 +41,8 @@ pub fn run_stats(a: StatsArgs) -> CliResult {
     Ok(())
 }
 
-pub fn run_ctl(a: CtlArgs) -> CliResult {
-    let req = match a.cmd {
-        CtlCommand::ResetDevice => Request::ResetDevice,
-    };
-    let v = control::request(&a.socket, &req).map_err(CliError)?;
-    print_text(&v, 0);
-    Ok(())
-}
-
 /// Indented `key: value` text of a JSON reply; arrays of objects become numbered blocks.
-fn print_text(v: &Value, indent: usize) {
+pub(super) fn print_text(v: &Value, indent: usize) {
     let pad = "  ".repeat(indent);
     match v {
         Value::Object(m) => {
