@@ -580,6 +580,55 @@ fn host_disconnect_frees_controller_and_queues() {
 }
 
 #[test]
+fn subsystem_and_namespace_totals_outlive_the_controller() {
+    let mut rig = Rig::default_rig();
+    let sub = rig
+        .target
+        .subsystems()
+        .into_iter()
+        .find(|s| s.nqn == SUBNQN)
+        .unwrap();
+    for round in 0..2u64 {
+        let (admin, cntlid) = rig.admin(0);
+        let mut io = rig.io(1, cntlid);
+        let a = pattern(4096, 3);
+        let c = rig.exec(
+            &mut io,
+            cmd::write(1, 0, 8, SglDescriptor::in_capsule(0, 4096)),
+            &a,
+        );
+        assert_eq!(c.status(), Status::SUCCESS);
+        let r = io.wire().register(4096);
+        let c = rig.exec(&mut io, cmd::read(1, 0, 8, keyed(r)), &[]);
+        assert_eq!(c.status(), Status::SUCCESS);
+        // one failed read: past the end of the 4 MiB namespace
+        let c = rig.exec(&mut io, cmd::read(1, 8192, 8, keyed(r)), &[]);
+        assert!(!c.status().is_success());
+        let live = rig.target.subsystem_totals(&sub);
+        assert_eq!(
+            (live.read_commands, live.write_commands, live.errors),
+            (round + 1, round + 1, round + 1),
+            "round {round}: {live:?}"
+        );
+        admin.wire().disconnect();
+        drop(io);
+        rig.pump();
+        assert!(rig.target.controllers().is_empty());
+        let t = rig.target.subsystem_totals(&sub);
+        assert_eq!(t, live, "round {round}: totals kept after the disconnect");
+        assert_eq!(t.bytes_read, 4096 * (round + 1));
+        assert_eq!(t.bytes_written, 4096 * (round + 1));
+    }
+    let ns = sub.namespace(1).unwrap().stats.totals();
+    assert_eq!(
+        (ns.read_commands, ns.write_commands, ns.errors),
+        (2, 2, 2),
+        "{ns:?}"
+    );
+    assert_eq!((ns.bytes_read, ns.bytes_written), (8192, 8192));
+}
+
+#[test]
 fn async_event_request_held_until_namespace_change() {
     let mut rig = Rig::default_rig();
     let (mut admin, _) = rig.admin(0);

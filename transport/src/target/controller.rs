@@ -44,6 +44,71 @@ pub struct ControllerStats {
     pub errors: AtomicU64,
 }
 
+/// A snapshot of I/O counters, or a sum of them: a controller's ([`ControllerStats`]), a
+/// subsystem's since the target started (its controllers', live and gone), a
+/// namespace's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IoTotals {
+    /// Read commands.
+    pub read_commands: u64,
+    /// Write commands.
+    pub write_commands: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Commands completed with an error status (including those a device reset aborted,
+    /// which hosts retry).
+    pub errors: u64,
+}
+
+impl IoTotals {
+    /// Adds `o` to these.
+    pub fn add(&mut self, o: &IoTotals) {
+        self.read_commands += o.read_commands;
+        self.write_commands += o.write_commands;
+        self.bytes_read += o.bytes_read;
+        self.bytes_written += o.bytes_written;
+        self.errors += o.errors;
+    }
+}
+
+impl ControllerStats {
+    /// The counters now.
+    pub fn totals(&self) -> IoTotals {
+        IoTotals {
+            read_commands: self.read_commands.load(Ordering::Relaxed),
+            write_commands: self.write_commands.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts one read or write of `len` bytes (other opcodes are not counted).
+    pub(crate) fn count(&self, opcode: u8, len: u64) {
+        match opcode {
+            nvme::spec::io_opc::READ => {
+                self.read_commands.fetch_add(1, Ordering::Relaxed);
+                self.bytes_read.fetch_add(len, Ordering::Relaxed);
+            }
+            nvme::spec::io_opc::WRITE => {
+                self.write_commands.fetch_add(1, Ordering::Relaxed);
+                self.bytes_written.fetch_add(len, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Controller {
+    /// A controller that goes (disconnect, keep-alive expiry) leaves its counters to its
+    /// subsystem's totals, so `stats` keeps them.
+    fn drop(&mut self) {
+        self.subsys.retire(self.stats.totals());
+    }
+}
+
 /// Mutable controller state (behind one lock; only admin-path code takes it).
 pub(crate) struct CtrlState {
     pub cc: Cc,
@@ -280,6 +345,9 @@ impl Controller {
         nsid: u32,
     ) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(ns) = self.subsys.namespace(nsid) {
+            ns.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
         let mut st = self.lock();
         st.error_count += 1;
         let e = ErrorLogEntry {

@@ -33,6 +33,7 @@ pub(crate) fn execute(ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome 
         return Outcome::err(Status::INVALID_NAMESPACE, loc::NSID);
     };
     let b = &*ns.backend;
+    ns.stats.count(cmd.opcode(), data.len() as u64);
     let res = match cmd.opcode() {
         io_opc::READ => b.read(cmd.slba(), data).map(|_| Outcome::data(data.len())),
         io_opc::WRITE => b.write(cmd.slba(), data).map(|_| Outcome::ok()),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{unbounded, Receiver, Sender};
 use nvme::EventFd;
 
-pub use controller::{Controller, ControllerStats};
+pub use controller::{Controller, ControllerStats, IoTotals};
 pub use queue::{QueueStats, ReqState};
 pub use reconfig::Reconfigured;
 
@@ -43,6 +43,9 @@ pub struct Namespace {
     pub backend: Arc<dyn Backend>,
     /// Namespace globally unique identifier.
     pub nguid: [u8; 16],
+    /// Reads and writes issued to it, their bytes, and its failed commands, since it was
+    /// added (all hosts, connected or gone).
+    pub stats: ControllerStats,
 }
 
 /// An NVM subsystem (or the discovery subsystem). Its NQN is fixed; the rest can change
@@ -55,6 +58,8 @@ pub struct Subsystem {
     /// True for the discovery subsystem.
     pub discovery: bool,
     state: std::sync::RwLock<SubState>,
+    /// Counters of its controllers that are gone ([`Controller`]'s drop).
+    retired: std::sync::Mutex<IoTotals>,
 }
 
 /// What of a subsystem a reconfiguration may change.
@@ -78,7 +83,15 @@ impl Subsystem {
             nqn,
             discovery,
             state: std::sync::RwLock::new(state),
+            retired: std::sync::Mutex::new(IoTotals::default()),
         }
+    }
+
+    pub(crate) fn retire(&self, t: IoTotals) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&t);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, SubState> {
@@ -340,6 +353,7 @@ impl Target {
                 nsid,
                 backend,
                 nguid: nguid_for(&sub.nqn, nsid),
+                stats: ControllerStats::default(),
             }));
         }
         namespaces.sort_by_key(|n| n.nsid);
@@ -488,6 +502,18 @@ impl Target {
         let mut v: Vec<_> = self.shared.controllers().values().cloned().collect();
         v.sort_by_key(|c| c.cntlid());
         v
+    }
+
+    /// The I/O counters of subsystem `sub` since the target started: its controllers that
+    /// are gone and those connected now.
+    pub fn subsystem_totals(&self, sub: &Subsystem) -> IoTotals {
+        let mut t = *sub.retired.lock().unwrap_or_else(|p| p.into_inner());
+        for c in self.controllers() {
+            if std::ptr::eq(&**c.subsystem(), sub) {
+                t.add(&c.stats.totals());
+            }
+        }
+        t
     }
 
     /// A snapshot of every live controller's counters (for `nvmf-p2p stats`).

@@ -295,18 +295,7 @@ impl<Q: Qpair> QueueHandler<Q> {
         };
         let read = req.cmd.opcode() == io_opc::READ;
         if let Some(ctrl) = &self.ctx.ctrl {
-            let s = &ctrl.stats;
-            match req.cmd.opcode() {
-                io_opc::READ => {
-                    s.read_commands.fetch_add(1, Ordering::Relaxed);
-                    s.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                }
-                io_opc::WRITE => {
-                    s.write_commands.fetch_add(1, Ordering::Relaxed);
-                    s.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                }
-                _ => {}
-            }
+            ctrl.stats.count(req.cmd.opcode(), len as u64);
         }
         if read && len > 0 {
             req.out = Outcome::data(len);
@@ -899,7 +888,11 @@ fn start_async(
                     buf: &buf,
                 }
             };
-            ch.chan.submit(key, op)
+            let r = ch.chan.submit(key, op);
+            if r.is_ok() {
+                ns.stats.count(opc, len as u64);
+            }
+            r
         }
         io_opc::FLUSH => ch.chan.submit(key, AsyncOp::Flush),
         _ => {
@@ -1160,18 +1153,7 @@ fn execute(ctx: &mut QueueCtx, cmd: &Sqe, data: &mut [u8], now: Instant) -> Outc
         io::execute(&ctrl, cmd, data)
     };
     if out.status.is_success() && ctx.qid != 0 {
-        let n = data.len() as u64;
-        match cmd.opcode() {
-            io_opc::READ => {
-                ctrl.stats.read_commands.fetch_add(1, Ordering::Relaxed);
-                ctrl.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
-            }
-            io_opc::WRITE => {
-                ctrl.stats.write_commands.fetch_add(1, Ordering::Relaxed);
-                ctrl.stats.bytes_written.fetch_add(n, Ordering::Relaxed);
-            }
-            _ => {}
-        }
+        ctrl.stats.count(cmd.opcode(), data.len() as u64);
     }
     out
 }

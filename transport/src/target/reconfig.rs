@@ -227,6 +227,7 @@ impl Target {
                     nsid: n.nsid,
                     backend: n.backend,
                     nguid: nguid_for(&sub.nqn, n.nsid),
+                    stats: Default::default(),
                 }));
             }
             namespaces.sort_by_key(|n| n.nsid);
