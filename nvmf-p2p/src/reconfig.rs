@@ -6,7 +6,6 @@
 //! service. One path for both, one change at a time, nothing half-applied.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -375,6 +374,8 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const SUB: &str = "nqn.2026-11.io.example:disk0";
