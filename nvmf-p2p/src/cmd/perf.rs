@@ -297,7 +297,7 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     }
 
     // admin queue: connect, enable, identify the namespace, ask for the I/O queues
-    let session = Session::connect(SessionOptions {
+    let mut session = Session::connect(SessionOptions {
         dst,
         subnqn: subnqn.to_string(),
         hostnqn: a.hostnqn.clone(),
@@ -378,6 +378,8 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     let stall = Duration::from_secs(30);
     let mut last = Instant::now();
     loop {
+        // Keep Alive every KATO/2: a run longer than the KATO must not lose its controller
+        session.keep_alive_tick(Instant::now()).map_err(terr)?;
         let mut outstanding = 0;
         let mut progress = false;
         for lane in lanes.iter_mut() {

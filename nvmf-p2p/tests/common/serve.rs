@@ -19,6 +19,7 @@ pub struct Serve {
     child: Option<Child>,
     log: PathBuf,
     sock: PathBuf,
+    cfg: PathBuf,
 }
 
 impl Serve {
@@ -39,18 +40,33 @@ impl Serve {
         );
         std::fs::write(&cfg, text).unwrap();
         let log = scratch.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .args(["--log", "info", "serve", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn nvmf-p2p serve");
         let mut s = Serve {
-            child: Some(child),
+            child: None,
             log,
             sock,
+            cfg,
         };
+        s.spawn(Some(port));
+        s
+    }
+
+    /// Starts serve on the config written by [`Serve::start_with`] (the log is appended to)
+    /// and waits until its control socket is up and (with `port`) discovery answers.
+    fn spawn(&mut self, port: Option<u16>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["--log", "info", "serve", "--config"])
+            .arg(&self.cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nvmf-p2p serve");
+        self.child = Some(child);
+        let s = self;
         let t0 = Instant::now();
         while !s.sock.exists() {
             if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
@@ -65,6 +81,7 @@ impl Serve {
         }
         // serve opens its control socket only once its listeners are bound: discovery
         // must answer right away.
+        let Some(port) = port else { return };
         let d = discover(port);
         assert!(
             d.status.success(),
@@ -72,12 +89,33 @@ impl Serve {
             String::from_utf8_lossy(&d.stderr),
             s.log_text()
         );
-        s
+    }
+
+    /// SIGKILL: no drain, no Disconnect, the socket file is left behind (a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// After [`Serve::kill9`]: the same config again, as a supervisor would restart it.
+    /// No discovery check: the kernel's discovery controller would share the host ID of
+    /// a kernel controller still reconnecting, which the kernel refuses (EINVAL).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running serve");
+        let _ = std::fs::remove_file(&self.sock);
+        self.spawn(None);
     }
 
     /// The exit status if serve has exited (it should not have).
     pub fn child_status(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// The serve process id (0 once it has exited).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// The control socket.
@@ -155,23 +193,18 @@ pub fn hostnqn() -> String {
 }
 
 pub fn connect(nqn: &str, port: u16, host: &str) -> Output {
+    connect_with(nqn, port, host, &[])
+}
+
+/// `nvme connect` with `extra` options (`--ctrl-loss-tmo=60`, ...).
+pub fn connect_with(nqn: &str, port: u16, host: &str, extra: &[&str]) -> Output {
     let port = port.to_string();
-    sh(
-        "nvme",
-        &[
-            "connect",
-            "-t",
-            "rdma",
-            "-n",
-            nqn,
-            "-a",
-            &env("NVMF_P2P_ADDR"),
-            "-s",
-            &port,
-            "-q",
-            host,
-        ],
-    )
+    let addr = env("NVMF_P2P_ADDR");
+    let mut args = vec![
+        "connect", "-t", "rdma", "-n", nqn, "-a", &addr, "-s", &port, "-q", host,
+    ];
+    args.extend_from_slice(extra);
+    sh("nvme", &args)
 }
 
 pub fn disconnect(nqn: &str) {

@@ -4,7 +4,7 @@
 //! with the same sentences.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nvme::spec::{cns, IdentifyNamespace};
 use rdma::RegisteredBuffer;
@@ -59,6 +59,13 @@ pub struct Session {
     cntlid: u16,
     ns: Namespace,
     granted: u16,
+    /// When [`Session::keep_alive_tick`] sends the next Keep Alive (KATO/2 apart).
+    next_keep_alive: Option<Instant>,
+}
+
+/// Half the keep-alive timeout: how often a Keep Alive goes out (`None`: no KATO).
+fn opts_kato(opts: &SessionOptions) -> Option<Duration> {
+    (opts.kato_ms > 0).then(|| Duration::from_millis(u64::from(opts.kato_ms / 2)))
 }
 
 /// A keyed SGL data block descriptor for `len` bytes at `off` of `buf`.
@@ -138,6 +145,7 @@ impl Session {
             .get();
         // NSQA / NCQA are 0-based.
         let granted = ((granted & 0xffff).min(granted >> 16) + 1) as u16;
+        let next_keep_alive = opts_kato(&opts).map(|half| Instant::now() + half);
         Ok(Session {
             admin,
             abuf,
@@ -146,6 +154,7 @@ impl Session {
             cntlid,
             ns,
             granted,
+            next_keep_alive,
         })
     }
 
@@ -188,6 +197,35 @@ impl Session {
         )
         .map_err(|e| Error::Session(format!("fabrics Connect of I/O queue {qid}: {e}")))?;
         Ok(io)
+    }
+
+    /// Keeps the controller alive while the caller runs I/O on its queues: with a KATO,
+    /// submits a Keep Alive every KATO/2 without waiting for it, and reaps admin
+    /// completions. Cheap when nothing is due; call it from the I/O loop. A failed Keep
+    /// Alive, or one still unanswered when the next is due, is an error. (Do not mix with
+    /// commands of your own on [`Session::admin`]: this reaps their completions too.)
+    pub fn keep_alive_tick(&mut self, now: Instant) -> Result<()> {
+        while let Some(c) = self.admin.poll_one() {
+            let st = c.status();
+            if !st.is_success() {
+                return Err(Error::Session(format!("Keep Alive failed: {st:?}")));
+            }
+        }
+        let Some(due) = self.next_keep_alive else {
+            return Ok(());
+        };
+        if now < due {
+            return Ok(());
+        }
+        if self.admin.outstanding() > 0 {
+            return Err(Error::Session(format!(
+                "Keep Alive unanswered for {} ms: the target stopped answering",
+                self.opts.kato_ms / 2
+            )));
+        }
+        self.admin.submit(cmd::keep_alive(), &[], 0)?;
+        self.next_keep_alive = opts_kato(&self.opts).map(|half| now + half);
+        Ok(())
     }
 
     /// The admin queue (for commands the session does not wrap).
