@@ -18,6 +18,8 @@ pub mod config;
 pub mod direct;
 pub mod error;
 pub mod fabrics;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod initiator;
 pub mod loopback;
 pub mod nvme_backend;

@@ -1,0 +1,5 @@
+//! Fuzz target `config`: the body is transport::fuzzing::config (replayed on stable by
+//! transport/tests/fuzz_corpus.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| transport::fuzzing::config(data));
