@@ -1028,6 +1028,7 @@ backend = "file:/tmp/disk.img"
         full.metrics = Some(MetricsConfig {
             listen: "127.0.0.1:9464".parse().unwrap(),
         });
+        full.control_socket_group = Some("nvmf-p2p".into());
         full.subsystems[0].direct_hosts = full.subsystems[0].hosts.clone();
         full.subsystems[0].namespaces[0].nsid = Some(1);
         for line in full.to_toml().lines() {
