@@ -57,6 +57,22 @@ fn kernel_initiator_nvme_cli_and_fio_on_every_backend() {
         assert!(idns.contains("nsze"), "id-ns:\n{idns}");
         sh_ok("nvme", &["smart-log", &dev]);
         sh_ok("nvme", &["error-log", &dev]);
+        // SMART passthrough: a vfio: namespace shows the emulated device's composite
+        // temperature (QEMU's NVME_TEMPERATURE, 323 K), the others our nominal 300 K.
+        let smart = sh_ok("nvme", &["smart-log", &dev, "-o", "json"]);
+        let smart: serde_json::Value = serde_json::from_str(&smart).expect("smart-log json");
+        let kelvin = if backend.starts_with("vfio:") {
+            323
+        } else {
+            300
+        };
+        assert_eq!(
+            smart["temperature"].as_u64(),
+            Some(kelvin),
+            "smart-log of {nqn}: {smart}"
+        );
+        let errors = sh_ok("nvme", &["error-log", &dev, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&errors).expect("error-log json");
         let kato = sh_ok("nvme", &["get-feature", &dev, "-f", "0xf"]);
         assert!(
             kato.contains("Keep Alive Timer"),
@@ -153,6 +169,46 @@ fn spec_commands(dev: &str, scratch: &Path) {
         !bad.status.success() && err.to_uppercase().contains("COMPARE"),
         "nvme compare with different data must fail with Compare Failure: {bad:?}"
     );
+}
+
+/// RDMA CM connections that never send Connect are dropped after `connect_timeout_ms`
+/// (a warning each in serve's log); a kernel host connected meanwhile keeps working.
+#[test]
+fn connections_that_never_send_connect_are_dropped() {
+    let nqn = "nqn.2026-11.io.nvmf-p2p:vm-silent";
+    let port = 4431;
+    let serve = Serve::start_with(
+        "silent",
+        port,
+        "connect_timeout_ms = 1500",
+        &subsystem(nqn, "ram:16MiB", None),
+    );
+    let addr: std::net::IpAddr = env("NVMF_P2P_ADDR").parse().unwrap();
+    let dst = std::net::SocketAddr::new(addr, port);
+    let silent: Vec<_> = (0..4)
+        .map(|_| {
+            transport::rdma::RdmaHost::connect(dst, 0, 32, 0, Duration::from_secs(5))
+                .expect("RDMA CM connect")
+        })
+        .collect();
+    let c = connect(nqn, port, &hostnqn());
+    assert!(
+        c.status.success(),
+        "connect: {}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+    let dev = blockdev_of(nqn);
+    std::thread::sleep(Duration::from_secs(3));
+    let log = serve.log_text();
+    assert_eq!(
+        log.matches("no Connect within the connect timeout").count(),
+        4,
+        "serve log:\n{log}"
+    );
+    fio_verify(&dev, "4k", 8, "1M");
+    disconnect(nqn);
+    drop(silent);
+    serve.stop();
 }
 
 #[test]
