@@ -955,6 +955,10 @@ struct DirectCase {
     connect_private: Vec<u8>,
     reply_private: Vec<u8>,
     imms: Vec<u32>,
+    /// Entries of the queue the immediates are for.
+    depth: u16,
+    /// Commands completed after each immediate (pushed completions).
+    completions: Vec<u8>,
     attach_dwords: [u32; 2],
     nsid: u32,
     status: Option<u16>,
@@ -969,15 +973,36 @@ struct DirectCase {
 /// CQ cursor over a ring of the descriptor's depth.
 pub fn direct_proto(data: &[u8]) {
     use crate::direct::host::{doorbells, CqCursor};
+    use crate::direct::target::tail_advance;
     let mut u = Unstructured::new(data);
     let Ok(case) = DirectCase::arbitrary(&mut u) else {
         return;
     };
-    // Immediates: the polled form splits into what was joined.
-    for &imm in &case.imms {
+    // Immediates: the polled form splits into what was joined; the target's tail
+    // accounting (`tail_advance`) on any sequence of them keeps the tail in the ring and
+    // never counts more commands in flight than the queue holds.
+    let depth = u32::from(case.depth);
+    let (mut tail, mut in_flight, mut pushed_tail) = (0u16, 0u32, 0u16);
+    for (i, &imm) in case.imms.iter().enumerate() {
         let (t, h) = proto::split_polled_imm(imm);
         assert_eq!(proto::polled_imm(t, h), imm, "polled immediate round trip");
         let _ = proto::Level::from_u8(imm as u8).map(|l| l.name());
+        if let Ok(added) = tail_advance(depth, tail, None, u32::from(t)) {
+            assert!(u32::from(t) < depth && added < depth);
+            tail = t;
+        }
+        // Pushed completions: the immediate is the tail; some commands complete between.
+        if let Ok(added) = tail_advance(depth, pushed_tail, Some(in_flight), imm) {
+            assert!(imm < depth, "a tail beyond the ring was taken");
+            pushed_tail = imm as u16;
+            in_flight += added;
+            assert!(
+                in_flight < depth.max(1),
+                "{in_flight} in flight on a {depth}-entry queue"
+            );
+        }
+        in_flight =
+            in_flight.saturating_sub(u32::from(case.completions.get(i).copied().unwrap_or(0)));
     }
     // Attach / detach commands round trip through their SQE.
     let mut s = Sqe::new(proto::OPC_DIRECT_ATTACH);

@@ -1463,7 +1463,7 @@ impl Poller {
 /// with `in_flight` commands submitted and not completed (pushed completions; polled:
 /// not counted, `None`). Err: a bogus tail — beyond the ring, or one that would have more
 /// commands outstanding than the queue holds (depth − 1: the CQ is as deep as the SQ).
-fn tail_advance(
+pub(crate) fn tail_advance(
     depth: u32,
     tail: u16,
     in_flight: Option<u32>,
