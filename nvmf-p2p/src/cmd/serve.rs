@@ -418,3 +418,68 @@ fn reset_devices(
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SIGHUP reloads the file through the same path as `ctl`: a changed serial and an
+    /// added namespace reach the running target; a file with a restart-only change is
+    /// refused and leaves it as it was.
+    #[test]
+    fn sighup_reloads_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("nvmf-p2p-hup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("target.toml");
+        let text = "[[listener]]\naddress = \"10.0.0.1\"\n[[subsystem]]\nnqn = \"nqn.2026-11.io.example:hup\"\nallow_any_host = true\n[[subsystem.namespace]]\nbackend = \"ram:1MiB\"\n";
+        std::fs::write(&file, text).unwrap();
+        let cfg = load_checked(&file).unwrap();
+        let target = Arc::new(Target::from_config(&cfg, None).unwrap());
+        let open: Arc<Opener> = Arc::new(|spec| transport::backend::open_backend(spec, None));
+        let running = Arc::new(Running::new(
+            cfg,
+            target.clone(),
+            open,
+            None,
+            Arc::new(VfioOpener::new(true, true)),
+            Box::new(|_: &mut TargetConfig| {}),
+        ));
+        start_reload_on_sighup(&running, &file).unwrap();
+        let hup_until = |done: &dyn Fn() -> bool, wait: Duration| {
+            // SAFETY: raise sends a signal to this process; SIGHUP has the handler
+            // start_reload_on_sighup installed.
+            unsafe { libc::raise(libc::SIGHUP) };
+            let t0 = std::time::Instant::now();
+            while !done() && t0.elapsed() < wait {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done()
+        };
+        let edited = text.replace("allow_any_host", "serial = \"HUP1\"\nallow_any_host")
+            + "[[subsystem.namespace]]\nbackend = \"ram:2MiB\"\n";
+        std::fs::write(&file, &edited).unwrap();
+        assert!(hup_until(
+            &|| target.subsystems()[1].serial() == "HUP1",
+            Duration::from_secs(5)
+        ));
+        assert!(hup_until(
+            &|| target.subsystems()[1].namespaces().len() == 2,
+            Duration::from_secs(5)
+        ));
+        // queue_depth needs a restart: the whole file is refused, the serial stays.
+        std::fs::write(
+            &file,
+            format!("queue_depth = 64\n{}", edited.replace("HUP1", "HUP2")),
+        )
+        .unwrap();
+        assert!(!hup_until(
+            &|| target.subsystems()[1].serial() == "HUP2",
+            Duration::from_secs(1)
+        ));
+        assert_eq!(
+            running.config().queue_depth,
+            transport::config::DEFAULT_QUEUE_DEPTH
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
