@@ -204,8 +204,9 @@ impl Writer {
                 break st;
             }
             if self.started.elapsed() > limit {
+                let mut diag = diagnose(&format!("{what}: {:?} fio hung", self.who));
+                diag += &backtraces(self.child.id());
                 let _ = self.child.kill();
-                let diag = diagnose(&format!("{what}: {:?} fio hung", self.who));
                 reap(&mut self.child);
                 panic!(
                     "{what}: {:?} fio hung ({} s, killed)\n{}\n{diag}",
@@ -277,6 +278,31 @@ fn diagnose(what: &str) -> String {
         run("nvme list-subsys 2>/dev/null | head -20"),
     ]
     .join("\n");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(scratch().join("faults-diag.txt"))
+    {
+        let _ = writeln!(f, "{text}");
+    }
+    text
+}
+
+/// Every thread's stack of a hung process (gdb, from the host's root the guest shares).
+fn backtraces(pid: u32) -> String {
+    let o = sh(
+        "bash",
+        &[
+            "-c",
+            &format!(
+                "timeout 60 gdb -p {pid} -batch -ex 'thread apply all bt 12' 2>&1 | grep -E '^(#|Thread)' | head -120"
+            ),
+        ],
+    );
+    let text = format!(
+        "=== stacks of {pid}\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -383,7 +409,7 @@ fn target_sigkill_and_restart() {
     let k = Kernel::connect(host, &[]);
     let dev = k.dev.clone();
     let marks = dmesg().lines().count();
-    let run = secs(14);
+    let run = secs(10);
     let ws: Vec<Writer> = [Who::Kernel, Who::Ours, Who::Direct]
         .into_iter()
         .map(|w| Writer::start(w, &dev, run, "kill"))
@@ -521,7 +547,7 @@ fn link_down_and_up() {
     let serve = Serve::start("faults-link", PORT, &subsystem(&format!("vfio:{bdf}")));
     let k = Kernel::connect("nqn.2026-12.io.nvmf-p2p:faults-kernel-link", &[]);
     let dev = k.dev.clone();
-    let run = secs(16);
+    let run = secs(12);
     let ws: Vec<Writer> = [Who::Kernel, Who::Ours, Who::Direct]
         .into_iter()
         .map(|w| Writer::start(w, &dev, run, "link"))

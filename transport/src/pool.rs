@@ -125,6 +125,27 @@ impl BufferPool {
         Some(BufIdx(i))
     }
 
+    /// Buffers that I/O commands leave free for admin and fabrics commands (a Connect's
+    /// data, Identify, log pages): when hosts' reads and writes hold every other buffer, a
+    /// new queue's Connect or a Keep Alive still goes through. 1/8 of the pool, 1..=8; none
+    /// in a one-buffer pool.
+    pub fn reserve(&self) -> usize {
+        if self.count <= 1 {
+            0
+        } else {
+            (self.count / 8).clamp(1, 8)
+        }
+    }
+
+    /// Takes a buffer for an I/O command: `None` (wait) when only the
+    /// [`reserve`](Self::reserve) is left.
+    pub fn alloc_io(&mut self) -> Option<BufIdx> {
+        if self.free.len() <= self.reserve() {
+            return None;
+        }
+        self.alloc()
+    }
+
     /// Returns a buffer.
     pub fn release(&mut self, idx: BufIdx) {
         let slot = &mut self.owned[idx.0 as usize];
@@ -180,6 +201,32 @@ impl Drop for BufferPool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn io_commands_leave_the_reserve_to_admin_commands() {
+        let mut p = super::BufferPool::new(4, 4096);
+        assert_eq!(p.reserve(), 1);
+        let io: Vec<_> = std::iter::from_fn(|| p.alloc_io()).collect();
+        assert_eq!(io.len(), 3, "I/O takes all but the reserve");
+        let admin = p
+            .alloc()
+            .expect("an admin command gets the reserved buffer");
+        assert!(p.alloc().is_none());
+        p.release(admin);
+        assert!(
+            p.alloc_io().is_none(),
+            "the freed buffer is the reserve again"
+        );
+        p.release(io[0]);
+        assert!(p.alloc_io().is_some());
+        let mut one = super::BufferPool::new(1, 4096);
+        assert_eq!(one.reserve(), 0);
+        assert!(
+            one.alloc_io().is_some(),
+            "a one-buffer pool keeps no reserve"
+        );
+        assert_eq!(super::BufferPool::new(256, 4096).reserve(), 8);
+    }
+
     use super::*;
 
     #[test]

@@ -524,7 +524,8 @@ impl<Q: Qpair> QueueHandler<Q> {
                 },
                 ReqState::NeedBuffer => {
                     if matches!(req.data, Data::None) {
-                        match pool.alloc() {
+                        let io = self.ctx.qid != 0 && req.cmd.opcode() != OPC_FABRICS;
+                        match if io { pool.alloc_io() } else { pool.alloc() } {
                             Some(idx) => {
                                 let len = sgl_len(req.sgl) as usize;
                                 req.data = Data::Pool { idx, len };
@@ -860,7 +861,7 @@ fn start_async(
             let idx = match req.data {
                 Data::Pool { idx, len: l } if l == len => idx,
                 Data::InCapsule { offset, len: l } if l == len && opc == io_opc::WRITE => {
-                    let Some(idx) = pool.alloc() else {
+                    let Some(idx) = pool.alloc_io() else {
                         ctx.stats.buffer_waits += 1;
                         return Async::Wait;
                     };
