@@ -74,6 +74,11 @@ fn spdk_namespace_serves_the_kernel_initiator_and_perf() {
         serve.log_text()
     );
     let dev = blockdev_of(NQN);
+    // SMART / Health passed through from the device by SPDK's admin queue (admin_raw):
+    // the emulated NVMe's composite temperature, 323 K (ours without a device: 300 K).
+    let smart = common::sh_ok("nvme", &["smart-log", &dev, "-o", "json"]);
+    let smart: serde_json::Value = serde_json::from_str(&smart).expect("smart-log json");
+    assert_eq!(smart["temperature"].as_u64(), Some(323), "{smart}");
     fio_verify(&dev, "4k", 16, "8M");
     fio_verify(&dev, "128k", 4, "8M");
     disconnect(NQN);
