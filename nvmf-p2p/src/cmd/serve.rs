@@ -358,10 +358,12 @@ fn stats(target: &Target) -> serde_json::Value {
             "ios": ios,
             "cpu_us_per_io": if ios > 0 { (cpu * 1e6 / ios as f64 * 10.0).round() / 10.0 } else { 0.0 },
         },
+        "connect_timeouts": target.connect_timeouts(),
         "notes": {
             "totals": "since serve started, hosts connected now and gone; a namespace counts the reads and writes it was sent",
             "errors": "commands the target completed with an error status: refusals (LBA out of range, invalid field, ...) and commands aborted by a device reset, which hosts retry (fio then reports none)",
             "cpu_us_per_io": "serve's user + system CPU time since it started, over every read and write it served (idle time included)",
+            "connect_timeouts": "connections dropped because they sent no Connect within connect_timeout_ms",
         },
     })
 }
