@@ -656,3 +656,64 @@ fn reset_under_load(serve: &Serve, completions: &str, seed: &str, lba: &str) {
         ],
     );
 }
+
+/// `ctl add-host --direct` lets a host attach at run time; `ctl remove-host --direct`
+/// refuses it again and tears its live direct queue down (its I/O run ends early).
+#[test]
+fn direct_hosts_change_at_run_time() {
+    let serve = start_serve();
+    let sock = serve.sock().to_str().unwrap().to_string();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", &sock, "--json"];
+        all.extend_from_slice(args);
+        sh_ok(BIN, &all)
+    };
+    let attach_other = || {
+        Command::new(BIN)
+            .args(direct_args(OTHER_HOST, &["--attach-only"]))
+            .output()
+            .unwrap()
+    };
+    assert!(!attach_other().status.success(), "not on direct_hosts yet");
+    ctl(&["add-host", NQN, OTHER_HOST, "--direct"]);
+    let out = attach_other();
+    assert!(
+        out.status.success(),
+        "allowed at run time: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A live queue of that host, then its removal.
+    let t0 = Instant::now();
+    let run = Command::new(BIN)
+        .args(direct_args(OTHER_HOST, &["--time", "20"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let reply: serde_json::Value =
+        serde_json::from_str(&ctl(&["remove-host", NQN, OTHER_HOST, "--direct"])).unwrap();
+    let out = run.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    eprintln!(
+        "remove-host: {reply}; the I/O run ended after {took:?} ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    assert!(
+        reply["direct_queues_detached"].as_u64() >= Some(1),
+        "{reply}"
+    );
+    assert!(
+        took < Duration::from_secs(18),
+        "the revoked queue kept running"
+    );
+    assert!(!out.status.success(), "a revoked run reports it");
+    let out = attach_other();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("access denied"),
+        "{err}"
+    );
+    serve.stop();
+}
