@@ -29,6 +29,13 @@ use crate::initiator::{cm_request, cmd};
 use crate::loopback::{HostRegion, LinkState, LoopbackConnector, LoopbackHost, LoopbackTransport};
 use crate::target::{PollGroup, Target};
 
+/// `NVMF_P2P_FUZZ_DEBUG` set: print the decoded input and every capsule sent (to read a
+/// finding; docs/reliability.md).
+fn debug() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("NVMF_P2P_FUZZ_DEBUG").is_some())
+}
+
 /// A fuzz entry function.
 pub type Entry = fn(&[u8]);
 
@@ -223,6 +230,9 @@ impl Host {
         self.next_cid = self.next_cid.wrapping_add(1);
         c[2..4].copy_from_slice(&cid.to_le_bytes());
         self.wire.send(&c, icd).ok()?;
+        if debug() {
+            eprintln!("q{} cid {cid}: {:02x?} icd {}", self.qid, &c[..], icd.len());
+        }
         self.outstanding.insert(cid);
         Some(cid)
     }
@@ -506,6 +516,9 @@ pub fn commands(data: &[u8]) {
     let Ok(session) = Session::arbitrary(&mut u) else {
         return;
     };
+    if debug() {
+        eprintln!("{session:#?}");
+    }
     let mut rig = Rig::new(0);
     let Some((admin, cntlid)) = rig.admin(SUBNQN, u32::from(session.kato)) else {
         panic!("Connect of the admin queue failed");
@@ -602,9 +615,10 @@ pub fn commands(data: &[u8]) {
             // A live I/O queue answered everything (nothing waits on an I/O queue).
             assert!(
                 q.outstanding.is_empty(),
-                "I/O queue {} left {} commands unanswered",
+                "I/O queue {} left {} commands unanswered: cids {:?}",
                 q.qid,
-                q.outstanding.len()
+                q.outstanding.len(),
+                q.outstanding
             );
         }
     }
