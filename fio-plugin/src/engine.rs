@@ -79,6 +79,44 @@ struct Thread {
     events: Vec<*mut io_u>,
     /// Set once a failure has been printed (one sentence per thread, not one per I/O).
     reported: bool,
+    /// The io_us the backend holds, by fio's io_u index (< iodepth): when the queue is
+    /// lost they are completed with EIO, since fio waits for every io_u in flight.
+    inflight: Vec<*mut io_u>,
+    /// The backend's queue is gone (target died, link lost): every io_u fails with EIO.
+    lost: bool,
+}
+
+impl Thread {
+    /// After a fatal backend error: io_us still in flight become EIO events, after the
+    /// events already reaped, up to `max` in all (the rest on the next call).
+    fn fail_inflight(&mut self, max: usize) -> usize {
+        self.lost = true;
+        for slot in self.inflight.iter_mut() {
+            if self.events.len() >= max {
+                break;
+            }
+            if slot.is_null() {
+                continue;
+            }
+            let u = std::mem::replace(slot, std::ptr::null_mut());
+            // SAFETY: an io_u queued to the backend and not completed: still ours.
+            unsafe {
+                (*u).error = EIO;
+                (*u).resid = (*u).xfer_buflen;
+            }
+            self.events.push(u);
+        }
+        self.events.len()
+    }
+}
+
+/// fio's index of `u` (set at io_u allocation, < iodepth).
+///
+/// # Safety
+/// `u` is a valid io_u.
+unsafe fn index_of(u: *mut io_u) -> usize {
+    // SAFETY: the caller's io_u; the engine uses only the union's `index` member.
+    unsafe { (*u).__bindgen_anon_1.index as usize }
 }
 
 /// While alive, heap allocations of this thread are counted (test builds: feature
@@ -248,6 +286,8 @@ pub(crate) unsafe extern "C" fn init(td: *mut thread_data) -> c_int {
             backend,
             events: Vec::with_capacity(usize::from(depth)),
             reported: false,
+            inflight: vec![std::ptr::null_mut(); usize::from(depth)],
+            lost: false,
         });
         td.io_ops_data = Box::into_raw(t).cast();
         0
@@ -317,6 +357,10 @@ pub(crate) unsafe extern "C" fn queue(td: *mut thread_data, u: *mut io_u) -> fio
             io.error = EIO;
             return fio_q_status::FIO_Q_COMPLETED;
         };
+        if t.lost {
+            io.error = EIO;
+            return fio_q_status::FIO_Q_COMPLETED;
+        }
         let r = IoReq {
             ddir: io.ddir,
             offset: io.offset,
@@ -328,7 +372,12 @@ pub(crate) unsafe extern "C" fn queue(td: *mut thread_data, u: *mut io_u) -> fio
             index: unsafe { io.__bindgen_anon_1.index } as usize,
         };
         match t.backend.queue(&r) {
-            Ok(Queued::Yes) => fio_q_status::FIO_Q_QUEUED,
+            Ok(Queued::Yes) => {
+                if let Some(slot) = t.inflight.get_mut(r.index) {
+                    *slot = u;
+                }
+                fio_q_status::FIO_Q_QUEUED
+            }
             Ok(Queued::Busy) => fio_q_status::FIO_Q_BUSY,
             Err(errno) => {
                 io.error = errno;
@@ -344,6 +393,9 @@ pub(crate) unsafe extern "C" fn commit(td: *mut thread_data) -> c_int {
         // SAFETY: fio's thread_data.
         let td = unsafe { td_ref(td) };
         let Some(t) = thread(td) else { return 0 };
+        if t.lost {
+            return 0;
+        }
         match t.backend.commit() {
             Ok(()) => 0,
             Err(e) => {
@@ -351,6 +403,8 @@ pub(crate) unsafe extern "C" fn commit(td: *mut thread_data) -> c_int {
                     t.reported = true;
                     say(&e);
                 }
+                // the next getevents ends what is in flight
+                t.lost = true;
                 -(EIO as c_int)
             }
         }
@@ -377,10 +431,18 @@ pub(crate) unsafe extern "C" fn getevents(
         });
         let (min, max) = (min as usize, (max as usize).min(t.events.capacity()).max(1));
         t.events.clear();
+        if t.lost {
+            // fio waits for every io_u in flight (io_u_quiesce loops until none is):
+            // they all end now, with EIO
+            return t.fail_inflight(max) as c_int;
+        }
         let mut spins = 0u32;
         loop {
             let Thread {
-                backend, events, ..
+                backend,
+                events,
+                inflight,
+                ..
             } = &mut *t;
             let room = max - events.len();
             let r = backend.poll(room, &mut |tag, errno| {
@@ -391,6 +453,10 @@ pub(crate) unsafe extern "C" fn getevents(
                     // SAFETY: as above.
                     unsafe { (*u).resid = (*u).xfer_buflen };
                 }
+                // SAFETY: as above.
+                if let Some(slot) = inflight.get_mut(unsafe { index_of(u) }) {
+                    *slot = std::ptr::null_mut();
+                }
                 events.push(u);
             });
             if let Err(e) = r {
@@ -398,7 +464,9 @@ pub(crate) unsafe extern "C" fn getevents(
                     t.reported = true;
                     say(&e);
                 }
-                return -(EIO as c_int);
+                // the queue is gone: what it completed is reported, and every io_u
+                // still in flight ends with EIO
+                return t.fail_inflight(max) as c_int;
             }
             if t.events.len() >= min.max(1) || t.events.len() >= max {
                 break;
