@@ -320,18 +320,16 @@ fn controllers_of(st: &serde_json::Value, hostnqn: &str) -> usize {
     })
 }
 
-/// RDMA QPs the serve process holds (rdma-core's `rdma resource show qp`): one per
-/// connected queue, plus the direct-mode listener's.
-fn serve_qps(serve: &Serve) -> usize {
+/// RDMA connections in the guest now: RC QPs (`rdma resource show qp`) over two — each
+/// connection over soft-RoCE loopback has its QP on both sides. (The QPs' `pid` field is
+/// the creating thread, which for serve is its CM thread, not the process.)
+fn rc_connections() -> usize {
     let o = sh("rdma", &["resource", "show", "qp"]);
-    let pid = serve.pid().to_string();
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .filter(|l| {
-            let t: Vec<&str> = l.split_whitespace().collect();
-            t.windows(2).any(|w| w[0] == "pid" && w[1] == pid)
-        })
+        .filter(|l| l.split_whitespace().any(|t| t == "RC"))
         .count()
+        / 2
 }
 
 /// Waits (up to 30 s) until our fio engines' controllers are up, so a fault hits them
@@ -748,7 +746,7 @@ fn buffer_exhaustion_and_64_connections() {
         .any(|p| p.try_wait().ok().flatten().is_none())
         && t0.elapsed() < Duration::from_secs(run + 120)
     {
-        queues = queues.max(serve_qps(&serve));
+        queues = queues.max(rc_connections());
         std::thread::sleep(Duration::from_secs(1));
     }
     let st = serve.stats();
@@ -767,10 +765,10 @@ fn buffer_exhaustion_and_64_connections() {
     let k = kernel
         .finish(Duration::from_secs(run + 90), "buffer exhaustion")
         .unwrap_or_else(|e| panic!("kernel fio under buffer exhaustion: {e}"));
-    eprintln!("while loaded: serve held {queues} QPs; {st}");
+    eprintln!("while loaded: {queues} RDMA connections at most; {st}");
     assert!(
         queues >= 64 + 4,
-        "fewer than 64 I/O + 4 admin queues were connected at once ({queues} QPs): {st}"
+        "fewer than 64 I/O + 4 admin queues were connected at once ({queues} connections): {st}"
     );
     row(
         "data buffers exhausted (4 per poll group, QD32 x 64 KiB + 64 queues at QD64)",
@@ -782,7 +780,7 @@ fn buffer_exhaustion_and_64_connections() {
         "64 I/O connections at once (4 perf x 16 queues)",
         "our perf",
         "standard",
-        &format!("{queues} target QPs at once, {ios} reads, 0 errors"),
+        &format!("{queues} RDMA connections at once, {ios} reads, 0 errors"),
     );
     drop(k);
     serve.stop();

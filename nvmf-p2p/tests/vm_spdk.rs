@@ -324,7 +324,13 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
         "spdk_bdev fio plugin verify failed (written {written}, verified {read}, error {err}):\n{out}"
     );
 
-    // nvme_fuzz: 30 s of random admin + I/O commands with a fixed seed
+    // nvme_fuzz: 30 s of random admin + I/O commands with a fixed seed (60 s in the long
+    // fault matrix, NVMF_P2P_LONG=1: docs/reliability.md)
+    let fuzz_secs = if std::env::var("NVMF_P2P_LONG").is_ok_and(|v| v == "1") {
+        "60"
+    } else {
+        "30"
+    };
     let o = spdk.run(
         "nvme_fuzz",
         &[
@@ -335,7 +341,7 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
             "--iova-mode",
             "pa",
             "-t",
-            "30",
+            fuzz_secs,
             "-S",
             "20261201",
             "-F",
@@ -343,7 +349,7 @@ fn spdk_initiators_and_nvme_fuzz_against_our_target() {
             "-N",
             "-a",
         ],
-        150,
+        180,
     );
     let out = text(&o);
     let _ = std::fs::write(scratch.join("nvme_fuzz.log"), &out);
