@@ -204,7 +204,7 @@ fn nvmf_mode_against_our_target() {
 
     refused(
         &nvmf_args("4420", "nqn.2026-11.io.nvmf-p2p:no-such-subsystem"),
-        "fabrics Connect to nqn.2026-11.io.nvmf-p2p:no-such-subsystem",
+        "subsystem nqn.2026-11.io.nvmf-p2p:no-such-subsystem not found on this target",
         "wrong subnqn",
     );
     refused(

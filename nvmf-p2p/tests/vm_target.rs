@@ -337,8 +337,10 @@ fn userspace_initiator_perf_against_ours_and_the_kernel_target() {
         ],
     );
     assert!(!out.status.success());
+    // the refusal named, not raw status codes
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("subsystem nqn.bogus not found on this target"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
