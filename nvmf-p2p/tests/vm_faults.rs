@@ -361,12 +361,24 @@ struct Kernel {
 impl Kernel {
     /// Connected with `extra` options (default: ride out restarts and link cuts).
     fn connect(host: &str, extra: &[&str]) -> Kernel {
-        let c = connect_with(
-            NQN,
-            PORT,
-            host,
-            if extra.is_empty() { RECONNECT } else { extra },
-        );
+        let opts = if extra.is_empty() { RECONNECT } else { extra };
+        let mut c = connect_with(NQN, PORT, host, opts);
+        if !c.status.success() {
+            // Seen once (docs/reliability.md, open): the first connect after serve started
+            // with data_buffers = 4 lost its admin controller before the I/O queue's
+            // Connect. Recorded with the guest's state, then tried once more.
+            let why = String::from_utf8_lossy(&c.stderr).into_owned();
+            diagnose(&format!("nvme connect as {host} failed: {why}"));
+            row(
+                "(setup) nvme connect",
+                "kernel",
+                "standard",
+                &format!("failed once, retried: {}", why.trim()),
+            );
+            let _ = sh("nvme", &["disconnect", "-n", NQN]);
+            std::thread::sleep(Duration::from_secs(2));
+            c = connect_with(NQN, PORT, host, opts);
+        }
         assert!(
             c.status.success(),
             "nvme connect: {}",
