@@ -49,16 +49,21 @@ fn scratch() -> PathBuf {
     PathBuf::from(env("NVMF_P2P_SCRATCH"))
 }
 
-fn row(fault: &str, initiator: &str, mode: &str, outcome: &str) {
-    let line = format!("fault-matrix | {fault} | {initiator} | {mode} | {outcome}");
-    eprintln!("{line}");
+/// Appends `text` and a newline to `$NVMF_P2P_SCRATCH/name` (kept after the boot).
+fn append(name: &str, text: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(scratch().join("fault-matrix.txt"))
+        .open(scratch().join(name))
     {
-        let _ = writeln!(f, "{line}");
+        let _ = writeln!(f, "{text}");
     }
+}
+
+fn row(fault: &str, initiator: &str, mode: &str, outcome: &str) {
+    let line = format!("fault-matrix | {fault} | {initiator} | {mode} | {outcome}");
+    eprintln!("{line}");
+    append("fault-matrix.txt", &line);
 }
 
 /// The fio engine cargo built beside this test binary (the workspace test build), else the
@@ -159,13 +164,18 @@ struct Writer {
 
 impl Writer {
     fn start(who: Who, dev: &str, secs: u64, tag: &str) -> Writer {
+        Writer::start_with(who, dev, secs, tag, "4k", 16)
+    }
+
+    /// As [`Writer::start`], with block size `bs` and queue depth `qd`.
+    fn start_with(who: Who, dev: &str, secs: u64, tag: &str, bs: &str, qd: u32) -> Writer {
         let out = scratch().join(format!("fio-{tag}-{who:?}.out"));
         let mut args = vec![
             format!("--name={tag}"),
             "--thread=1".into(),
             "--rw=randwrite".into(),
-            "--bs=4k".into(),
-            "--iodepth=16".into(),
+            format!("--bs={bs}"),
+            format!("--iodepth={qd}"),
             format!("--offset={}", who.offset()),
             "--size=16M".into(),
             "--time_based=1".into(),
@@ -278,13 +288,7 @@ fn diagnose(what: &str) -> String {
         run("nvme list-subsys 2>/dev/null | head -20"),
     ]
     .join("\n");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(scratch().join("faults-diag.txt"))
-    {
-        let _ = writeln!(f, "{text}");
-    }
+    append("faults-diag.txt", &text);
     text
 }
 
@@ -303,13 +307,7 @@ fn backtraces(pid: u32) -> String {
         "=== stacks of {pid}\n{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(scratch().join("faults-diag.txt"))
-    {
-        let _ = writeln!(f, "{text}");
-    }
+    append("faults-diag.txt", &text);
     text
 }
 
@@ -688,37 +686,7 @@ fn buffer_exhaustion_and_64_connections() {
     let k = Kernel::connect("nqn.2026-12.io.nvmf-p2p:faults-kernel-many", &[]);
     let dev = k.dev.clone();
     let run = secs(8);
-    let kernel = {
-        let out = scratch().join("fio-many-kernel.out");
-        let child = Command::new("fio")
-            .args([
-                "--name=many",
-                &format!("--filename={dev}"),
-                "--rw=randwrite",
-                "--bs=64k",
-                "--iodepth=32",
-                "--ioengine=libaio",
-                "--direct=1",
-                "--size=16M",
-                "--time_based=1",
-                &format!("--runtime={run}"),
-                "--verify=crc32c",
-                "--verify_backlog=64",
-                "--verify_fatal=1",
-            ])
-            .stdout(File::create(&out).unwrap())
-            .stderr(Stdio::from(
-                File::create(out.with_extension("err")).unwrap(),
-            ))
-            .spawn()
-            .expect("spawn fio");
-        Writer {
-            who: Who::Kernel,
-            child,
-            out,
-            started: Instant::now(),
-        }
-    };
+    let kernel = Writer::start_with(Who::Kernel, &dev, run, "many", "64k", 32);
     let addr = env("NVMF_P2P_ADDR");
     let mut perfs: Vec<Child> = (0..4)
         .map(|i| {
