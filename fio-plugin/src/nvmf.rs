@@ -1,5 +1,5 @@
 //! `mode=nvmf`: one NVMe-oF/RDMA controller session per fio thread (admin queue + one I/O
-//! queue of `iodepth` commands) through `transport::rdma::Session`, as `nvmf-p2p perf`
+//! queue of `iodepth` commands) through `transport::nvmf_rdma::Session`, as `nvmf-p2p perf`
 //! connects. fio's buffers are one MR on the I/O queue's protection domain; a command's
 //! keyed SGL points straight at the io_u's buffer (zero copy). `queue` stages capsules
 //! in the send ring, `commit` posts them in one chain.
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nvme::spec::DsmRange;
 use rdma::RegisteredBuffer;
 use transport::initiator::{cmd, InitiatorQueue};
-use transport::rdma::{keyed, RdmaHost, Session, SessionOptions};
+use transport::nvmf_rdma::{keyed, RdmaHost, Session, SessionOptions};
 use zerocopy::IntoBytes;
 
 use crate::engine::{Backend, IoReq, Key, Queued};

@@ -235,7 +235,7 @@ impl Config {
             mode,
             dst: None,
             subnqn: String::new(),
-            hostnqn: hostnqn.unwrap_or_else(|| transport::rdma::DEFAULT_HOSTNQN.to_string()),
+            hostnqn: hostnqn.unwrap_or_else(|| transport::nvmf_rdma::DEFAULT_HOSTNQN.to_string()),
             nsid,
             completions,
             bdf: None,
@@ -290,7 +290,7 @@ mod tests {
     fn options_parse_with_defaults_and_clear_errors() {
         let c = nvmf(Some("10.0.0.1"), Some("nqn.x")).unwrap();
         assert_eq!(c.dst, Some("10.0.0.1:4420".parse().unwrap()));
-        assert_eq!(c.hostnqn, transport::rdma::DEFAULT_HOSTNQN);
+        assert_eq!(c.hostnqn, transport::nvmf_rdma::DEFAULT_HOSTNQN);
         assert_eq!(c.completions, Completions::Pushed);
         assert!(nvmf(None, Some("n")).unwrap_err().contains("traddr="));
         assert!(nvmf(Some("x.y"), Some("n"))

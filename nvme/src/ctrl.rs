@@ -991,7 +991,7 @@ impl Controller {
     /// doorbells and CMB, then recreate every live I/O queue pair. Outstanding commands
     /// complete with [`spec::Status::ABORTED_SQ_DELETED`] on the owners' next poll. Queue
     /// pairs must not be used by other threads while this runs (the target holds its poll
-    /// groups' I/O around it: `transport::target::Target::hold_backend_io`); the
+    /// groups' I/O around it: `transport::nvmf_target::Target::hold_backend_io`); the
     /// generation ([`Controller::generation`]) changes before any queue is re-created.
     pub fn reset(&self) -> Result<()> {
         self.shared.reset(false)

@@ -15,8 +15,8 @@ use transport::config::{
     BackendSpec, ListenerConfig, NamespaceConfig, SubsystemConfig, TargetConfig, TrType,
 };
 use transport::direct::target::DirectService;
-use transport::rdma::ListenerControl;
-use transport::target::Target;
+use transport::nvmf_rdma::ListenerControl;
+use transport::nvmf_target::Target;
 
 use crate::control::Request;
 use crate::vfio_backend::VfioOpener;

@@ -336,7 +336,7 @@ fn wait_engines(serve: &Serve) {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
         let st = serve.stats();
-        if controllers_of(&st, transport::rdma::DEFAULT_HOSTNQN) >= 1
+        if controllers_of(&st, transport::nvmf_rdma::DEFAULT_HOSTNQN) >= 1
             && controllers_of(&st, DIRECT_HOST) >= 1
         {
             std::thread::sleep(Duration::from_secs(2));
@@ -508,7 +508,7 @@ fn initiator_sigkill_mid_io() {
     let t0 = Instant::now();
     loop {
         let st = serve.stats();
-        let killed = controllers_of(&st, transport::rdma::DEFAULT_HOSTNQN)
+        let killed = controllers_of(&st, transport::nvmf_rdma::DEFAULT_HOSTNQN)
             + controllers_of(&st, DIRECT_HOST);
         if killed == 0 && controllers_of(&st, KERNEL_INIT) == 1 {
             break;
@@ -614,7 +614,7 @@ fn serve_alive(mut serve: Serve) -> bool {
 #[test]
 fn keep_alive_expiry() {
     use transport::initiator::{cmd, execute};
-    use transport::rdma::{Session, SessionOptions};
+    use transport::nvmf_rdma::{Session, SessionOptions};
     let serve = Serve::start("faults-kato", PORT, &subsystem("ram:16MiB"));
     let kato_host = "nqn.2026-12.io.nvmf-p2p:faults-kernel-kato";
     let k = Kernel::connect(kato_host, &["--keep-alive-tmo=2"]);
@@ -650,7 +650,7 @@ fn keep_alive_expiry() {
     assert!(r.is_err(), "a command on the expired controller succeeded");
     row(
         "keep-alive expiry (KATO 2 s, host silent 6 s)",
-        "our initiator (transport::rdma::Session)",
+        "our initiator (transport::nvmf_rdma::Session)",
         "standard",
         &format!(
             "controller torn down; next command failed in {} ms: {}",

@@ -187,7 +187,7 @@ fn connections_that_never_send_connect_are_dropped() {
     let dst = std::net::SocketAddr::new(addr, port);
     let silent: Vec<_> = (0..4)
         .map(|_| {
-            transport::rdma::RdmaHost::connect(dst, 0, 32, 0, Duration::from_secs(5))
+            transport::nvmf_rdma::RdmaHost::connect(dst, 0, 32, 0, Duration::from_secs(5))
                 .expect("RDMA CM connect")
         })
         .collect();

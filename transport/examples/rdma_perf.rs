@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nvme::spec::{cns, reg, IdentifyController, IdentifyNamespace};
 use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use transport::initiator::{cmd, execute, InitiatorQueue};
-use transport::rdma::RdmaHost;
+use transport::nvmf_rdma::RdmaHost;
 use zerocopy::{FromBytes, IntoBytes};
 
 const T: Duration = Duration::from_secs(10);

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use transport::config::TargetConfig;
-use transport::rdma::{serve, ServeOptions};
-use transport::target::Target;
+use transport::nvmf_rdma::{serve, ServeOptions};
+use transport::nvmf_target::Target;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 

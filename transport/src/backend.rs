@@ -73,7 +73,7 @@ pub trait Backend: Send + Sync {
     }
     /// The NVMe controller this backend's blocks live on, whose health and error logs
     /// the target passes through (Get Log Page 02h and 01h, see
-    /// `transport/src/target/device_logs.rs`). `None`: no device (ram, file).
+    /// `transport/src/nvmf_target/device_logs.rs`). `None`: no device (ram, file).
     fn device(&self) -> Option<DeviceRef> {
         None
     }
@@ -175,7 +175,7 @@ pub trait IoChannel: Send {
     /// Looks for a command outstanding longer than the channel's timeout and for a dead
     /// device (NVMe: CSTS.CFS, or registers reading all ones). The poll group calls it
     /// every [`HEALTH_CHECK_PERIOD`] while commands are in flight and hands a fault to
-    /// the target's recovery ([`Target::set_recovery`](crate::target::Target::set_recovery)),
+    /// the target's recovery ([`Target::set_recovery`](crate::nvmf_target::Target::set_recovery)),
     /// which resets the device with every poll group's I/O held.
     fn check_health(&mut self) -> Option<Fault> {
         None

@@ -121,7 +121,7 @@ pub enum Error {
         #[source]
         source: rdma::Error,
     },
-    /// Setting up an initiator session ([`crate::rdma::Session`]) failed; the message names
+    /// Setting up an initiator session ([`crate::nvmf_rdma::Session`]) failed; the message names
     /// the step, the cause and what to check.
     #[error("{0}")]
     Session(String),

@@ -27,7 +27,7 @@ use crate::fabrics::{
 };
 use crate::initiator::{cm_request, cmd};
 use crate::loopback::{HostRegion, LinkState, LoopbackConnector, LoopbackHost, LoopbackTransport};
-use crate::target::{PollGroup, Target};
+use crate::nvmf_target::{PollGroup, Target};
 
 /// `NVMF_P2P_FUZZ_DEBUG` set: print the decoded input and every capsule sent (to read a
 /// finding; docs/reliability.md).

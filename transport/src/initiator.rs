@@ -23,7 +23,7 @@ pub trait HostWire {
     /// Takes the next response capsule.
     fn recv_response(&mut self) -> Option<Cqe>;
     /// Puts on the wire every capsule a deferring wire has only staged (see
-    /// [`crate::rdma::RdmaHost::set_deferred_posts`]); a no-op for wires that send at once.
+    /// [`crate::nvmf_rdma::RdmaHost::set_deferred_posts`]); a no-op for wires that send at once.
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }

@@ -6,12 +6,12 @@
 //!   [`nvme::spec`].
 //! - [`wire`]: the transport interface the core runs over; [`loopback`] implements it
 //!   in process for tests.
-//! - [`target`]: the target core (subsystems, controllers, request state machine).
+//! - [`nvmf_target`]: the target core (subsystems, controllers, request state machine).
 //! - [`backend`]: namespace storage (`ram`, `file`; `vfio` through an opener).
 //! - [`nvme_backend`]: a namespace of an `nvme`-crate controller (the `vfio` backend), with
 //!   the asynchronous zero-copy path.
 //! - [`config`]: the `serve --config target.toml` model.
-//! - [`rdma`]: the NVMe-oF RDMA binding of [`wire`] over the `rdma` crate, and `serve`.
+//! - [`nvmf_rdma`]: the NVMe-oF RDMA binding of [`wire`] over the `rdma` crate, and `serve`.
 
 pub mod backend;
 pub mod config;
@@ -23,9 +23,9 @@ pub mod fuzzing;
 pub mod initiator;
 pub mod loopback;
 pub mod nvme_backend;
+pub mod nvmf_rdma;
+pub mod nvmf_target;
 pub mod pool;
-pub mod rdma;
-pub mod target;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use transport::backend::{Backend, Fault};
 use transport::fabrics::SglDescriptor;
 use transport::initiator::cmd;
 use transport::nvme_backend::NvmeBackend;
-use transport::target::Target;
+use transport::nvmf_target::Target;
 use zerocopy::IntoBytes;
 
 fn fake_rig(depth: usize) -> (Rig, Arc<FakeDev>) {
@@ -306,7 +306,7 @@ fn nvme_backend_on_simulator_zero_copy() {
 
 #[test]
 fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
-    use transport::target::BackendWait;
+    use transport::nvmf_target::BackendWait;
     for interrupts in [true, false] {
         let sim = Simulator::start(SimConfig {
             blocks: 1024,

@@ -12,7 +12,7 @@ use nvme::spec::{reg, Status};
 use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use transport::initiator::{cm_request, cmd, InitiatorQueue};
 use transport::loopback::{LinkState, LoopbackTransport};
-use transport::target::Target;
+use transport::nvmf_target::Target;
 use transport::wire::Transport;
 use zerocopy::IntoBytes;
 

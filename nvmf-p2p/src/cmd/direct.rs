@@ -12,7 +12,7 @@ use transport::direct::host::{AttachError, Completions, DirectHost, HostOptions,
 use transport::direct::target::{DirectConfig, DirectNamespace, DirectService, DirectSubsystem};
 use transport::direct::{pattern, DirectProvider};
 use transport::initiator::LatencyHistogram;
-use transport::target::Target;
+use transport::nvmf_target::Target;
 
 use super::{print_json, CliError, CliResult};
 use crate::vfio_backend::VfioOpener;
@@ -180,7 +180,7 @@ struct Report {
 
 const WRITE_BIT: u64 = 1 << 63;
 /// Host NQN used when `--hostnqn` is not given: the one default of every host command.
-pub use transport::rdma::DEFAULT_HOSTNQN;
+pub use transport::nvmf_rdma::DEFAULT_HOSTNQN;
 /// Largest I/O of a direct queue (two PRPs, no PRP list: docs/direct-mode.md).
 pub const MAX_DIRECT_IO: usize = 8192;
 

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use transport::initiator::{cmd, InitiatorQueue, LatencyHistogram};
-use transport::rdma::{keyed, RdmaHost, Session, SessionOptions};
+use transport::nvmf_rdma::{keyed, RdmaHost, Session, SessionOptions};
 
 use super::{print_json, CliError, CliResult};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host NQN used when `--hostnqn` is not given.
-pub use transport::rdma::DEFAULT_HOSTNQN;
+pub use transport::nvmf_rdma::DEFAULT_HOSTNQN;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

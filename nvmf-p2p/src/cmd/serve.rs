@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use transport::config::{BackendSpec, TargetConfig};
-use transport::rdma::{serve_with_control, ListenerControl, ServeOptions};
-use transport::target::Target;
+use transport::nvmf_rdma::{serve_with_control, ListenerControl, ServeOptions};
+use transport::nvmf_target::Target;
 
 use super::{CliError, CliResult};
 use crate::control::{self, Request};

@@ -38,7 +38,7 @@ use super::proto::{
 use crate::error::{Error, Result};
 use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use crate::initiator::{cmd, enable_controller, execute, InitiatorQueue};
-use crate::rdma::RdmaHost;
+use crate::nvmf_rdma::RdmaHost;
 
 const T: Duration = Duration::from_secs(10);
 const RECV_SLACK: u32 = 16;

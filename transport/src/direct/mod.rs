@@ -17,7 +17,7 @@ use std::sync::Arc;
 use nvme::spec::Status;
 
 /// What the target core asks of a direct-mode provider (set with
-/// [`Target::set_direct`](crate::target::Target::set_direct)). Both calls run on a poll
+/// [`Target::set_direct`](crate::nvmf_target::Target::set_direct)). Both calls run on a poll
 /// group thread and must not block for long.
 pub trait DirectAttach: Send + Sync {
     /// Handles an attach request from `hostnqn` on subsystem `subnqn`; returns the

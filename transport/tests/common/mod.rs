@@ -13,7 +13,7 @@ use transport::initiator::{cm_request, cmd, Completion, InitiatorQueue};
 use transport::loopback::{
     HostRegion, LinkState, LoopbackConnector, LoopbackHost, LoopbackTransport,
 };
-use transport::target::{PollGroup, Target};
+use transport::nvmf_target::{PollGroup, Target};
 use zerocopy::IntoBytes;
 
 pub const SUBNQN: &str = "nqn.2026-11.io.nvmf-p2p:test";

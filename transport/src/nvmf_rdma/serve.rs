@@ -22,7 +22,7 @@ use nvme::EventFd;
 use super::RdmaTransport;
 use crate::config::TargetConfig;
 use crate::error::{Error, Result};
-use crate::target::{BackendWait, PollGroup, Target};
+use crate::nvmf_target::{BackendWait, PollGroup, Target};
 
 /// Sleeps of a group while commands are in its NVMe backend channels: a quarter of the
 /// time idle so far, within these bounds (a slow device is not polled in a tight loop,
