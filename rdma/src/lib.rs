@@ -1,4 +1,4 @@
-//! Safe libibverbs/librdmacm wrappers and the adaptive polled engine.
+//! Safe libibverbs/librdmacm wrappers and the per-core reactor.
 //!
 //! Ownership follows the verbs object tree: every child holds an `Arc` to its parent
 //! (MR → PD → context, QP → PD + CQs + SRQ, CQ → completion channel → context), so
@@ -13,49 +13,46 @@
 //!
 //! Resources for RDMA CM connections are created on the context of the device behind
 //! the listen address ([`cm::context_for`]); connections are accepted onto a shared CQ and
-//! SRQ; one [`Engine`] per core polls the CQ and the CM channel and sleeps when idle.
+//! SRQ; one [`Reactor`] per core polls the CQ (a [`Poller`]) and sleeps when idle, while
+//! connection setup runs on a thread of its own.
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
+//! use std::sync::atomic::AtomicBool;
 //! use std::sync::Arc;
-//! use rdma::cm::{self, CmEvent, CmEventKind, EventChannel, Listener};
-//! use rdma::engine::{Engine, EngineConfig, Handler};
+//! use std::time::{Duration, Instant};
+//! use rdma::cm::{self, CmEventKind, EventChannel, Listener};
+//! use rdma::reactor::{Arm, Poller, Reactor, ReactorConfig, WakeSet};
 //! use rdma::*;
 //!
+//! /// One core's queues: a shared CQ with its completion channel.
 //! struct Group {
-//!     pd: Arc<ProtectionDomain>,
-//!     init: QpInit,
-//!     conns: Vec<Connection>,
+//!     cq: Arc<CompletionQueue>,
+//!     chan: Arc<CompletionChannel>,
+//!     wcs: [WorkCompletion; 32],
 //! }
 //!
-//! impl Handler for Group {
-//!     type Msg = ();
-//!     fn on_completion(&mut self, _cq: usize, wc: &WorkCompletion) {
-//!         match wc.result() {
-//!             Ok(_wc) => { /* RECV: parse the capsule at wc.wr_id(); RDMA_READ: data in */ }
-//!             Err(e) => eprintln!("{e}"), // names status, opcode and QP
+//! impl Poller for Group {
+//!     fn poll(&mut self, _now: Instant) -> usize {
+//!         let n = self.cq.poll(&mut self.wcs).unwrap_or(0);
+//!         for wc in &self.wcs[..n] {
+//!             match wc.result() {
+//!                 Ok(_wc) => { /* RECV: parse the capsule at wc.wr_id(); RDMA_READ: data in */ }
+//!                 Err(e) => eprintln!("{e}"), // names status, opcode and QP
+//!             }
 //!         }
+//!         n
 //!     }
-//!     fn on_cm_event(&mut self, _ch: usize, ev: CmEvent) {
-//!         match ev.kind {
-//!             CmEventKind::ConnectRequest(req) if req.private_data().len() >= 8 => {
-//!                 // NVMe-oF: accept private data {recfmt, crqsize}.
-//!                 if let Ok(c) = req.accept(&self.pd, &self.init, &[0, 0, 128, 0]) {
-//!                     self.conns.push(c);
-//!                 }
-//!             }
-//!             CmEventKind::ConnectRequest(req) => {
-//!                 let _ = req.reject(&[0, 0, 1, 0]); // {recfmt, sts}
-//!             }
-//!             CmEventKind::Disconnected => {
-//!                 // Error the QP so in-flight WRs flush; drop once they are drained.
-//!                 if let Some(c) = self.conns.iter().find(|c| c.id_key() == ev.id_key) {
-//!                     let _ = c.disconnect();
-//!                 }
-//!             }
-//!             CmEventKind::TimewaitExit => self.conns.retain(|c| c.id_key() != ev.id_key),
-//!             _ => {}
+//!     fn arm(&mut self, _idle: Duration, wake: &mut WakeSet) -> Arm {
+//!         if self.cq.arm(false).is_err() {
+//!             return Arm::Nap(Duration::from_millis(1));
 //!         }
+//!         wake.add(self.chan.fd(), 0);
+//!         // A completion between the last poll and the arm raises no event: look again.
+//!         if self.poll(Instant::now()) > 0 { Arm::Ready } else { Arm::Sleep }
+//!     }
+//!     fn woken(&mut self, _tag: u32) {
+//!         let _ = self.chan.drain_events();
 //!     }
 //! }
 //!
@@ -77,13 +74,29 @@
 //!     }
 //!     init.srq.as_ref().unwrap().post_recv(&mut rb)?;
 //!
+//!     // The data path runs on a reactor thread; connection setup stays on this one.
+//!     let mut reactor = Reactor::new(ReactorConfig::default())?;
+//!     reactor.add(Box::new(Group { cq, chan, wcs: [WorkCompletion::default(); 32] }));
+//!     let stop = Arc::new(AtomicBool::new(false));
+//!     let s = stop.clone();
+//!     std::thread::spawn(move || reactor.run(&s));
+//!
 //!     let events = EventChannel::new()?;
 //!     let _listener = Listener::bind(&events, SocketAddr::new(ip, 4420), 128)?;
-//!     let mut engine = Engine::new(EngineConfig::default())?;
-//!     engine.add_cq(&cq)?;
-//!     engine.add_cm_channel(&events)?;
-//!     let mut group = Group { pd, init, conns: Vec::new() };
-//!     engine.run(&mut group)
+//!     let mut conns = Vec::new();
+//!     loop {
+//!         // A real target sleeps in poll(2) on `events.fd()` instead of napping.
+//!         let Some(ev) = events.try_event()? else {
+//!             std::thread::sleep(Duration::from_millis(10));
+//!             continue;
+//!         };
+//!         match ev.kind {
+//!             // NVMe-oF: accept private data {recfmt, crqsize}.
+//!             CmEventKind::ConnectRequest(req) => conns.push(req.accept(&pd, &init, &[0, 0, 128, 0])?),
+//!             CmEventKind::TimewaitExit => conns.retain(|c: &Connection| c.id_key() != ev.id_key),
+//!             _ => {}
+//!         }
+//!     }
 //! }
 //! ```
 //!
@@ -106,11 +119,11 @@
 pub mod cm;
 pub mod cq;
 pub mod device;
-pub mod engine;
 pub mod error;
 pub mod mr;
 pub mod pd;
 pub mod qp;
+pub mod reactor;
 pub mod srq;
 pub mod wr;
 
@@ -119,11 +132,13 @@ pub use rdma_sys as sys;
 pub use cm::{CmEvent, CmEventKind, ConnectRequest, Connection, Connector, EventChannel, Listener};
 pub use cq::{CompletionChannel, CompletionQueue};
 pub use device::{device_names, Context};
-pub use engine::{Engine, EngineConfig, EngineCounters, EngineHandle, Handler};
 pub use error::{Error, Result};
 pub use mr::{Access, MemoryRegion, RegisteredBuffer};
 pub use pd::ProtectionDomain;
 pub use qp::{QpInit, QueuePair, RemoteQp};
+pub use reactor::{
+    Arm, Poller, Reactor, ReactorConfig, ReactorCounters, ReactorHandle, Spell, WakeSet,
+};
 pub use srq::SharedReceiveQueue;
 pub use wr::{
     RecvBatch, RemoteAddr, SendBatch, SendFlags, Sge, WcOpcode, WcStatus, WorkCompletion,

@@ -3,9 +3,10 @@
 //! Every poll group runs on a thread of its own; the calling thread owns the transport
 //! and waits for RDMA CM events (connect requests, disconnects) in poll(2) — a poll group
 //! never pays a system call to look for them — and hands each connect request to a group
-//! round-robin through the group's mailbox (an eventfd wakes a sleeping group). Every
-//! group busy-polls while work flows and, after `idle_spell` without work, arms its CQ
-//! and sleeps in poll(2) on the CQ channel and its mailbox for at most `max_sleep` — so
+//! round-robin through the group's mailbox (an eventfd wakes a sleeping group). Each
+//! group is a [`Poller`] on its core's [`Reactor`] (`rdma::reactor`, one adaptive loop per
+//! core): it busy-polls while work flows and, after `idle_spell` without work, arms its CQ
+//! and sleeps in ppoll(2) on the CQ channel and its mailbox for at most `max_sleep` — so
 //! an idle target costs no CPU. With commands in an NVMe backend whose queues raise
 //! interrupts, the sleep also waits on their eventfds (woken by the completion); with
 //! polled queues it is a short nap instead.
@@ -18,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{bounded, unbounded, Receiver, Sender};
 use nvme::EventFd;
+
+use rdma::reactor::{Arm, Poller, Reactor, ReactorConfig, Spell, WakeSet};
 
 use super::RdmaTransport;
 use crate::config::TargetConfig;
@@ -37,31 +40,9 @@ const MAX_BACKEND_FDS: usize = 8;
 /// timeout wake-up costs CPU on an idle target).
 const CM_WAIT: Duration = Duration::from_millis(500);
 
-/// Tuning of the serve loop.
-#[derive(Clone, Copy, Debug)]
-pub struct ServeOptions {
-    /// Idle time after which a group arms its CQ and sleeps.
-    pub idle_spell: Duration,
-    /// The same while the group's only outstanding work is commands in backends that
-    /// wake it (NVMe queues with interrupts): shorter, the device takes far longer than
-    /// a wake-up, and spinning steals the CPU the device (or its emulation) needs.
-    pub device_spell: Duration,
-    /// Longest sleep (keep-alive checks and the stop flag run at least this often).
-    pub max_sleep: Duration,
-    /// How long shutdown waits for queues to drain.
-    pub drain_timeout: Duration,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            idle_spell: Duration::from_micros(200),
-            device_spell: Duration::from_micros(20),
-            max_sleep: Duration::from_millis(100),
-            drain_timeout: Duration::from_secs(2),
-        }
-    }
-}
+/// Tuning of the serve loop: the reactor of each poll group's core (spells, sleep cap,
+/// drain timeout).
+pub type ServeOptions = ReactorConfig;
 
 /// Serves `target` on the configuration's RDMA listeners until `stop` is set, then
 /// disconnects every queue, drains, and flushes the namespaces.
@@ -247,13 +228,15 @@ pub fn serve_with_control(
 }
 
 fn pin(core: usize) {
-    if let Err(e) = rdma::engine::pin_to_cpu(core) {
+    if let Err(e) = rdma::reactor::pin_to_cpu(core) {
         tracing::warn!(core, error = %e, "cannot pin poll group");
     }
 }
 
+/// Runs one poll group on a reactor of its own (pinned to `core`) until `stop`, then
+/// disconnects its queues and lets them drain.
 fn run_group(
-    mut group: PollGroup<RdmaTransport>,
+    group: PollGroup<RdmaTransport>,
     stop: &AtomicBool,
     core: Option<usize>,
     opts: ServeOptions,
@@ -261,115 +244,102 @@ fn run_group(
     if let Some(c) = core {
         pin(c);
     }
-    let mut last_work = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        let work = group.poll();
-        idle(&mut group, work, &mut last_work, opts);
-    }
-    drain(&mut group, opts);
-}
-
-/// Sleeps when the group has been idle for `idle_spell` (`device_spell` while it waits
-/// for backends that wake it).
-fn idle(
-    group: &mut PollGroup<RdmaTransport>,
-    work: usize,
-    last_work: &mut Instant,
-    opts: ServeOptions,
-) {
-    let now = Instant::now();
-    if work > 0 {
-        *last_work = now;
-        return;
-    }
-    let spell = if group.backends_wake() {
-        opts.device_spell
-    } else {
-        opts.idle_spell
-    };
-    if now.duration_since(*last_work) < spell {
-        return;
-    }
-    match group.wire().arm() {
-        // A completion that arrived between the last poll and the arm raises no event:
-        // poll once more before sleeping (the arm/complete race).
-        Ok(true) => {
-            if group.poll() > 0 {
-                *last_work = Instant::now();
-                return;
-            }
-        }
-        Ok(false) => {}
+    let mut reactor = match Reactor::new(opts) {
+        Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "arm CQ");
+            tracing::error!(error = %e, "cannot create the poll group's reactor");
+            stop.store(true, Ordering::Relaxed);
             return;
         }
-    }
-    if group.has_mail() {
-        return;
-    }
-    const NO_FD: libc::pollfd = libc::pollfd {
-        fd: -1,
-        events: libc::POLLIN,
-        revents: 0,
     };
-    let mut fds = [NO_FD; 2 + MAX_BACKEND_FDS];
-    fds[0].fd = group.wire().wake_fd();
-    fds[1].fd = group.mailbox_fd();
-    let mut n = 2;
-    let mut backend_fds = [-1; MAX_BACKEND_FDS];
-    let sleep = match group.arm_backends(&mut backend_fds) {
-        BackendWait::Idle => opts.max_sleep,
-        // A completion came in while arming: poll it now.
-        BackendWait::Ready => return,
-        // Commands in the device, each queue's completion signals its interrupt eventfd:
-        // sleep until one does (max_sleep bounds a lost interrupt).
-        BackendWait::Sleep(k) => {
-            for &fd in &backend_fds[..k] {
-                fds[n].fd = fd;
-                n += 1;
-            }
-            opts.max_sleep
-        }
-        // Commands in a polled backend complete without an event to sleep on: nap briefly
-        // so their completions are seen soon, yet leave the CPU to the device.
-        BackendWait::Nap => {
-            (now.duration_since(*last_work) / 4).clamp(BACKEND_NAP_MIN, BACKEND_NAP_MAX)
-        }
-    };
-    let ts = libc::timespec {
-        tv_sec: sleep.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(sleep.subsec_nanos() as i32),
-    };
-    // SAFETY: `fds` is a valid array of `n` pollfd structures and `ts` a valid timespec,
-    // both outliving the call; a null signal mask leaves the mask unchanged.
-    let r = unsafe { libc::ppoll(fds.as_mut_ptr(), n as libc::nfds_t, &ts, std::ptr::null()) };
-    if r < 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "poll");
-        return;
-    }
-    // Read only the events that are there: a read that finds nothing is a wasted system
-    // call (most wake-ups are one fd's).
-    if fds[0].revents != 0 {
-        if let Err(e) = group.wire().woken() {
-            tracing::warn!(error = %e, "CQ events");
-        }
-    }
-    if fds[1].revents != 0 {
-        group.mailbox_woken();
+    reactor.add(Box::new(GroupPoller { group }));
+    let left = reactor.run(stop);
+    if left > 0 {
+        tracing::warn!("queues still draining at shutdown");
     }
 }
 
-fn drain(group: &mut PollGroup<RdmaTransport>, opts: ServeOptions) {
-    group.disconnect_all();
-    let deadline = Instant::now() + opts.drain_timeout;
-    while group.queue_count() > 0 && Instant::now() < deadline {
-        group.poll();
+/// A standard-mode poll group as a reactor poller: its shared CQ, its mailbox, and the
+/// NVMe queues of its backends.
+struct GroupPoller {
+    group: PollGroup<RdmaTransport>,
+}
+
+/// Wake-set tags of a [`GroupPoller`].
+const TAG_CQ: u32 = 0;
+const TAG_MAILBOX: u32 = 1;
+const TAG_BACKEND: u32 = 2;
+
+impl Poller for GroupPoller {
+    fn poll(&mut self, now: Instant) -> usize {
+        self.group.poll_at(now)
     }
-    if group.queue_count() > 0 {
-        tracing::warn!(
-            queues = group.queue_count(),
-            "queues still draining at shutdown"
-        );
+
+    fn spell(&self) -> Spell {
+        if self.group.backends_wake() {
+            Spell::Device
+        } else {
+            Spell::Idle
+        }
+    }
+
+    fn arm(&mut self, idle: Duration, wake: &mut WakeSet) -> Arm {
+        match self.group.wire().arm() {
+            // A completion that arrived between the last poll and the arm raises no
+            // event: poll once more before sleeping (the arm/complete race).
+            Ok(true) => {
+                if self.group.poll() > 0 {
+                    return Arm::Ready;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "arm CQ");
+                return Arm::Nap(BACKEND_NAP_MAX);
+            }
+        }
+        if self.group.has_mail() {
+            return Arm::Ready;
+        }
+        wake.add(self.group.wire().wake_fd(), TAG_CQ);
+        wake.add(self.group.mailbox_fd(), TAG_MAILBOX);
+        let mut backend_fds = [-1; MAX_BACKEND_FDS];
+        match self.group.arm_backends(&mut backend_fds) {
+            BackendWait::Idle => Arm::Sleep,
+            // A completion came in while arming: poll it now.
+            BackendWait::Ready => Arm::Ready,
+            // Commands in the device, each queue's completion signals its interrupt
+            // eventfd: sleep until one does (max_sleep bounds a lost interrupt).
+            BackendWait::Sleep(k) => {
+                for &fd in &backend_fds[..k] {
+                    wake.add(fd, TAG_BACKEND);
+                }
+                Arm::Sleep
+            }
+            // Commands in a polled backend complete without an event to sleep on: nap
+            // briefly so their completions are seen soon, yet leave the CPU to the device.
+            BackendWait::Nap => Arm::Nap((idle / 4).clamp(BACKEND_NAP_MIN, BACKEND_NAP_MAX)),
+        }
+    }
+
+    fn woken(&mut self, tag: u32) {
+        match tag {
+            TAG_CQ => {
+                if let Err(e) = self.group.wire().woken() {
+                    tracing::warn!(error = %e, "CQ events");
+                }
+            }
+            TAG_MAILBOX => self.group.mailbox_woken(),
+            // Interrupt eventfds are cleared by `arm_backends` before the next sleep.
+            _ => {}
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.group.disconnect_all();
+    }
+
+    fn drained(&self) -> bool {
+        self.group.queue_count() == 0
     }
 }
