@@ -720,3 +720,92 @@ fn smart_and_error_logs_pass_through_from_devices() {
         [1, 3]
     );
 }
+
+/// One executor for both kinds of backend: the same commands on a namespace with an
+/// asynchronous channel and on a synchronous one (ram) give the host the same statuses
+/// and count the same in the namespace's and the controller's counters (a failed device
+/// command counts as issued on the namespace, not as done on the controller; a range
+/// error fails before anything is issued).
+#[test]
+fn sync_and_async_namespaces_count_alike() {
+    let run = |rig: &mut Rig, fail: &dyn Fn()| {
+        let (_admin, cntlid) = rig.admin(0);
+        let mut io = rig.io(1, cntlid);
+        let r = io.wire().register(4096);
+        io.wire().write_region(r, 0, &pattern(4096, 9));
+        let blocks = (4u64 << 20) / 512;
+        let mut statuses = Vec::new();
+        let mut exec = |rig: &mut Rig, io: &mut HostQ, sqe, icd: &[u8]| {
+            statuses.push(rig.exec(io, sqe, icd).status().code());
+        };
+        exec(rig, &mut io, cmd::write(1, 0, 8, keyed(r)), &[]);
+        let icd = pattern(4096, 4);
+        exec(
+            rig,
+            &mut io,
+            cmd::write(1, 8, 8, SglDescriptor::in_capsule(0, 4096)),
+            &icd,
+        );
+        exec(rig, &mut io, cmd::read(1, 8, 8, keyed(r)), &[]);
+        assert_eq!(io.wire().read_region(r), icd);
+        exec(rig, &mut io, cmd::read(1, blocks - 4, 8, keyed(r)), &[]);
+        exec(rig, &mut io, cmd::write_zeroes(1, blocks - 1, 2), &[]);
+        exec(rig, &mut io, cmd::write_zeroes(1, 0, 8), &[]);
+        exec(rig, &mut io, cmd::flush(1), &[]);
+        fail();
+        exec(rig, &mut io, cmd::read(1, 0, 8, keyed(r)), &[]);
+        let sub = rig.target.subsystems()[1].clone();
+        let ns = sub.namespace(1).unwrap().stats.totals();
+        let c = rig.target.controller_stats()[0].clone();
+        let q: u64 = rig.group.queue_stats().iter().map(|q| q.errors).sum();
+        (
+            statuses,
+            ns,
+            (
+                c.read_commands,
+                c.write_commands,
+                c.bytes_read,
+                c.bytes_written,
+                c.errors,
+            ),
+            q,
+        )
+    };
+    let mut sync = Rig::default_rig();
+    let sync_out = run(&mut sync, &|| {});
+    let (mut rig, dev) = fake_rig(64);
+    let fail = || dev.ctl().fail_next = Some(Status::UNRECOVERED_READ_ERROR);
+    let async_out = run(&mut rig, &fail);
+    assert_eq!(dev.ctl().sync_calls, 0, "everything took the channel");
+    assert_eq!(dev.ctl().submitted, 6);
+    // The ram namespace cannot fail a read: the last read differs, nothing else.
+    let (mut s_st, s_ns, s_c, s_q) = sync_out;
+    let (a_st, a_ns, a_c, a_q) = async_out;
+    assert_eq!(a_st.last(), Some(&Status::UNRECOVERED_READ_ERROR.code()));
+    s_st.pop();
+    assert_eq!(&a_st[..a_st.len() - 1], &s_st[..]);
+    assert_eq!(
+        (
+            a_ns.read_commands,
+            a_ns.write_commands,
+            a_ns.bytes_read,
+            a_ns.bytes_written
+        ),
+        (
+            s_ns.read_commands,
+            s_ns.write_commands,
+            s_ns.bytes_read,
+            s_ns.bytes_written
+        ),
+        "namespace counters: issued commands"
+    );
+    assert_eq!((s_ns.read_commands, s_ns.write_commands), (2, 2));
+    assert_eq!(a_ns.errors, s_ns.errors + 1);
+    assert_eq!(s_c, (2, 2, 8192, 8192, 2));
+    assert_eq!(
+        a_c,
+        (1, 2, 4096, 8192, 3),
+        "the failed read is not counted as done"
+    );
+    assert_eq!(a_q, s_q + 1);
+}

@@ -31,7 +31,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::controller::Controller;
 use super::{admin, io, TargetShared};
-use crate::backend::{AsyncOp, Backend, IoChannel, SubmitError};
+use crate::backend::{Backend, IoChannel};
 use crate::fabrics::{
     DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_DISCONNECT, FCTYPE_PROPERTY_GET,
     FCTYPE_PROPERTY_SET, OPC_FABRICS,
@@ -70,11 +70,22 @@ pub(crate) enum Dir {
     FromCtrl,
 }
 
+/// Where a request's data is.
 #[derive(Clone, Copy, Debug)]
-enum Data {
+pub(crate) enum Data {
     None,
     InCapsule { offset: usize, len: usize },
     Pool { idx: BufIdx, len: usize },
+}
+
+impl Data {
+    /// Bytes of data.
+    pub fn len(&self) -> usize {
+        match *self {
+            Data::None => 0,
+            Data::InCapsule { len, .. } | Data::Pool { len, .. } => len,
+        }
+    }
 }
 
 /// What executing a command produced.
@@ -118,6 +129,25 @@ impl Outcome {
             status: status.with_dnr(),
             loc,
             ..Self::ok()
+        }
+    }
+    /// A device's status, passed to the host as is (DNR and all: an abort by a
+    /// controller reset stays retryable).
+    pub fn failed(status: Status) -> Self {
+        Outcome {
+            status,
+            loc: loc::CDW10,
+            ..Self::ok()
+        }
+    }
+    /// The request's next state after executing with this outcome.
+    fn next_state(&self, dir: Dir) -> ReqState {
+        if self.park {
+            ReqState::AwaitEvent
+        } else if self.status.is_success() && dir == Dir::FromCtrl && self.out_len > 0 {
+            ReqState::TransferOut
+        } else {
+            ReqState::Completing
         }
     }
 }
@@ -278,32 +308,16 @@ impl<Q: Qpair> QueueHandler<Q> {
             return;
         }
         self.kick = true;
-        if !status.is_success() {
-            // The device's status goes to the host as is (DNR and all: an abort by a
-            // controller reset stays retryable).
-            req.out = Outcome {
-                status,
-                loc: loc::CDW10,
-                ..Outcome::ok()
-            };
-            req.state = ReqState::Completing;
-            return;
-        }
-        let len = match req.data {
-            Data::Pool { len, .. } => len,
-            _ => 0,
-        };
-        let read = req.cmd.opcode() == io_opc::READ;
-        if let Some(ctrl) = &self.ctx.ctrl {
-            ctrl.stats.count(req.cmd.opcode(), len as u64);
-        }
-        if read && len > 0 {
-            req.out = Outcome::data(len);
-            req.state = ReqState::TransferOut;
+        let out = if status.is_success() {
+            Outcome::ok()
         } else {
-            req.out = Outcome::ok();
-            req.state = ReqState::Completing;
-        }
+            Outcome::failed(status)
+        };
+        req.out = match &self.ctx.ctrl {
+            Some(ctrl) => io::complete(ctrl, &req.cmd, req.data.len(), out),
+            None => out,
+        };
+        req.state = req.out.next_state(req.dir);
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -556,56 +570,53 @@ impl<Q: Qpair> QueueHandler<Q> {
                     }
                 }
                 ReqState::Executing => {
-                    if io_held && self.ctx.qid != 0 && req.cmd.opcode() != OPC_FABRICS {
-                        break;
-                    }
-                    let started = if self.ctx.qid != 0 && !chans.is_empty() {
-                        let key = (u64::from(self.key) << 16) | tag as u64;
-                        start_async(&mut self.ctx, req, key, pool, chans)
-                    } else {
-                        Async::Sync
-                    };
-                    match started {
-                        Async::Sync => {}
-                        Async::Started => {
-                            self.ctx.stats.backend_commands += 1;
-                            req.state = ReqState::Backend;
-                            steps += 1;
-                            break;
-                        }
-                        Async::Wait => break,
-                        Async::Done(out) => {
-                            req.out = out;
-                            req.state = ReqState::Completing;
-                            continue;
-                        }
-                    }
                     let cmd = req.cmd;
-                    if self.ctx.qid == 0 && cmd.opcode() == admin_opc::ABORT {
-                        let out = self.abort(&cmd);
-                        let req = &mut self.reqs[tag];
-                        req.out = out;
-                        req.state = ReqState::Completing;
-                        continue;
-                    }
-                    let out = {
-                        let data: &mut [u8] = match req.data {
-                            Data::None => &mut [],
-                            Data::InCapsule { offset, len } => &mut req.icd[offset..offset + len],
-                            Data::Pool { idx, len } => pool.slice_mut(idx, len),
-                        };
-                        execute(&mut self.ctx, &cmd, data, now)
+                    let out = match &self.ctx.ctrl {
+                        Some(ctrl) if self.ctx.qid != 0 && cmd.opcode() != OPC_FABRICS => {
+                            if io_held {
+                                break;
+                            }
+                            let key = (u64::from(self.key) << 16) | tag as u64;
+                            let started = io::start(
+                                ctrl,
+                                &cmd,
+                                &mut req.data,
+                                &mut req.icd,
+                                pool,
+                                chans,
+                                key,
+                                &mut self.ctx.stats,
+                            );
+                            match started {
+                                io::Started::Done(out) => out,
+                                io::Started::InDevice => {
+                                    req.state = ReqState::Backend;
+                                    steps += 1;
+                                    break;
+                                }
+                                io::Started::Wait => break,
+                            }
+                        }
+                        _ if self.ctx.qid == 0 && cmd.opcode() == admin_opc::ABORT => {
+                            self.abort(&cmd)
+                        }
+                        _ => {
+                            let data: &mut [u8] = match req.data {
+                                Data::None => &mut [],
+                                Data::InCapsule { offset, len } => {
+                                    &mut req.icd[offset..offset + len]
+                                }
+                                Data::Pool { idx, len } => pool.slice_mut(idx, len),
+                            };
+                            execute(&mut self.ctx, &cmd, data, now)
+                        }
                     };
+                    let req = &mut self.reqs[tag];
                     req.out = out;
-                    req.state = if out.park {
+                    req.state = out.next_state(req.dir);
+                    if out.park {
                         self.ctx.aers += 1;
-                        ReqState::AwaitEvent
-                    } else if out.status.is_success() && req.dir == Dir::FromCtrl && out.out_len > 0
-                    {
-                        ReqState::TransferOut
-                    } else {
-                        ReqState::Completing
-                    };
+                    }
                 }
                 ReqState::AwaitEvent => {
                     let ev = self.ctx.ctrl.as_ref().and_then(|c| c.take_event());
@@ -798,130 +809,6 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
         self.phase = Phase::Closed;
         work + 1
-    }
-}
-
-/// What [`start_async`] did.
-enum Async {
-    /// Not a command for an asynchronous channel: execute synchronously.
-    Sync,
-    /// Submitted: the request is in the backend.
-    Started,
-    /// Channel full or no buffer: try again on a later poll.
-    Wait,
-    /// Finished without the device (an error).
-    Done(Outcome),
-}
-
-/// Submits an I/O command to the namespace's asynchronous channel, if it has one here.
-/// Read/Write data is the request's pool buffer, handed to the device as is (zero copy);
-/// in-capsule write data (host memory the device cannot reach) is copied into a pool
-/// buffer first.
-fn start_async(
-    ctx: &mut QueueCtx,
-    req: &mut Request,
-    key: u64,
-    pool: &mut BufferPool,
-    chans: &mut [Channel],
-) -> Async {
-    let cmd = req.cmd;
-    let opc = cmd.opcode();
-    if !matches!(
-        opc,
-        io_opc::READ | io_opc::WRITE | io_opc::FLUSH | io_opc::WRITE_ZEROES
-    ) {
-        return Async::Sync;
-    }
-    let Some(ctrl) = &ctx.ctrl else {
-        return Async::Sync;
-    };
-    let Some(ns) = ctrl.subsystem().namespace(cmd.nsid.get()) else {
-        return Async::Sync;
-    };
-    // Write-through (the host disabled the volatile write cache): the synchronous path
-    // flushes after the write.
-    if opc != io_opc::READ
-        && opc != io_opc::FLUSH
-        && ctrl.write_through()
-        && ns.backend.volatile_write_cache()
-    {
-        return Async::Sync;
-    }
-    let id = backend_id(&ns.backend);
-    let Some(ch) = chans.iter_mut().find(|c| c.backend == id) else {
-        return Async::Sync;
-    };
-    let res = match opc {
-        io_opc::READ | io_opc::WRITE => {
-            let nlb = u32::from(cmd.nlb0()) + 1;
-            let len = nlb as usize * ns.backend.block_size() as usize;
-            if len > ch.max_transfer || !pool.is_dma() {
-                return Async::Sync;
-            }
-            let idx = match req.data {
-                Data::Pool { idx, len: l } if l == len => idx,
-                Data::InCapsule { offset, len: l } if l == len && opc == io_opc::WRITE => {
-                    let Some(idx) = pool.alloc_io() else {
-                        ctx.stats.buffer_waits += 1;
-                        return Async::Wait;
-                    };
-                    pool.slice_mut(idx, len)
-                        .copy_from_slice(&req.icd[offset..offset + len]);
-                    req.data = Data::Pool { idx, len };
-                    idx
-                }
-                _ => return Async::Sync,
-            };
-            let Some(buf) = pool.dma(idx, len) else {
-                return Async::Sync;
-            };
-            let slba = cmd.slba();
-            let op = if opc == io_opc::READ {
-                AsyncOp::Read {
-                    slba,
-                    nlb,
-                    buf: &buf,
-                }
-            } else {
-                AsyncOp::Write {
-                    slba,
-                    nlb,
-                    buf: &buf,
-                }
-            };
-            let r = ch.chan.submit(key, op);
-            if r.is_ok() {
-                ns.stats.count(opc, len as u64);
-            }
-            r
-        }
-        io_opc::FLUSH => ch.chan.submit(key, AsyncOp::Flush),
-        _ => {
-            let nlb = u32::from(cmd.nlb0()) + 1;
-            let end = cmd.slba().checked_add(u64::from(nlb));
-            if end.is_none_or(|e| e > ns.backend.block_count()) {
-                return Async::Done(Outcome::err(Status::LBA_OUT_OF_RANGE, loc::CDW10));
-            }
-            ch.chan.submit(
-                key,
-                AsyncOp::WriteZeroes {
-                    slba: cmd.slba(),
-                    nlb,
-                },
-            )
-        }
-    };
-    match res {
-        Ok(()) => Async::Started,
-        Err(SubmitError::Busy) => {
-            ctx.stats.backend_busy += 1;
-            Async::Wait
-        }
-        Err(SubmitError::Failed(status)) => Async::Done(Outcome {
-            status,
-            loc: loc::CDW10,
-            ..Outcome::ok()
-        }),
     }
 }
 
@@ -1129,6 +1016,17 @@ fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
                 max: len,
             }
         }
+        io_opc::WRITE_ZEROES => {
+            let nlb = u64::from(cmd.nlb0()) + 1;
+            if cmd
+                .slba()
+                .checked_add(nlb)
+                .is_none_or(|e| e > ns.backend.block_count())
+            {
+                return Err(Outcome::err(Status::LBA_OUT_OF_RANGE, loc::CDW10));
+            }
+            shape_none()
+        }
         io_opc::DATASET_MANAGEMENT => {
             let len = ((cmd.cdw10.get() & 0xff) + 1) * 16;
             Shape {
@@ -1141,6 +1039,7 @@ fn io_shape(ctrl: &Controller, cmd: &Sqe) -> Result<Shape, Outcome> {
     })
 }
 
+/// Executes a fabrics or admin command (I/O commands go to [`io::start`]).
 fn execute(ctx: &mut QueueCtx, cmd: &Sqe, data: &mut [u8], now: Instant) -> Outcome {
     if cmd.opcode() == OPC_FABRICS {
         return admin::fabrics(ctx, cmd, data, now);
@@ -1148,13 +1047,5 @@ fn execute(ctx: &mut QueueCtx, cmd: &Sqe, data: &mut [u8], now: Instant) -> Outc
     let Some(ctrl) = ctx.ctrl.clone() else {
         return Outcome::err(Status::COMMAND_SEQUENCE_ERROR, loc::OPCODE);
     };
-    let out = if ctx.qid == 0 {
-        admin::execute(ctx, &ctrl, cmd, data, now)
-    } else {
-        io::execute(&ctrl, cmd, data)
-    };
-    if out.status.is_success() && ctx.qid != 0 {
-        ctrl.stats.count(cmd.opcode(), data.len() as u64);
-    }
-    out
+    admin::execute(ctx, &ctrl, cmd, data, now)
 }
