@@ -27,6 +27,22 @@ pub trait HostWire {
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Before a sleep: asks for a wake-up on the next response (`ibv_req_notify_cq`).
+    /// `Ok(false)`: this wire cannot wake a sleeper, poll or nap instead. After `Ok(true)`
+    /// the caller looks for responses once more (one may have raced the arm).
+    fn arm(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// The fd that becomes readable after [`HostWire::arm`] and a response.
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Consumes the readiness of [`HostWire::wake_fd`] after a wake-up.
+    fn woken(&mut self) {}
+    /// True when a response is waiting; looks at the wire without taking it.
+    fn has_response(&mut self) -> bool {
+        false
+    }
 }
 
 impl HostWire for LoopbackHost {
@@ -383,6 +399,11 @@ impl<W: HostWire> InitiatorQueue<W> {
     /// Mutable access to the wire (e.g. to switch deferred posting on).
     pub fn wire_mut(&mut self) -> &mut W {
         &mut self.wire
+    }
+
+    /// True when a response is waiting (taken by the next [`InitiatorQueue::poll_one`]).
+    pub fn has_response(&mut self) -> bool {
+        self.wire.has_response()
     }
 
     /// Sends what the wire has staged (one post for a batch of submissions).

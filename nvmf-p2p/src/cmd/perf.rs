@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use transport::initiator::{cmd, InitiatorQueue, LatencyHistogram};
+use transport::initiator::{cmd, HostWire, InitiatorQueue, LatencyHistogram};
 use transport::nvmf_rdma::{keyed, RdmaHost, Session, SessionOptions};
 
 use super::{print_json, CliError, CliResult};
@@ -297,7 +297,7 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     }
 
     // admin queue: connect, enable, identify the namespace, ask for the I/O queues
-    let mut session = Session::connect(SessionOptions {
+    let session = Session::connect(SessionOptions {
         dst,
         subnqn: subnqn.to_string(),
         hostnqn: a.hostnqn.clone(),
@@ -324,11 +324,6 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
 
     // I/O queues 1..=queues, --queue-depth spread over them round-robin (as spdk_nvme_perf
     // spreads a namespace's depth over its qpairs), one data slot per command.
-    struct Lane {
-        io: InitiatorQueue<RdmaHost>,
-        buf: rdma::RegisteredBuffer,
-        qd: u16,
-    }
     let mut lanes = Vec::with_capacity(usize::from(queues));
     for qid in 1..=queues {
         let want = super::perf_direct::share(total, usize::from(queues), usize::from(qid - 1));
@@ -351,72 +346,249 @@ fn run_remote(a: &Args) -> Result<Report, CliError> {
     }
 
     let nlb = (bs / lba) as u64;
-    let mut pattern = Pattern::new(blocks, nlb, a)?;
+    let pattern = Pattern::new(blocks, nlb, a)?;
     // the fabrics command builders take a 1-based block count
     let nlb16 = u16::try_from(nlb)
         .map_err(|_| CliError::new(format!("--io-size {bs} is more than 65535 blocks")))?;
-    let nsid = a.nsid;
-    let mut issue = |lane: &mut Lane, slot: u64| {
-        let (slba, read) = pattern.next();
-        let d = keyed(&lane.buf, slot as usize * bs, bs);
-        let sqe = if read {
-            cmd::read(nsid, slba, nlb16, d)
-        } else {
-            cmd::write(nsid, slba, nlb16, d)
-        };
-        lane.io.submit(sqe, &[], slot)
-    };
     let started = Instant::now();
-    let end = started + Duration::from_secs(a.secs);
-    for lane in lanes.iter_mut() {
-        for slot in 0..u64::from(lane.qd) {
-            issue(lane, slot).map_err(terr)?;
+    let mut run = RemoteRun {
+        session,
+        lanes,
+        pattern,
+        nsid: a.nsid,
+        nlb16,
+        bs,
+        end: started + Duration::from_secs(a.secs),
+        done: 0,
+        errors: 0,
+        first_error: None,
+        last_progress: started,
+        failed: None,
+    };
+    for i in 0..run.lanes.len() {
+        for slot in 0..u64::from(run.lanes[i].qd) {
+            run.issue(i, slot).map_err(terr)?;
         }
     }
-    let (mut done, mut errors) = (0u64, 0u64);
-    let mut first_error = None;
-    let stall = Duration::from_secs(30);
-    let mut last = Instant::now();
-    loop {
-        // Keep Alive every KATO/2: a run longer than the KATO must not lose its controller
-        session.keep_alive_tick(Instant::now()).map_err(terr)?;
-        let mut outstanding = 0;
-        let mut progress = false;
-        for lane in lanes.iter_mut() {
-            if let Some(c) = lane.io.poll_one() {
-                progress = true;
-                done += 1;
-                let st = c.status();
-                if !st.is_success() {
-                    errors += 1;
-                    first_error.get_or_insert(format!("{st:?}"));
-                }
-                if Instant::now() < end {
-                    issue(lane, c.user).map_err(terr)?;
-                }
-            }
-            outstanding += lane.io.outstanding();
-        }
-        if outstanding == 0 {
-            break;
-        }
-        if progress {
-            last = Instant::now();
-        } else if last.elapsed() > stall {
-            return Err(CliError::new(format!(
-                "no completion for {}s with {outstanding} commands outstanding: the target stopped answering",
-                stall.as_secs(),
-            )));
-        }
+    let run = drive(run)?;
+    if let Some(e) = run.failed {
+        return Err(e);
     }
     let secs = started.elapsed().as_secs_f64();
     let mut hist = LatencyHistogram::new();
-    for lane in &lanes {
+    for lane in &run.lanes {
         hist.merge(&lane.io.histogram);
     }
-    let mut r = Report::new(format!("rdma:{dst}/{subnqn}"), a, secs, done, errors, &hist);
-    r.first_error = first_error;
+    let mut r = Report::new(
+        format!("rdma:{dst}/{subnqn}"),
+        a,
+        secs,
+        run.done,
+        run.errors,
+        &hist,
+    );
+    r.first_error = run.first_error;
     Ok(r)
+}
+
+/// One I/O queue of a remote run and its data slots.
+struct Lane {
+    io: InitiatorQueue<RdmaHost>,
+    buf: rdma::RegisteredBuffer,
+    qd: u16,
+}
+
+/// A remote run in flight.
+struct RemoteRun {
+    session: Session,
+    lanes: Vec<Lane>,
+    pattern: Pattern,
+    nsid: u32,
+    nlb16: u16,
+    bs: usize,
+    end: Instant,
+    done: u64,
+    errors: u64,
+    first_error: Option<String>,
+    last_progress: Instant,
+    failed: Option<CliError>,
+}
+
+/// How long a run waits for any completion before it calls the target dead.
+const STALL: Duration = Duration::from_secs(30);
+
+impl RemoteRun {
+    fn issue(&mut self, lane: usize, slot: u64) -> transport::Result<u16> {
+        let (slba, read) = self.pattern.next();
+        let l = &mut self.lanes[lane];
+        let d = keyed(&l.buf, slot as usize * self.bs, self.bs);
+        let sqe = if read {
+            cmd::read(self.nsid, slba, self.nlb16, d)
+        } else {
+            cmd::write(self.nsid, slba, self.nlb16, d)
+        };
+        l.io.submit(sqe, &[], slot)
+    }
+
+    /// Reaps every completion there is and reissues until the end time. Returns the
+    /// completions reaped, or `None` once the run is over (all in, or failed).
+    fn step(&mut self, now: Instant) -> Option<usize> {
+        // Keep Alive every KATO/2: a run longer than the KATO must not lose its controller
+        if let Err(e) = self.session.keep_alive_tick(now) {
+            self.failed = Some(terr(e));
+            return None;
+        }
+        let mut work = 0;
+        let mut outstanding = 0;
+        for i in 0..self.lanes.len() {
+            while let Some(c) = self.lanes[i].io.poll_one() {
+                work += 1;
+                self.done += 1;
+                let st = c.status();
+                if !st.is_success() {
+                    self.errors += 1;
+                    self.first_error.get_or_insert(format!("{st:?}"));
+                }
+                if now < self.end {
+                    if let Err(e) = self.issue(i, c.user) {
+                        self.failed = Some(terr(e));
+                        return None;
+                    }
+                }
+            }
+            outstanding += self.lanes[i].io.outstanding();
+        }
+        if outstanding == 0 {
+            return None;
+        }
+        if work > 0 {
+            self.last_progress = now;
+        } else if now.duration_since(self.last_progress) > STALL {
+            self.failed = Some(CliError::new(format!(
+                "no completion for {}s with {outstanding} commands outstanding: the target stopped answering",
+                STALL.as_secs(),
+            )));
+            return None;
+        }
+        Some(work)
+    }
+}
+
+impl Run for RemoteRun {
+    fn step(&mut self, now: Instant) -> Option<usize> {
+        RemoteRun::step(self, now)
+    }
+
+    fn arm(&mut self, wake: &mut rdma::WakeSet) -> rdma::Arm {
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
+            let wire = lane.io.wire_mut();
+            match wire.arm() {
+                Ok(true) => {
+                    if let Some(fd) = HostWire::wake_fd(wire) {
+                        wake.add(fd, i as u32);
+                    }
+                }
+                Ok(false) | Err(_) => return rdma::Arm::Nap(Duration::from_micros(50)),
+            }
+        }
+        // A response that raced the arm raises no event: look once more.
+        if self.lanes.iter_mut().any(|l| l.io.has_response()) {
+            return rdma::Arm::Ready;
+        }
+        rdma::Arm::Sleep
+    }
+
+    fn woken(&mut self, tag: u32) {
+        if let Some(lane) = self.lanes.get_mut(tag as usize) {
+            lane.io.wire_mut().woken();
+        }
+    }
+}
+
+/// A run of `perf` (standard or direct) as the reactor drives it.
+pub(super) trait Run: Send + 'static {
+    /// Reaps every completion there is and reissues until the end time. Returns the
+    /// completions reaped, or `None` once the run is over (all in, or failed).
+    fn step(&mut self, now: Instant) -> Option<usize>;
+
+    /// Arms the queues' wake-ups before the reactor sleeps (see [`rdma::Poller::arm`]);
+    /// by default the run never sleeps and the reactor yields the CPU between empty
+    /// steps.
+    fn arm(&mut self, wake: &mut rdma::WakeSet) -> rdma::Arm {
+        let _ = wake;
+        rdma::Arm::Ready
+    }
+
+    /// One of the fds `arm` added fired.
+    fn woken(&mut self, tag: u32) {
+        let _ = tag;
+    }
+}
+
+/// Runs `run` on a reactor of the calling thread until it is over and gives it back: it
+/// polls while completions flow and sleeps on the queues' wake fds while every command
+/// is out at the target, through the same loop as the target's poll groups
+/// (rdma::reactor).
+pub(super) fn drive<R: Run>(run: R) -> Result<R, CliError> {
+    let mut reactor = rdma::Reactor::new(rdma::ReactorConfig::default())
+        .map_err(|e| CliError(format!("cannot create the reactor: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    reactor.add(Box::new(RunPoller {
+        run: Some(Box::new(run)),
+        tx,
+    }));
+    loop {
+        if let Ok(run) = rx.try_recv() {
+            return Ok(*run);
+        }
+        if reactor.pass() == 0 {
+            reactor.idle();
+        }
+    }
+}
+
+/// A [`Run`] on the reactor; hands the run back through `tx` when it is over.
+struct RunPoller<R: Run> {
+    run: Option<Box<R>>,
+    tx: std::sync::mpsc::SyncSender<Box<R>>,
+}
+
+impl<R: Run> rdma::Poller for RunPoller<R> {
+    fn poll(&mut self, now: Instant) -> usize {
+        let Some(run) = &mut self.run else { return 0 };
+        match run.step(now) {
+            Some(work) => work,
+            None => {
+                if let Some(run) = self.run.take() {
+                    let _ = self.tx.send(run);
+                }
+                1
+            }
+        }
+    }
+
+    fn spell(&self) -> rdma::Spell {
+        // Every command is out at the target and its response wakes the queue: the short
+        // spell, like commands in a device that interrupts.
+        rdma::Spell::Device
+    }
+
+    fn arm(&mut self, _idle: Duration, wake: &mut rdma::WakeSet) -> rdma::Arm {
+        match &mut self.run {
+            Some(run) => run.arm(wake),
+            None => rdma::Arm::Ready,
+        }
+    }
+
+    fn woken(&mut self, tag: u32) {
+        if let Some(run) = &mut self.run {
+            run.woken(tag);
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.run.is_none()
+    }
 }
 
 fn run_local(bdf: &str, a: &Args) -> Result<Report, CliError> {

@@ -13,7 +13,7 @@ use transport::direct::host::{
 };
 use transport::initiator::LatencyHistogram;
 
-use super::perf::{Args, Pattern, Report};
+use super::perf::{drive, Args, Pattern, Report, Run};
 use super::CliError;
 
 /// Largest I/O a direct queue carries (pool slot: PRP1 + PRP2, no PRP list).
@@ -116,86 +116,40 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
         )));
     }
     let nlb = (bs / lba) as u64;
-    let mut pattern = Pattern::new(d.blocks.get(), nlb, a)?;
+    let pattern = Pattern::new(d.blocks.get(), nlb, a)?;
     let wbuf: Vec<u8> = (0..bs).map(|i| (i as u8) ^ 0x5a).collect();
 
-    let mut hist = LatencyHistogram::new();
-    let (mut ios, mut errors, mut reattaches) = (0u64, 0u64, 0u64);
-    let mut first_error = None;
-    let mut ops = OpCounts::default();
     let started = Instant::now();
-    let end = started + Duration::from_secs(a.secs);
-    let stall = Duration::from_secs(30);
-    let mut last_progress = Instant::now();
-    loop {
-        let running = Instant::now() < end;
-        let mut busy = 0usize;
-        let mut progress = 0usize;
-        for lane in lanes.iter_mut() {
-            // Keep the lane full: resubmissions first, then new commands while the run lasts.
-            while lane.q.outstanding() < lane.qd {
-                let (slba, read) = match lane.retry.pop() {
-                    Some(u) => (u & !READ_BIT, u & READ_BIT != 0),
-                    None if running => pattern.next(),
-                    None => break,
-                };
-                let user = slba | if read { READ_BIT } else { 0 };
-                let r = if read {
-                    lane.q.submit_read(slba, bs, user)
-                } else {
-                    lane.q.submit_write(slba, &wbuf, user)
-                };
-                if let Err(e) = r {
-                    tracing::info!(error = %e, "direct submission failed; the queue is polled next");
-                    lane.retry.push(user);
-                    break;
-                }
-            }
-            let polled = lane.q.poll(|c, _| {
-                ios += 1;
-                hist.record(c.latency);
-                if !c.status.is_success() {
-                    errors += 1;
-                    first_error.get_or_insert_with(|| format!("{:?}", c.status));
-                }
-            });
-            match polled {
-                Ok(n) => progress += n,
-                Err(e) => {
-                    // The queue is gone (device reset, disconnect): attach a new one and
-                    // submit every command it had not acknowledged again.
-                    tracing::info!(error = %e, "direct queue lost: re-attaching");
-                    reattaches += 1;
-                    if reattaches > MAX_REATTACH {
-                        return Err(CliError::new(format!(
-                            "direct queues lost more than {MAX_REATTACH} times: {e}"
-                        )));
-                    }
-                    let users: Vec<u64> = lane.q.outstanding_users().map(|(_, u)| u).collect();
-                    lane.retry.extend(users);
-                    ops.add(&lane.q.ops);
-                    lane.q = host.open_queue(PATIENCE).map_err(attach_err)?;
-                    progress += 1;
-                }
-            }
-            busy += lane.q.outstanding() + lane.retry.len();
-        }
-        if busy == 0 && !running {
-            break;
-        }
-        if progress > 0 {
-            last_progress = Instant::now();
-        } else {
-            if last_progress.elapsed() > stall {
-                return Err(CliError::new(format!(
-                    "no completion for {}s with {busy} commands outstanding: the target stopped answering",
-                    stall.as_secs()
-                )));
-            }
-            // Nothing yet: on a 2-vCPU guest soft-RoCE, the target and the device emulation
-            // need the CPU a spinning initiator would take.
-            std::thread::yield_now();
-        }
+    let run = DirectRun {
+        host,
+        lanes,
+        pattern,
+        wbuf,
+        bs,
+        hist: LatencyHistogram::new(),
+        ios: 0,
+        errors: 0,
+        reattaches: 0,
+        first_error: None,
+        ops: OpCounts::default(),
+        end: started + Duration::from_secs(a.secs),
+        last_progress: started,
+        failed: None,
+    };
+    let DirectRun {
+        mut host,
+        mut lanes,
+        hist,
+        ios,
+        errors,
+        reattaches,
+        first_error,
+        mut ops,
+        failed,
+        ..
+    } = drive(run)?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     let secs = started.elapsed().as_secs_f64();
     let level = lanes[0].q.level().name().to_string();
@@ -229,6 +183,113 @@ pub fn run(a: &Args) -> Result<Report, CliError> {
         rdma_ops_per_io: ((ops.total() as f64 / ios.max(1) as f64) * 100.0).round() / 100.0,
     });
     Ok(r)
+}
+
+/// A direct-mode run in flight.
+struct DirectRun {
+    host: DirectHost,
+    lanes: Vec<Lane>,
+    pattern: Pattern,
+    wbuf: Vec<u8>,
+    bs: usize,
+    hist: LatencyHistogram,
+    ios: u64,
+    errors: u64,
+    reattaches: u64,
+    first_error: Option<String>,
+    ops: OpCounts,
+    end: Instant,
+    last_progress: Instant,
+    failed: Option<CliError>,
+}
+
+/// How long a run waits for any completion before it calls the target dead.
+const STALL: Duration = Duration::from_secs(30);
+
+impl Run for DirectRun {
+    // The reactor yields the CPU between empty steps (the default `arm`): on a 2-vCPU
+    // guest soft-RoCE, the target and the device emulation need the CPU a spinning
+    // initiator would take. Polled completions pace their own READs (PollBackoff).
+    fn step(&mut self, now: Instant) -> Option<usize> {
+        let running = now < self.end;
+        let mut busy = 0usize;
+        let mut progress = 0usize;
+        for lane in self.lanes.iter_mut() {
+            // Keep the lane full: resubmissions first, then new commands while the run lasts.
+            while lane.q.outstanding() < lane.qd {
+                let (slba, read) = match lane.retry.pop() {
+                    Some(u) => (u & !READ_BIT, u & READ_BIT != 0),
+                    None if running => self.pattern.next(),
+                    None => break,
+                };
+                let user = slba | if read { READ_BIT } else { 0 };
+                let r = if read {
+                    lane.q.submit_read(slba, self.bs, user)
+                } else {
+                    lane.q.submit_write(slba, &self.wbuf, user)
+                };
+                if let Err(e) = r {
+                    tracing::info!(error = %e, "direct submission failed; the queue is polled next");
+                    lane.retry.push(user);
+                    break;
+                }
+            }
+            let (ios, errors, hist, first_error) = (
+                &mut self.ios,
+                &mut self.errors,
+                &mut self.hist,
+                &mut self.first_error,
+            );
+            let polled = lane.q.poll(|c, _| {
+                *ios += 1;
+                hist.record(c.latency);
+                if !c.status.is_success() {
+                    *errors += 1;
+                    first_error.get_or_insert_with(|| format!("{:?}", c.status));
+                }
+            });
+            match polled {
+                Ok(n) => progress += n,
+                Err(e) => {
+                    // The queue is gone (device reset, disconnect): attach a new one and
+                    // submit every command it had not acknowledged again.
+                    tracing::info!(error = %e, "direct queue lost: re-attaching");
+                    self.reattaches += 1;
+                    if self.reattaches > MAX_REATTACH {
+                        self.failed = Some(CliError::new(format!(
+                            "direct queues lost more than {MAX_REATTACH} times: {e}"
+                        )));
+                        return None;
+                    }
+                    let users: Vec<u64> = lane.q.outstanding_users().map(|(_, u)| u).collect();
+                    lane.retry.extend(users);
+                    self.ops.add(&lane.q.ops);
+                    match self.host.open_queue(PATIENCE) {
+                        Ok(q) => lane.q = q,
+                        Err(e) => {
+                            self.failed = Some(attach_err(e));
+                            return None;
+                        }
+                    }
+                    progress += 1;
+                }
+            }
+            busy += lane.q.outstanding() + lane.retry.len();
+        }
+        if busy == 0 && !running {
+            return None;
+        }
+        if progress > 0 {
+            self.last_progress = now;
+        } else if now.duration_since(self.last_progress) > STALL {
+            self.failed = Some(CliError::new(format!(
+                "no completion for {}s with {busy} commands outstanding: the target stopped answering",
+                STALL.as_secs()
+            )));
+            return None;
+        }
+        Some(progress)
+    }
 }
 
 #[cfg(test)]

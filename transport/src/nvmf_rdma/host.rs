@@ -9,8 +9,8 @@ use std::time::Duration;
 use nvme::spec::Cqe;
 use rdma::cm::{Connection, Connector};
 use rdma::{
-    Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, SendBatch,
-    SendFlags, WorkCompletion,
+    Access, CompletionChannel, CompletionQueue, ProtectionDomain, QpInit, RecvBatch,
+    RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -32,6 +32,9 @@ const POST_CHAIN: usize = 16;
 pub struct RdmaHost {
     conn: Connection,
     cq: Arc<CompletionQueue>,
+    /// Wakes a sleeping reactor on a response once the CQ is armed.
+    chan: Arc<CompletionChannel>,
+    armed: bool,
     pd: Arc<ProtectionDomain>,
     send_ring: RegisteredBuffer,
     recv_ring: RegisteredBuffer,
@@ -64,7 +67,9 @@ impl RdmaHost {
             .ok_or_else(|| conn_err("no RDMA device for the route".into()))?;
         let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
         let slots = u32::from(entries) + 1;
-        let cq = CompletionQueue::new(&ctx, 2 * slots + 8, None).map_err(rdma_err("create CQ"))?;
+        let chan = CompletionChannel::new(&ctx).map_err(rdma_err("completion channel"))?;
+        let cq = CompletionQueue::new(&ctx, 2 * slots + 8, Some(&chan))
+            .map_err(rdma_err("create CQ"))?;
         let mut init = QpInit::new(&cq);
         init.max_send_wr = slots;
         init.max_recv_wr = slots;
@@ -96,6 +101,8 @@ impl RdmaHost {
         let host = RdmaHost {
             conn,
             cq,
+            chan,
+            armed: false,
             pd,
             send_ring,
             recv_ring,
@@ -263,6 +270,38 @@ impl HostWire for RdmaHost {
 
     fn flush(&mut self) -> Result<()> {
         self.post_deferred()
+    }
+
+    fn arm(&mut self) -> Result<bool> {
+        // Armed once until the event is consumed: ibv_req_notify_cq is a system call on
+        // rxe (FACTS.md), re-arming an armed CQ would only repeat it.
+        if !self.armed {
+            self.cq.arm(false).map_err(rdma_err("arm CQ"))?;
+            self.armed = true;
+        }
+        Ok(true)
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.chan.fd())
+    }
+
+    fn woken(&mut self) {
+        // One CQ on the channel, armed once: at most one event.
+        match self.chan.take_event() {
+            Ok(true) => self.armed = false,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, qid = self.qid, "CQ event"),
+        }
+    }
+
+    fn has_response(&mut self) -> bool {
+        if self.responses.is_empty() {
+            if let Err(e) = self.poll_cq() {
+                tracing::warn!(error = %e, qid = self.qid, "host queue");
+            }
+        }
+        !self.responses.is_empty()
     }
 
     fn recv_response(&mut self) -> Option<Cqe> {
