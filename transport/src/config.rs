@@ -96,6 +96,18 @@ pub struct TargetConfig {
     /// queues, the group naps while commands are in the device.
     #[serde(default = "default_true")]
     pub nvme_interrupts: bool,
+    /// Reactor: how long a poll group spins after its last work before it sleeps
+    /// (microseconds).
+    #[serde(default = "default_idle_spell_us")]
+    pub idle_spell_us: u32,
+    /// The same while its only outstanding work is in NVMe queues that raise interrupts
+    /// (microseconds): shorter, the device takes far longer than a wake-up.
+    #[serde(default = "default_device_spell_us")]
+    pub device_spell_us: u32,
+    /// Longest sleep of a poll group (milliseconds): keep-alive timers and stats run at
+    /// least this often; every timeout wake-up of an idle target costs CPU.
+    #[serde(default = "default_max_sleep_ms")]
+    pub max_sleep_ms: u32,
     /// Control socket path used by `nvmf-p2p stats` / `ctl`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
@@ -361,6 +373,26 @@ fn default_data_buffers() -> u32 {
 fn default_connect_timeout_ms() -> u32 {
     DEFAULT_CONNECT_TIMEOUT_MS
 }
+
+fn default_idle_spell_us() -> u32 {
+    reactor_default().idle_spell.as_micros() as u32
+}
+
+fn default_device_spell_us() -> u32 {
+    reactor_default().device_spell.as_micros() as u32
+}
+
+fn default_max_sleep_ms() -> u32 {
+    reactor_default().max_sleep.as_millis() as u32
+}
+
+fn reactor_default() -> rdma::ReactorConfig {
+    rdma::ReactorConfig::default()
+}
+
+/// Longest spell the reactor keys accept (µs): beyond it a poll group spins for a
+/// tenth of a second after every burst.
+pub const MAX_SPELL_US: u32 = 100_000;
 fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
@@ -384,6 +416,9 @@ impl Default for TargetConfig {
             data_buffers: DEFAULT_DATA_BUFFERS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             cores: Vec::new(),
+            idle_spell_us: default_idle_spell_us(),
+            device_spell_us: default_device_spell_us(),
+            max_sleep_ms: default_max_sleep_ms(),
             shadow_doorbells: true,
             nvme_interrupts: true,
             control_socket: default_control_socket(),
@@ -414,6 +449,12 @@ struct SpannedShadow {
     data_buffers: Option<Spanned<toml::Value>>,
     #[serde(default)]
     cores: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    idle_spell_us: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    device_spell_us: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    max_sleep_ms: Option<Spanned<toml::Value>>,
     #[serde(default)]
     metrics: Option<SpannedMetrics>,
     #[serde(default)]
@@ -477,6 +518,17 @@ fn single_table_at(text: &str, offset: usize) -> Option<String> {
 }
 
 impl TargetConfig {
+    /// The reactor tuning of every poll group (`idle_spell_us`, `device_spell_us`,
+    /// `max_sleep_ms`; the rest as `rdma::ReactorConfig::default`).
+    pub fn reactor(&self) -> rdma::ReactorConfig {
+        rdma::ReactorConfig {
+            idle_spell: std::time::Duration::from_micros(u64::from(self.idle_spell_us)),
+            device_spell: std::time::Duration::from_micros(u64::from(self.device_spell_us)),
+            max_sleep: std::time::Duration::from_millis(u64::from(self.max_sleep_ms)),
+            ..rdma::ReactorConfig::default()
+        }
+    }
+
     /// Loads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
@@ -599,6 +651,25 @@ impl TargetConfig {
                     pool >> 20,
                     MAX_POOL_BYTES >> 20
                 ),
+            ));
+        }
+        for (v, span, field) in [
+            (self.idle_spell_us, &sh.idle_spell_us, "idle_spell_us"),
+            (self.device_spell_us, &sh.device_spell_us, "device_spell_us"),
+        ] {
+            if v > MAX_SPELL_US {
+                return Err(err(
+                    sp(span),
+                    field.into(),
+                    format!("must be at most {MAX_SPELL_US} µs"),
+                ));
+            }
+        }
+        if !(1..=1000).contains(&self.max_sleep_ms) {
+            return Err(err(
+                sp(&sh.max_sleep_ms),
+                "max_sleep_ms".into(),
+                "must be between 1 and 1000".into(),
             ));
         }
         if let Some(m) = &self.metrics {
@@ -1097,6 +1168,32 @@ backend = "file:/tmp/disk.img"
             "allow_any_host = true\n",
         );
         TargetConfig::parse(&any, Path::new("t")).unwrap();
+    }
+
+    #[test]
+    fn reactor_keys_become_the_reactor_config_and_are_bounded() {
+        let c = TargetConfig::parse(
+            "idle_spell_us = 50\ndevice_spell_us = 5\nmax_sleep_ms = 20\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        let r = c.reactor();
+        assert_eq!(
+            (r.idle_spell, r.device_spell, r.max_sleep),
+            (
+                std::time::Duration::from_micros(50),
+                std::time::Duration::from_micros(5),
+                std::time::Duration::from_millis(20)
+            )
+        );
+        assert_eq!(
+            TargetConfig::default().reactor(),
+            rdma::ReactorConfig::default()
+        );
+        let (line, field, msg) = config_err("queue_depth = 64\nidle_spell_us = 200000\n");
+        assert_eq!((line, field.as_str()), (2, "idle_spell_us"), "{msg}");
+        let (line, field, msg) = config_err("max_sleep_ms = 0\n");
+        assert_eq!((line, field.as_str()), (1, "max_sleep_ms"), "{msg}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use transport::config::{BackendSpec, TargetConfig};
-use transport::nvmf_rdma::{serve_with_control, ListenerControl, ServeOptions};
+use transport::nvmf_rdma::{serve_with_control, ListenerControl};
 use transport::nvmf_target::Target;
 
 use super::{CliError, CliResult};
@@ -219,7 +219,7 @@ pub fn run(a: Args) -> CliResult {
         &target,
         &cfg,
         &stop,
-        ServeOptions::default(),
+        cfg.reactor(),
         on_ready,
         Some(listener_ops),
     )

@@ -96,7 +96,7 @@ fn refuse(field: impl Into<String>, message: impl Into<String>) -> Error {
 /// Settings of the whole target that are fixed while it runs: the poll groups, their
 /// pools and every queue were sized from them.
 fn restart_only(old: &TargetConfig, new: &TargetConfig) -> Result<()> {
-    let fixed: [(&str, bool); 10] = [
+    let fixed: [(&str, bool); 13] = [
         ("queue_depth", old.queue_depth == new.queue_depth),
         ("max_io_queues", old.max_io_queues == new.max_io_queues),
         (
@@ -114,6 +114,12 @@ fn restart_only(old: &TargetConfig, new: &TargetConfig) -> Result<()> {
             "nvme_interrupts",
             old.nvme_interrupts == new.nvme_interrupts,
         ),
+        ("idle_spell_us", old.idle_spell_us == new.idle_spell_us),
+        (
+            "device_spell_us",
+            old.device_spell_us == new.device_spell_us,
+        ),
+        ("max_sleep_ms", old.max_sleep_ms == new.max_sleep_ms),
         ("control_socket", old.control_socket == new.control_socket),
         (
             "control_socket_group",
