@@ -30,5 +30,21 @@ for j in "randread 1" "randread 32" "randwrite 1" "randwrite 32"; do
     "$(fio_get "$OUT/k-$1-$2.json" "$d" p99)" \
     "$(awk -v j=$((b1 - b0)) -v hz="$(clk_tck)" -v n="$(fio_get "$OUT/k-$1-$2.json" "$d" ios)" 'BEGIN { printf "%.1f", j / hz / n * 1e6 }')"
 done
-kdisconnect "$KNQN"; knvmet_stop
+kdisconnect "$KNQN"
+# Our initiator against the same kernel target: `perf` next to fio + the kernel initiator
+# (issue 11 item 6: the userspace initiator measured on its own, no target of ours).
+BIN=$NVMF_P2P_ROOT/target/release/nvmf-p2p
+echo "our perf initiator against kernel nvmet-rdma (guest CPU per I/O):"
+for j in "randread 1" "randread 32" "randwrite 1" "randwrite 32"; do
+  set -- $j
+  b0=$(cpu_busy)
+  "$BIN" perf --traddr "$NVMF_P2P_ADDR" --subnqn "$KNQN" -w "$1" -o 4k -q "$2" -t 3 --json \
+    > "$OUT/p-$1-$2.json" 2> "$OUT/p-$1-$2.err" || { echo "  perf $1 QD$2 failed: $(tail -1 "$OUT/p-$1-$2.err")"; continue; }
+  b1=$(cpu_busy)
+  printf '  perf     %-9s QD%-2s: %6s IOPS p50 %6s us p99 %7s us, guest CPU %6s us/IO\n' "$1" "$2" \
+    "$(jq -r '.iops | floor' "$OUT/p-$1-$2.json")" "$(jq -r '.lat_us.p50 | floor' "$OUT/p-$1-$2.json")" \
+    "$(jq -r '.lat_us.p99 | floor' "$OUT/p-$1-$2.json")" \
+    "$(awk -v j=$((b1 - b0)) -v hz="$(clk_tck)" -v n="$(jq -r .ios "$OUT/p-$1-$2.json")" 'BEGIN { printf "%.1f", j / hz / n * 1e6 }')"
+done
+knvmet_stop
 nvme_rebind vfio-pci
