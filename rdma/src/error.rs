@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::wr::{WcOpcode, WcStatus};
+use crate::wr_id::WrId;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,7 +59,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A work completion carried an error status.
-    #[error("work completion on QP {qp_num} failed: {status} (opcode {opcode}, wr_id {wr_id:#x}, vendor_err {vendor_err:#x})")]
+    #[error("work completion on QP {qp_num} failed: {status} (opcode {opcode}, wr_id {wr_id:?}, vendor_err {vendor_err:#x})")]
     WorkCompletion {
         /// QP number of the completion.
         qp_num: u32,
@@ -67,7 +68,7 @@ pub enum Error {
         /// Opcode, printed by name (only meaningful for some error statuses).
         opcode: WcOpcode,
         /// The WR's id.
-        wr_id: u64,
+        wr_id: WrId,
         /// Provider-specific detail.
         vendor_err: u32,
     },
@@ -231,12 +232,13 @@ mod tests {
             qp_num: 0x11,
             status: WcStatus(rdma_sys::ibv_wc_status::IBV_WC_REM_ACCESS_ERR),
             opcode: WcOpcode(rdma_sys::ibv_wc_opcode::IBV_WC_RDMA_WRITE),
-            wr_id: 7,
+            wr_id: WrId::new(3, 7),
             vendor_err: 0,
         };
         let s = e.to_string();
         assert!(s.contains("QP 17"), "{s}");
         assert!(s.contains("REM_ACCESS_ERR"), "{s}");
         assert!(s.contains("RDMA_WRITE"), "{s}");
+        assert!(s.contains("kind: 3, tag: 7"), "{s}");
     }
 }

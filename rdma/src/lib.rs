@@ -7,7 +7,8 @@
 //!
 //! Work requests are built in caller-owned fixed arrays ([`SendBatch`], [`RecvBatch`]) and
 //! posted as one linked chain per call, without heap allocation; completions are polled
-//! into caller-owned arrays of [`WorkCompletion`].
+//! into caller-owned arrays of [`WorkCompletion`]. Every work request carries a [`WrId`]
+//! (queue slot, generation, operation kind, tag), the one `wr_id` layout of the workspace.
 //!
 //! # A target's poll group in outline
 //!
@@ -37,7 +38,7 @@
 //!         let n = self.cq.poll(&mut self.wcs).unwrap_or(0);
 //!         for wc in &self.wcs[..n] {
 //!             match wc.result() {
-//!                 Ok(_wc) => { /* RECV: parse the capsule at wc.wr_id(); RDMA_READ: data in */ }
+//!                 Ok(_wc) => { /* RECV: parse the capsule in buffer wc.wr_id().tag(); RDMA_READ: data in */ }
 //!                 Err(e) => eprintln!("{e}"), // names status, opcode and QP
 //!             }
 //!         }
@@ -70,7 +71,7 @@
 //!     let buf = RegisteredBuffer::new(&pd, 1 << 20, Access::ALL)?;
 //!     let mut rb = RecvBatch::<32>::new();
 //!     for i in 0..32 {
-//!         rb.recv(i as u64, Some(buf.mr().sge(i * 4096, 4096)?))?;
+//!         rb.recv(WrId::new(1, i as u32), Some(buf.mr().sge(i * 4096, 4096)?))?;
 //!     }
 //!     init.srq.as_ref().unwrap().post_recv(&mut rb)?;
 //!
@@ -109,9 +110,9 @@
 //! #      db: RemoteAddr) -> rdma::Result<()> {
 //! let mut chain = SendBatch::<3>::new();
 //! chain
-//!     .write(1, data, pool, SendFlags::NONE)?
-//!     .write(2, sqe, sq, SendFlags::NONE)?
-//!     .write(3, tail, db, SendFlags::SIGNALED)?;
+//!     .write(WrId::new(1, 0), data, pool, SendFlags::NONE)?
+//!     .write(WrId::new(1, 1), sqe, sq, SendFlags::NONE)?
+//!     .write(WrId::new(1, 2), tail, db, SendFlags::SIGNALED)?;
 //! qp.post_send(&mut chain)?;
 //! # Ok(()) }
 //! ```
@@ -126,6 +127,7 @@ pub mod qp;
 pub mod reactor;
 pub mod srq;
 pub mod wr;
+pub mod wr_id;
 
 pub use rdma_sys as sys;
 
@@ -143,3 +145,4 @@ pub use srq::SharedReceiveQueue;
 pub use wr::{
     RecvBatch, RemoteAddr, SendBatch, SendFlags, Sge, WcOpcode, WcStatus, WorkCompletion,
 };
+pub use wr_id::WrId;

@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use rdma_sys as sys;
 
 use crate::error::{Error, Result};
+use crate::wr_id::WrId;
 
 /// One scatter/gather entry: `len` bytes at `addr` of an MR with key `lkey`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,8 +165,8 @@ pub struct WorkCompletion(pub sys::ibv_wc);
 
 impl WorkCompletion {
     /// The WR id given at post time.
-    pub fn wr_id(&self) -> u64 {
-        self.0.wr_id
+    pub fn wr_id(&self) -> WrId {
+        WrId::from_raw(self.0.wr_id)
     }
     /// Status.
     pub fn status(&self) -> WcStatus {
@@ -234,7 +235,7 @@ impl fmt::Debug for WorkCompletion {
 /// let mut batch = rdma::SendBatch::<1>::new();
 /// {
 ///     let payload = vec![1u8, 2, 3];
-///     batch.send_inline(0, &payload, rdma::SendFlags::SIGNALED).unwrap();
+///     batch.send_inline(rdma::WrId::new(0, 0), &payload, rdma::SendFlags::SIGNALED).unwrap();
 /// } // `payload` dropped here while `batch` still points at it: does not compile
 /// assert_eq!(batch.len(), 1);
 /// ```
@@ -280,7 +281,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
 
     fn push(
         &mut self,
-        wr_id: u64,
+        wr_id: WrId,
         opcode: u32,
         sge: Option<Sge>,
         flags: SendFlags,
@@ -304,7 +305,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
         self.sges[i] = s;
         let wr = &mut self.wrs[i];
         *wr = sys::ibv_send_wr::default();
-        wr.wr_id = wr_id;
+        wr.wr_id = wr_id.raw();
         wr.opcode = opcode;
         wr.send_flags = flags.0;
         wr.num_sge = num_sge;
@@ -312,7 +313,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     }
 
     /// SEND of `sge` (`None` for a zero-length send).
-    pub fn send(&mut self, wr_id: u64, sge: Option<Sge>, flags: SendFlags) -> Result<&mut Self> {
+    pub fn send(&mut self, wr_id: WrId, sge: Option<Sge>, flags: SendFlags) -> Result<&mut Self> {
         self.push(wr_id, sys::ibv_wr_opcode::IBV_WR_SEND, sge, flags)?;
         Ok(self)
     }
@@ -321,7 +322,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     /// the QP's `max_inline_data`).
     pub fn send_inline(
         &mut self,
-        wr_id: u64,
+        wr_id: WrId,
         data: &'a [u8],
         flags: SendFlags,
     ) -> Result<&mut Self> {
@@ -343,7 +344,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     /// RDMA WRITE of `local` to `remote`.
     pub fn write(
         &mut self,
-        wr_id: u64,
+        wr_id: WrId,
         local: Sge,
         remote: RemoteAddr,
         flags: SendFlags,
@@ -364,7 +365,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     /// RDMA WRITE with a 32-bit immediate (consumes a RECV at the peer).
     pub fn write_imm(
         &mut self,
-        wr_id: u64,
+        wr_id: WrId,
         local: Option<Sge>,
         remote: RemoteAddr,
         imm: u32,
@@ -387,7 +388,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     /// RDMA READ of `remote` into `local`.
     pub fn read(
         &mut self,
-        wr_id: u64,
+        wr_id: WrId,
         local: Sge,
         remote: RemoteAddr,
         flags: SendFlags,
@@ -482,7 +483,7 @@ impl<const N: usize> RecvBatch<N> {
     }
 
     /// A RECV into `sge` (`None`: only for zero-length messages / WRITE_WITH_IMM).
-    pub fn recv(&mut self, wr_id: u64, sge: Option<Sge>) -> Result<&mut Self> {
+    pub fn recv(&mut self, wr_id: WrId, sge: Option<Sge>) -> Result<&mut Self> {
         if self.len == N {
             return Err(Error::InvalidArgument(format!("recv batch full ({N} WRs)")));
         }
@@ -490,7 +491,7 @@ impl<const N: usize> RecvBatch<N> {
         self.len += 1;
         let wr = &mut self.wrs[i];
         *wr = sys::ibv_recv_wr::default();
-        wr.wr_id = wr_id;
+        wr.wr_id = wr_id.raw();
         match sge {
             Some(s) => {
                 self.sges[i] = sys::ibv_sge {
@@ -539,6 +540,10 @@ impl<const N: usize> RecvBatch<N> {
 mod tests {
     use super::*;
 
+    fn id(tag: u32) -> WrId {
+        WrId::new(1, tag)
+    }
+
     fn sge(a: u64) -> Sge {
         Sge {
             addr: a,
@@ -554,12 +559,12 @@ mod tests {
             rkey: 9,
         };
         let mut b = SendBatch::<4>::new();
-        b.write(1, sge(0xa0), remote, SendFlags::NONE)
+        b.write(id(1), sge(0xa0), remote, SendFlags::NONE)
             .unwrap()
-            .write(2, sge(0xb0), remote.offset(64), SendFlags::NONE)
+            .write(id(2), sge(0xb0), remote.offset(64), SendFlags::NONE)
             .unwrap()
             .write_imm(
-                3,
+                id(3),
                 None,
                 remote.offset(128),
                 0xdead_beef,
@@ -572,7 +577,7 @@ mod tests {
         while !p.is_null() {
             // SAFETY: the chain points into `b.wrs`, alive for the loop.
             let wr = unsafe { &*p };
-            ids.push(wr.wr_id);
+            ids.push(WrId::from_raw(wr.wr_id).tag());
             if wr.num_sge == 1 {
                 // SAFETY: linked to `b.sges`.
                 let s = unsafe { &*wr.sg_list };
@@ -599,16 +604,16 @@ mod tests {
     #[test]
     fn batch_full_is_an_error_and_clear_reuses() {
         let mut b = SendBatch::<1>::new();
-        b.send(1, None, SendFlags::SIGNALED).unwrap();
+        b.send(id(1), None, SendFlags::SIGNALED).unwrap();
         assert!(matches!(
-            b.send(2, None, SendFlags::NONE),
+            b.send(id(2), None, SendFlags::NONE),
             Err(Error::InvalidArgument(_))
         ));
         b.clear();
         assert!(b.is_empty());
         assert!(b.link().is_none());
         let data = [1u8, 2, 3];
-        b.send_inline(7, &data, SendFlags::SIGNALED).unwrap();
+        b.send_inline(id(7), &data, SendFlags::SIGNALED).unwrap();
         let wr = b.wr(0).unwrap();
         assert!(SendFlags(wr.send_flags).contains(SendFlags::INLINE | SendFlags::SIGNALED));
     }
@@ -616,14 +621,17 @@ mod tests {
     #[test]
     fn recv_chain_links() {
         let mut r = RecvBatch::<3>::new();
-        r.recv(10, Some(sge(1))).unwrap().recv(11, None).unwrap();
+        r.recv(id(10), Some(sge(1)))
+            .unwrap()
+            .recv(id(11), None)
+            .unwrap();
         let head = r.link().unwrap();
         // SAFETY: chain points into `r`.
         let first = unsafe { &*head };
-        assert_eq!(first.wr_id, 10);
+        assert_eq!(first.wr_id, id(10).raw());
         // SAFETY: as above.
         let second = unsafe { &*first.next };
-        assert_eq!(second.wr_id, 11);
+        assert_eq!(second.wr_id, id(11).raw());
         assert!(second.next.is_null());
         assert_eq!(r.locate(second), 1);
     }
@@ -645,14 +653,14 @@ mod tests {
         fn any_chain_length_links_all(n in 0usize..16) {
             let mut b = SendBatch::<16>::new();
             for i in 0..n {
-                b.read(i as u64, sge(i as u64), RemoteAddr { addr: 0, rkey: 1 }, SendFlags::NONE).unwrap();
+                b.read(id(i as u32), sge(i as u64), RemoteAddr { addr: 0, rkey: 1 }, SendFlags::NONE).unwrap();
             }
             let mut count = 0;
             let mut p = b.link().unwrap_or(std::ptr::null_mut());
             while !p.is_null() {
                 // SAFETY: chain points into `b`.
                 let wr = unsafe { &*p };
-                proptest::prop_assert_eq!(wr.wr_id, count as u64);
+                proptest::prop_assert_eq!(wr.wr_id, id(count as u32).raw());
                 count += 1;
                 p = wr.next;
             }

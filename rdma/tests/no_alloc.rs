@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdma::reactor::{Arm, Poller, Reactor, ReactorConfig, WakeSet};
-use rdma::{RemoteAddr, SendBatch, SendFlags, Sge, WorkCompletion};
+use rdma::{RemoteAddr, SendBatch, SendFlags, Sge, WorkCompletion, WrId};
 
 #[global_allocator]
 static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
@@ -31,7 +31,7 @@ impl Poller for Ring {
         }
         let mut sum = self.sum.lock().unwrap();
         for wc in &self.wcs[..n] {
-            *sum += wc.wr_id();
+            *sum += wc.wr_id().raw();
         }
         n
     }
@@ -79,11 +79,17 @@ fn reactor_pass_and_wr_chains_do_not_allocate() {
     for _ in 0..1000 {
         let mut chain = SendBatch::<3>::new();
         chain
-            .write(1, sge, remote, SendFlags::NONE)
+            .write(WrId::new(1, 1), sge, remote, SendFlags::NONE)
             .unwrap()
-            .write(2, sge, remote.offset(64), SendFlags::NONE)
+            .write(WrId::new(1, 2), sge, remote.offset(64), SendFlags::NONE)
             .unwrap()
-            .write_imm(3, None, remote.offset(128), 7, SendFlags::SIGNALED)
+            .write_imm(
+                WrId::new(1, 3),
+                None,
+                remote.offset(128),
+                7,
+                SendFlags::SIGNALED,
+            )
             .unwrap();
         assert_eq!(chain.len(), 3);
     }

@@ -18,9 +18,15 @@ use rdma::reactor::{Arm, Poller, Reactor, ReactorConfig, WakeSet};
 use rdma::{
     Access, CompletionChannel, CompletionQueue, Connection, Context, Error, ProtectionDomain,
     QpInit, RecvBatch, RegisteredBuffer, SendBatch, SendFlags, SharedReceiveQueue, WorkCompletion,
+    WrId,
 };
 
 const T: Duration = Duration::from_secs(10);
+
+/// The id of test work request `n` (kind 0, tag `n`).
+fn id(n: u64) -> WrId {
+    WrId::new(0, u32::try_from(n).expect("test ids fit the tag"))
+}
 
 fn ip() -> IpAddr {
     std::env::var("NVMF_P2P_ADDR")
@@ -174,15 +180,15 @@ fn send_recv_ping_pong() {
     let cbuf = RegisteredBuffer::new(&r.pd, 4096, Access::LOCAL_WRITE).unwrap();
     for i in 0u64..100 {
         let mut rb = RecvBatch::<1>::new();
-        rb.recv(i, Some(sbuf.mr().sge(0, 64).unwrap())).unwrap();
+        rb.recv(id(i), Some(sbuf.mr().sge(0, 64).unwrap())).unwrap();
         p.server.qp().post_recv(&mut rb).unwrap();
         let mut rb = RecvBatch::<1>::new();
-        rb.recv(i, Some(cbuf.mr().sge(0, 64).unwrap())).unwrap();
+        rb.recv(id(i), Some(cbuf.mr().sge(0, 64).unwrap())).unwrap();
         p.client.qp().post_recv(&mut rb).unwrap();
 
         let ping = format!("ping {i}");
         let mut sb = SendBatch::<1>::new();
-        sb.send_inline(i, ping.as_bytes(), SendFlags::SIGNALED)
+        sb.send_inline(id(i), ping.as_bytes(), SendFlags::SIGNALED)
             .unwrap();
         p.client.qp().post_send(&mut sb).unwrap();
         let wcs = wait_wcs(&cs, 1);
@@ -193,7 +199,7 @@ fn send_recv_ping_pong() {
 
         let pong = format!("pong {i}");
         sb.clear();
-        sb.send_inline(i, pong.as_bytes(), SendFlags::SIGNALED)
+        sb.send_inline(id(i), pong.as_bytes(), SendFlags::SIGNALED)
             .unwrap();
         p.server.qp().post_send(&mut sb).unwrap();
         // Client CQ: its SEND completion and the RECV of the pong.
@@ -224,7 +230,7 @@ fn rdma_write_and_read_random_sizes() {
         src.write(0, &data).unwrap();
         let mut sb = SendBatch::<1>::new();
         sb.write(
-            1,
+            id(1),
             src.mr().sge(0, len).unwrap(),
             remote.mr().remote(off),
             SendFlags::SIGNALED,
@@ -239,7 +245,7 @@ fn rdma_write_and_read_random_sizes() {
         dst.write(0, &vec![0u8; len]).unwrap();
         sb.clear();
         sb.read(
-            2,
+            id(2),
             dst.mr().sge(0, len).unwrap(),
             remote.mr().remote(off),
             SendFlags::SIGNALED,
@@ -291,21 +297,21 @@ fn chained_write_data_entry_flag_is_observed_in_order() {
         src.write_volatile_u64(DATA + 8, seq).unwrap();
         let mut sb = SendBatch::<3>::new();
         sb.write(
-            seq * 3,
+            id(seq * 3),
             src.mr().sge(0, DATA).unwrap(),
             remote,
             SendFlags::NONE,
         )
         .unwrap()
         .write(
-            seq * 3 + 1,
+            id(seq * 3 + 1),
             src.mr().sge(DATA, 8).unwrap(),
             remote.offset(DATA as u64),
             SendFlags::NONE,
         )
         .unwrap()
         .write(
-            seq * 3 + 2,
+            id(seq * 3 + 2),
             src.mr().sge(DATA + 8, 8).unwrap(),
             remote.offset(DATA as u64 + 8),
             SendFlags::SIGNALED,
@@ -314,7 +320,7 @@ fn chained_write_data_entry_flag_is_observed_in_order() {
         p.client.qp().post_send(&mut sb).unwrap();
         // The source buffer is reused next round: wait for the chain's completion.
         let wc = wait_wcs(&cc, 1);
-        assert_eq!(wc[0].wr_id(), seq * 3 + 2);
+        assert_eq!(wc[0].wr_id(), id(seq * 3 + 2));
     }
     responder.join().unwrap();
 }
@@ -331,7 +337,7 @@ fn srq_shared_by_many_qps() {
     let bufs = RegisteredBuffer::new(&r.pd, 64 * 64, Access::LOCAL_WRITE).unwrap();
     let mut rb = RecvBatch::<32>::new();
     for i in 0..32 {
-        rb.recv(i as u64, Some(bufs.mr().sge(i * 64, 64).unwrap()))
+        rb.recv(id(i as u64), Some(bufs.mr().sge(i * 64, 64).unwrap()))
             .unwrap();
     }
     srq.post_recv(&mut rb).unwrap();
@@ -346,7 +352,7 @@ fn srq_shared_by_many_qps() {
         for m in 0..MSGS {
             let msg = format!("qp{q} msg{m}");
             let mut sb = SendBatch::<1>::new();
-            sb.send_inline(m as u64, msg.as_bytes(), SendFlags::SIGNALED)
+            sb.send_inline(id(m as u64), msg.as_bytes(), SendFlags::SIGNALED)
                 .unwrap();
             p.client.qp().post_send(&mut sb).unwrap();
         }
@@ -358,7 +364,7 @@ fn srq_shared_by_many_qps() {
         assert_eq!(wc.opcode().name(), "RECV");
         *seen.entry(wc.qp_num()).or_default() += 1;
         let mut b = vec![0u8; wc.byte_len() as usize];
-        bufs.read(wc.wr_id() as usize * 64, &mut b).unwrap();
+        bufs.read(wc.wr_id().tag() as usize * 64, &mut b).unwrap();
         texts.push(String::from_utf8(b).unwrap());
     }
     let server_qps: std::collections::BTreeSet<u32> =
@@ -462,7 +468,7 @@ fn peer_disconnect_mid_traffic_surfaces_qp_error() {
     let sbuf = RegisteredBuffer::new(&r.pd, 64 * 256, Access::LOCAL_WRITE).unwrap();
     let mut rb = RecvBatch::<64>::new();
     for i in 0..64 {
-        rb.recv(i, Some(sbuf.mr().sge(i as usize * 64, 64).unwrap()))
+        rb.recv(id(i), Some(sbuf.mr().sge(i as usize * 64, 64).unwrap()))
             .unwrap();
     }
     p.server.qp().post_recv(&mut rb).unwrap();
@@ -487,7 +493,7 @@ fn peer_disconnect_mid_traffic_surfaces_qp_error() {
         }
         if error.is_none() && outstanding < 8 {
             let mut sb = SendBatch::<1>::new();
-            sb.send_inline(sent, b"traffic", SendFlags::SIGNALED)
+            sb.send_inline(id(sent), b"traffic", SendFlags::SIGNALED)
                 .unwrap();
             match p.client.qp().post_send(&mut sb) {
                 Ok(()) => {
@@ -663,7 +669,7 @@ fn reactor_sleeps_when_idle_and_wakes_on_traffic() {
     let sbuf = RegisteredBuffer::new(&r.pd, 64 * 64, Access::LOCAL_WRITE).unwrap();
     let mut rb = RecvBatch::<64>::new();
     for i in 0..64 {
-        rb.recv(i, Some(sbuf.mr().sge(i as usize * 64, 64).unwrap()))
+        rb.recv(id(i), Some(sbuf.mr().sge(i as usize * 64, 64).unwrap()))
             .unwrap();
     }
     p.server.qp().post_recv(&mut rb).unwrap();
@@ -708,7 +714,8 @@ fn reactor_sleeps_when_idle_and_wakes_on_traffic() {
 
     for i in 0..10u64 {
         let mut sb = SendBatch::<1>::new();
-        sb.send_inline(i, b"wake up", SendFlags::SIGNALED).unwrap();
+        sb.send_inline(id(i), b"wake up", SendFlags::SIGNALED)
+            .unwrap();
         p.client.qp().post_send(&mut sb).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -778,17 +785,17 @@ fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
     }
     let buf = RegisteredBuffer::new(&r.pd, 4096, Access::ALL).unwrap();
     let mut rb = RecvBatch::<2>::new();
-    rb.recv(1, Some(buf.mr().sge(0, 64).unwrap()))
+    rb.recv(id(1), Some(buf.mr().sge(0, 64).unwrap()))
         .unwrap()
-        .recv(2, Some(buf.mr().sge(64, 64).unwrap()))
+        .recv(id(2), Some(buf.mr().sge(64, 64).unwrap()))
         .unwrap();
     b.post_recv(&mut rb).unwrap();
     buf.write(2048, b"no cm needed").unwrap();
     let mut sb = SendBatch::<2>::new();
-    sb.send_inline(10, b"no cm needed", SendFlags::SIGNALED)
+    sb.send_inline(id(10), b"no cm needed", SendFlags::SIGNALED)
         .unwrap()
         .write(
-            11,
+            id(11),
             buf.mr().sge(2048, 12).unwrap(),
             buf.mr().remote(1024),
             SendFlags::SIGNALED,
@@ -803,7 +810,7 @@ fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
     assert_eq!(&got, b"no cm needed");
     assert!(wcs
         .iter()
-        .any(|w| w.wr_id() == 1 && w.opcode().name() == "RECV"));
+        .any(|w| w.wr_id() == id(1) && w.opcode().name() == "RECV"));
 
     // Teardown step one: ERROR flushes the RECV still posted.
     b.to_error().unwrap();
@@ -813,7 +820,7 @@ fn verbs_qp_without_cm_transitions_sends_and_flushes_on_error() {
         assert!(Instant::now() < deadline, "no flush completion");
         let n = c.poll(&mut wcs).unwrap();
         if n > 0 {
-            assert_eq!(wcs[0].wr_id(), 2);
+            assert_eq!(wcs[0].wr_id(), id(2));
             let e = wcs[0].result().unwrap_err();
             assert!(e.to_string().contains("WR_FLUSH_ERR"), "{e}");
             break;

@@ -27,7 +27,7 @@ use nvme::spec::{Cqe, Sqe, Status};
 use rdma::cm::{CmEventKind, Connection, Connector};
 use rdma::{
     Access, CompletionQueue, ProtectionDomain, QpInit, RecvBatch, RegisteredBuffer, RemoteAddr,
-    SendBatch, SendFlags, Sge, WorkCompletion,
+    SendBatch, SendFlags, Sge, WorkCompletion, WrId,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -47,11 +47,13 @@ pub const CQES_PER_SEND: usize = 4;
 const RECV_SLOT: usize = 16 * CQES_PER_SEND;
 /// Commands per `ibv_post_send` in [`DirectQueue::flush`].
 pub const FLUSH_BATCH: usize = 16;
-const KIND_CHAIN: u64 = 1 << 32;
-const KIND_RECV: u64 = 2 << 32;
-const KIND_READ: u64 = 3 << 32;
-const KIND_CQ_READ: u64 = 4 << 32;
-const KIND_MASK: u64 = 0xff << 32;
+// `WrId` kinds. Tags: the command id (data WRITE, READ), the receive slot (RECV).
+const KIND_CHAIN: u8 = 1;
+const KIND_RECV: u8 = 2;
+const KIND_READ: u8 = 3;
+const KIND_CQ_READ: u8 = 4;
+/// The id of the WRs of a submission chain that carry no command (SQEs, doorbells).
+const CHAIN: WrId = WrId::new(KIND_CHAIN, 0);
 
 fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
     move |source| Error::Rdma { op, source }
@@ -704,7 +706,7 @@ impl DirectQueue {
             .sge(i as usize * RECV_SLOT, RECV_SLOT)
             .map_err(rdma_err("recv sge"))?;
         let mut b = RecvBatch::<1>::new();
-        b.recv(KIND_RECV | u64::from(i), Some(sge))
+        b.recv(WrId::new(KIND_RECV, i), Some(sge))
             .map_err(rdma_err("recv"))?;
         self.conn
             .qp()
@@ -906,7 +908,7 @@ impl DirectQueue {
                     rkey: self.desc.pool.rkey.get(),
                 };
                 chain.write(
-                    KIND_CHAIN | u64::from(cid),
+                    WrId::new(KIND_CHAIN, u32::from(cid)),
                     self.data.mr().sge(off, s.len as usize)?,
                     pool,
                     SendFlags::NONE,
@@ -931,11 +933,11 @@ impl DirectQueue {
             };
             match bells.imm {
                 Some(imm) if k == last_run => {
-                    chain.write_imm(KIND_CHAIN, Some(sqes), sq, imm, SendFlags::SIGNALED)?;
+                    chain.write_imm(CHAIN, Some(sqes), sq, imm, SendFlags::SIGNALED)?;
                     self.ops.write_imms += 1;
                 }
                 _ => {
-                    chain.write(KIND_CHAIN, sqes, sq, SendFlags::NONE)?;
+                    chain.write(CHAIN, sqes, sq, SendFlags::NONE)?;
                     self.ops.writes += 1;
                 }
             }
@@ -945,7 +947,7 @@ impl DirectQueue {
                 addr: self.desc.cq_doorbell.addr.get(),
                 rkey: self.desc.cq_doorbell.rkey.get(),
             };
-            chain.write(KIND_CHAIN, inline(&head_bytes), db, SendFlags::INLINE)?;
+            chain.write(CHAIN, inline(&head_bytes), db, SendFlags::INLINE)?;
             self.ops.writes += 1;
         }
         if bells.sq_tail.is_some() {
@@ -954,7 +956,7 @@ impl DirectQueue {
                 rkey: self.desc.sq_doorbell.rkey.get(),
             };
             let flags = SendFlags::INLINE | SendFlags::SIGNALED;
-            chain.write(KIND_CHAIN, inline(&tail_bytes), db, flags)?;
+            chain.write(CHAIN, inline(&tail_bytes), db, flags)?;
             self.ops.writes += 1;
         }
         self.conn.qp().post_send(&mut chain)?;
@@ -992,10 +994,10 @@ impl DirectQueue {
                 return Err(lost(format!("direct queue lost: {}", wc.status())));
             }
             let id = wc.wr_id();
-            match id & KIND_MASK {
+            match id.kind() {
                 KIND_RECV => {
                     // One SEND carries 1..=CQES_PER_SEND completions.
-                    let idx = id as u32;
+                    let idx = id.tag();
                     let count = (wc.byte_len() as usize / 16).min(CQES_PER_SEND);
                     let mut raw = [0u8; 16 * CQES_PER_SEND];
                     self.recv
@@ -1023,7 +1025,8 @@ impl DirectQueue {
                         }
                     }
                 }
-                KIND_READ => done += self.finish(id as u16, true, f),
+                // Command ids are u16: exact.
+                KIND_READ => done += self.finish(id.tag() as u16, true, f),
                 KIND_CQ_READ => done += self.reap_cq(f)?,
                 _ => {}
             }
@@ -1106,7 +1109,7 @@ impl DirectQueue {
             rkey: self.desc.cq.rkey.get(),
         };
         let mut b = SendBatch::<1>::new();
-        b.read(KIND_CQ_READ, sge, remote, SendFlags::SIGNALED)
+        b.read(WrId::new(KIND_CQ_READ, 0), sge, remote, SendFlags::SIGNALED)
             .map_err(rdma_err("CQ read"))?;
         self.conn
             .qp()
@@ -1157,8 +1160,13 @@ impl DirectQueue {
             rkey: self.desc.pool.rkey.get(),
         };
         let mut b = SendBatch::<1>::new();
-        b.read(KIND_READ | u64::from(cid), sge, pool, SendFlags::SIGNALED)
-            .map_err(rdma_err("read"))?;
+        b.read(
+            WrId::new(KIND_READ, u32::from(cid)),
+            sge,
+            pool,
+            SendFlags::SIGNALED,
+        )
+        .map_err(rdma_err("read"))?;
         self.conn
             .qp()
             .post_send(&mut b)

@@ -45,7 +45,7 @@ use nvme::DmaBuffer;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
 use rdma::{
     Access, CompletionChannel, CompletionQueue, MemoryRegion, ProtectionDomain, QpInit, RecvBatch,
-    RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, WorkCompletion,
+    RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, WorkCompletion, WrId,
 };
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 
@@ -194,9 +194,11 @@ impl From<nvme::Error> for AttachFail {
         AttachFail::Device(e)
     }
 }
-const KIND_RECV: u64 = 1;
-const KIND_SEND: u64 = 2;
-const KIND_WRITE: u64 = 3;
+// `WrId` kinds of the poller's work requests (one QP per queue, found by number): the
+// doorbell receive, the CQE SEND (tag: the WRs it completes), the pushed read data WRITE.
+const KIND_RECV: u8 = 1;
+const KIND_SEND: u8 = 2;
+const KIND_WRITE: u8 = 3;
 
 /// A namespace that direct mode may expose.
 #[derive(Clone)]
@@ -1234,7 +1236,7 @@ impl Poller {
         for _ in 0..depth + SLACK {
             let mut b = RecvBatch::<1>::new();
             let posted = b
-                .recv(KIND_RECV, None)
+                .recv(WrId::new(KIND_RECV, 0), None)
                 .map(|_| ())
                 .and_then(|_| conn.qp().post_recv(&mut b));
             if let Err(e) = posted {
@@ -1300,7 +1302,8 @@ impl Poller {
                 a.dead = true;
                 continue;
             }
-            match wc.wr_id() {
+            let id = wc.wr_id();
+            match id.kind() {
                 KIND_RECV => {
                     if let Some(imm) = wc.imm_data() {
                         if a.polled {
@@ -1313,16 +1316,14 @@ impl Poller {
                     }
                     let mut b = RecvBatch::<1>::new();
                     let posted = b
-                        .recv(KIND_RECV, None)
+                        .recv(WrId::new(KIND_RECV, 0), None)
                         .map(|_| ())
                         .and_then(|_| a.conn.qp().post_recv(&mut b));
                     if posted.is_err() {
                         a.dead = true;
                     }
                 }
-                id if id & 0xff == KIND_SEND => {
-                    a.sends_out = a.sends_out.saturating_sub((id >> 8) as u32)
-                }
+                KIND_SEND => a.sends_out = a.sends_out.saturating_sub(id.tag()),
                 _ => {}
             }
         }
@@ -1433,11 +1434,11 @@ impl Poller {
                             addr: addr.wrapping_add(u64::from(cid) * u64::from(stride)),
                             rkey,
                         };
-                        chain.write(KIND_WRITE, sge, dst, SendFlags::NONE)?;
+                        chain.write(WrId::new(KIND_WRITE, 0), sge, dst, SendFlags::NONE)?;
                         wrs += 1;
                     }
                 }
-                let id = KIND_SEND | (u64::from(wrs) << 8);
+                let id = WrId::new(KIND_SEND, wrs);
                 chain.send_inline(id, &batch[..k * 16], SendFlags::SIGNALED)?;
                 a.conn.qp().post_send(&mut chain)
             })();

@@ -10,7 +10,7 @@ use nvme::spec::Cqe;
 use rdma::cm::{Connection, Connector};
 use rdma::{
     Access, CompletionChannel, CompletionQueue, ProtectionDomain, QpInit, RecvBatch,
-    RegisteredBuffer, SendBatch, SendFlags, WorkCompletion,
+    RegisteredBuffer, SendBatch, SendFlags, WorkCompletion, WrId,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -19,8 +19,9 @@ use crate::error::{Error, Result};
 use crate::fabrics::CmAccept;
 use crate::initiator::{cm_request, HostWire};
 
-const KIND_SEND: u64 = 1 << 32;
-const KIND_RECV: u64 = 2 << 32;
+// `WrId` kinds; the tag is the send or receive ring slot.
+const KIND_SEND: u8 = 1;
+const KIND_RECV: u8 = 2;
 /// How long a submission waits for a send slot whose completion is still in flight.
 const SEND_SLOT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// Work requests per `ibv_post_send` when posts are deferred.
@@ -160,8 +161,12 @@ impl RdmaHost {
                     .mr()
                     .sge(usize::from(slot) * self.send_stride, len as usize)
                     .map_err(rdma_err("send sge"))?;
-                b.send(KIND_SEND | u64::from(slot), Some(sge), SendFlags::SIGNALED)
-                    .map_err(rdma_err("send"))?;
+                b.send(
+                    WrId::new(KIND_SEND, u32::from(slot)),
+                    Some(sge),
+                    SendFlags::SIGNALED,
+                )
+                .map_err(rdma_err("send"))?;
             }
             let r = self.conn.qp().post_send(&mut b);
             if let Err(e) = r {
@@ -181,7 +186,7 @@ impl RdmaHost {
             .sge(usize::from(i) * 16, 16)
             .map_err(rdma_err("recv sge"))?;
         let mut b = RecvBatch::<1>::new();
-        b.recv(KIND_RECV | u64::from(i), Some(sge))
+        b.recv(WrId::new(KIND_RECV, u32::from(i)), Some(sge))
             .map_err(rdma_err("recv"))?;
         self.conn
             .qp()
@@ -203,8 +208,9 @@ impl RdmaHost {
                     reason: format!("work completion: {}", wc.status()),
                 });
             }
-            let idx = id as u16;
-            if id & KIND_RECV != 0 {
+            // Ring slots are u16: exact.
+            let idx = id.tag() as u16;
+            if id.kind() == KIND_RECV {
                 let mut raw = [0u8; 16];
                 self.recv_ring
                     .read(usize::from(idx) * 16, &mut raw)
@@ -212,7 +218,7 @@ impl RdmaHost {
                 self.post_recv(idx)?;
                 self.responses
                     .push_back(Cqe::read_from_bytes(&raw).unwrap_or_default());
-            } else if id & KIND_SEND != 0 {
+            } else if id.kind() == KIND_SEND {
                 self.send_free.push(idx);
             }
         }
@@ -260,8 +266,12 @@ impl HostWire for RdmaHost {
             .sge(off, 64 + icd.len())
             .map_err(rdma_err("send sge"))?;
         let mut b = SendBatch::<1>::new();
-        b.send(KIND_SEND | u64::from(slot), Some(sge), SendFlags::SIGNALED)
-            .map_err(rdma_err("send"))?;
+        b.send(
+            WrId::new(KIND_SEND, u32::from(slot)),
+            Some(sge),
+            SendFlags::SIGNALED,
+        )
+        .map_err(rdma_err("send"))?;
         self.conn
             .qp()
             .post_send(&mut b)

@@ -5,7 +5,8 @@
 //!   connection's DISCONNECTED state.
 //! - [`RdmaPollGroup`] owns one CQ (with a completion channel, for sleeping) shared by
 //!   all its queue pairs, the MR over the core's buffer pool, and dispatches work
-//!   completions to the right queue pair by `wr_id` (slot + generation + kind + tag).
+//!   completions to the right queue pair by [`rdma::WrId`] (slot + generation + kind +
+//!   tag).
 //! - [`RdmaQpair`] receives capsules into its registered receive ring (reposting each
 //!   slot right after the core has copied it out), posts RDMA READ/WRITE on pool
 //!   buffers, and sends responses inline (16 bytes: no MR, no buffer to recycle).
@@ -33,7 +34,7 @@ use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChanne
 use rdma::{
     Access, CompletionChannel, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QpInit,
     RecvBatch, RegisteredBuffer, RemoteAddr, SendBatch, SendFlags, Sge, SharedReceiveQueue,
-    WorkCompletion,
+    WorkCompletion, WrId,
 };
 use zerocopy::IntoBytes;
 
@@ -232,16 +233,17 @@ impl Transport for RdmaTransport {
     }
 }
 
-const KIND_RECV: u64 = 1;
-const KIND_READ: u64 = 2;
-const KIND_WRITE: u64 = 3;
-const KIND_SEND: u64 = 4;
+// `WrId` kinds of this transport's work requests.
+const KIND_RECV: u8 = 1;
+const KIND_READ: u8 = 2;
+const KIND_WRITE: u8 = 3;
+const KIND_SEND: u8 = 4;
 /// A response SEND chained behind an unsignaled data WRITE (tag = the WRITE's): the
 /// WRITE completed before it (one RC send queue completes in order), so its completion
 /// also reports that transfer.
-const KIND_SEND_AFTER_WRITE: u64 = 5;
+const KIND_SEND_AFTER_WRITE: u8 = 5;
 /// The unsignaled WRITE of such a chain: it reports only if it fails.
-const KIND_WRITE_CHAINED: u64 = 6;
+const KIND_WRITE_CHAINED: u8 = 6;
 /// Work requests per `ibv_post_send` call of [`RdmaQpair`]'s flush.
 const POST_CHAIN: usize = 16;
 /// Slot number marking receives posted to the poll group's SRQ (the QP is found by number).
@@ -265,7 +267,7 @@ impl RecvRing {
     }
 
     /// Posts receive `idx` (to the SRQ, or to `qp`'s own receive queue).
-    fn post(&self, id: u64, idx: u16, qp: Option<&rdma::QueuePair>) -> Result<()> {
+    fn post(&self, id: WrId, idx: u16, qp: Option<&rdma::QueuePair>) -> Result<()> {
         let mut batch = RecvBatch::<1>::new();
         batch
             .recv(id, Some(self.sge(idx)?))
@@ -277,22 +279,14 @@ impl RecvRing {
         }
     }
 
-    fn srq_id(idx: u16) -> u64 {
-        wr_id(0, SRQ_SLOT, KIND_RECV, idx)
+    fn srq_id(idx: u16) -> WrId {
+        WrId::new(KIND_RECV, u32::from(idx)).with_queue(SRQ_SLOT, 0)
     }
 }
 
-fn wr_id(gen: u16, slot: u16, kind: u64, tag: u16) -> u64 {
-    (u64::from(gen) << 48) | (u64::from(slot) << 32) | (kind << 16) | u64::from(tag)
-}
-
-fn decode(id: u64) -> (u16, u16, u64, u16) {
-    (
-        (id >> 48) as u16,
-        (id >> 32) as u16,
-        (id >> 16) & 0xffff,
-        id as u16,
-    )
+/// The id of work request `kind` on `tag` of the queue pair in `slot`, generation `gen`.
+const fn wr_id(gen: u16, slot: u16, kind: u8, tag: u16) -> WrId {
+    WrId::new(kind, tag as u32).with_queue(slot, gen)
 }
 
 /// Completion-side state of one queue pair, filled by the poll group's CQ dispatch.
@@ -359,7 +353,9 @@ impl RdmaPollGroup {
     }
 
     fn dispatch(&mut self, wc: &WorkCompletion) {
-        let (gen, slot, kind, tag) = decode(wc.wr_id());
+        let id = wc.wr_id();
+        // Tags of this transport are u16 (receive index, command tag): exact.
+        let (gen, slot, kind, tag) = (id.gen(), id.slot(), id.kind(), id.tag() as u16);
         if slot == SRQ_SLOT && kind == KIND_RECV {
             return self.dispatch_srq_recv(wc, tag);
         }
@@ -585,7 +581,7 @@ pub struct RdmaQpair {
 enum PendingWr {
     /// RDMA READ or WRITE; `signaled` is false for a WRITE whose response SEND follows.
     Transfer {
-        kind: u64,
+        kind: u8,
         tag: u16,
         sge: Sge,
         remote: RemoteAddr,
@@ -599,7 +595,7 @@ enum PendingWr {
 }
 
 impl RdmaQpair {
-    fn recv_id(&self, idx: u16) -> u64 {
+    fn recv_id(&self, idx: u16) -> WrId {
         if self.ring.srq.is_some() {
             RecvRing::srq_id(idx)
         } else {
@@ -622,7 +618,7 @@ impl RdmaQpair {
 
     fn post_transfer(
         &mut self,
-        kind: u64,
+        kind: u8,
         tag: u16,
         remote: RemoteBuf,
         local: *const u8,
@@ -841,8 +837,18 @@ mod tests {
 
     #[test]
     fn wr_id_round_trip() {
+        let decode = |id: WrId| (id.gen(), id.slot(), id.kind(), id.tag() as u16);
         let id = wr_id(0xbeef, 513, KIND_WRITE, 0x7fff);
         assert_eq!(decode(id), (0xbeef, 513, KIND_WRITE, 0x7fff));
         assert_eq!(decode(wr_id(0, 0, KIND_RECV, 0)), (0, 0, KIND_RECV, 0));
+        assert_eq!(
+            decode(wr_id(u16::MAX, u16::MAX, KIND_SEND_AFTER_WRITE, u16::MAX)),
+            (u16::MAX, u16::MAX, KIND_SEND_AFTER_WRITE, u16::MAX)
+        );
+        assert_eq!(
+            decode(RecvRing::srq_id(7)),
+            (0, SRQ_SLOT, KIND_RECV, 7),
+            "SRQ receives are marked by their slot"
+        );
     }
 }
