@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use zerocopy::FromBytes;
 
 use crate::dma::{DmaBuffer, DmaRegion, Mmio, Platform};
+use crate::doorbell::{DoorbellPair, ShadowPages};
 use crate::error::{Error, Result};
 use crate::irq::EventFd;
-use crate::queue::{Completion, IoQueuePair, QueueParts, Shadow};
+use crate::queue::{Completion, IoQueuePair, QueueParts};
+pub use crate::raw_queue::RawQueuePair;
 use crate::spec::{
     self, cns, reg, Aqa, Cap, Cc, CmbLoc, CmbMsc, CmbSts, CmbSz, Cqe, Csts, IdentifyController,
     IdentifyNamespace, NamespaceList, Sqe, Vs, PAGE_SIZE,
@@ -144,6 +146,7 @@ pub(crate) struct Admin {
     phase: bool,
     next_cid: u16,
     scratch: DmaBuffer,
+    doorbells: DoorbellPair,
 }
 
 pub(crate) struct QueueRec {
@@ -153,6 +156,16 @@ pub(crate) struct QueueRec {
     cq: DmaBuffer,
     /// Interrupt vector of the CQ (IEN = 1), or None for a polled CQ.
     iv: Option<u16>,
+}
+
+/// A queue [`Shared::create_queue`] created: what its owner needs to drive it.
+pub(crate) struct NewQueue {
+    pub qid: u16,
+    pub doorbells: DoorbellPair,
+    /// Vector and eventfd of the CQ's interrupt (None: polled).
+    pub irq: Option<(u16, Arc<EventFd>)>,
+    /// The controller generation the queue was created in.
+    pub generation: u64,
 }
 
 struct CmbAlloc {
@@ -206,7 +219,7 @@ pub(crate) struct Shared {
     pub(crate) generation: AtomicU64,
     queues: Mutex<Vec<QueueRec>>,
     granted: u16,
-    shadow: Option<(DmaBuffer, DmaBuffer)>,
+    shadow: Option<ShadowPages>,
     cmb: Mutex<Option<CmbState>>,
     info: ControllerInfo,
     /// Eventfds of the enabled interrupt vectors (empty until the first queue with
@@ -268,7 +281,7 @@ fn disable(regs: &Mmio, cap: Cap, name: &str) -> Result<()> {
 }
 
 impl Admin {
-    fn new(p: &dyn Platform, depth: u16) -> Result<Admin> {
+    fn new(p: &dyn Platform, cap: Cap, depth: u16) -> Result<Admin> {
         let dma = p.dma();
         Ok(Admin {
             sq: dma.alloc(depth as usize * 64)?,
@@ -279,6 +292,7 @@ impl Admin {
             phase: true,
             next_cid: 0,
             scratch: dma.alloc(2 * PAGE_SIZE)?,
+            doorbells: DoorbellPair::new(p.regs(), cap.dstrd(), 0, None)?,
         })
     }
 
@@ -292,14 +306,7 @@ impl Admin {
     }
 
     /// Submit `sqe` and wait for its completion.
-    fn exec(
-        &mut self,
-        regs: &Mmio,
-        cap: Cap,
-        name: &str,
-        mut sqe: Sqe,
-        timeout: Duration,
-    ) -> Result<Cqe> {
+    fn exec(&mut self, regs: &Mmio, name: &str, mut sqe: Sqe, timeout: Duration) -> Result<Cqe> {
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
         sqe.set_cid(cid);
@@ -307,8 +314,7 @@ impl Admin {
         self.sq
             .write_volatile_u64s(self.tail as usize * 64, &words)?;
         self.tail = (self.tail + 1) % self.depth;
-        std::sync::atomic::fence(Ordering::Release);
-        regs.write32(spec::sq_tail_doorbell(0, cap.dstrd()), self.tail as u32);
+        self.doorbells.sq.ring(self.tail);
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
@@ -325,7 +331,7 @@ impl Admin {
                     self.head = 0;
                     self.phase = !self.phase;
                 }
-                regs.write32(spec::cq_head_doorbell(0, cap.dstrd()), self.head as u32);
+                self.doorbells.cq.ring(self.head);
                 if cqe.cid.get() != cid {
                     continue; // a stale completion from before a timeout
                 }
@@ -368,14 +374,13 @@ impl Admin {
     fn exec_scratch(
         &mut self,
         regs: &Mmio,
-        cap: Cap,
         name: &str,
         mut sqe: Sqe,
         timeout: Duration,
     ) -> Result<Cqe> {
         sqe.prp1 = self.scratch.iova().into();
         sqe.prp2 = (self.scratch.iova() + PAGE_SIZE as u64).into();
-        self.exec(regs, cap, name, sqe, timeout)
+        self.exec(regs, name, sqe, timeout)
     }
 }
 
@@ -392,14 +397,13 @@ fn enable(regs: &Mmio, cap: Cap, name: &str, admin: &mut Admin) -> Result<()> {
 
 fn set_num_queues(
     regs: &Mmio,
-    cap: Cap,
     name: &str,
     admin: &mut Admin,
     want: u16,
     t: Duration,
 ) -> Result<u16> {
     let want = want.clamp(1, 65534);
-    let cqe = admin.exec(regs, cap, name, Sqe::set_num_queues(want - 1, want - 1), t)?;
+    let cqe = admin.exec(regs, name, Sqe::set_num_queues(want - 1, want - 1), t)?;
     let dw0 = cqe.dw0.get();
     let nsq = (dw0 & 0xffff) as u16 + 1;
     let ncq = (dw0 >> 16) as u16 + 1;
@@ -408,19 +412,17 @@ fn set_num_queues(
 
 fn setup_shadow(
     regs: &Mmio,
-    cap: Cap,
     name: &str,
     admin: &mut Admin,
-    sh: &(DmaBuffer, DmaBuffer),
+    sh: &ShadowPages,
     t: Duration,
 ) -> Result<()> {
-    sh.0.fill(0, sh.0.len(), 0)?;
-    sh.1.fill(0, sh.1.len(), 0)?;
+    sh.doorbells.fill(0, sh.doorbells.len(), 0)?;
+    sh.event_idx.fill(0, sh.event_idx.len(), 0)?;
     admin.exec(
         regs,
-        cap,
         name,
-        Sqe::doorbell_buffer_config(sh.0.iova(), sh.1.iova()),
+        Sqe::doorbell_buffer_config(sh.doorbells.iova(), sh.event_idx.iova()),
         t,
     )?;
     Ok(())
@@ -482,17 +484,11 @@ impl Controller {
         let depth = opts
             .admin_depth
             .clamp(2, (cap.mqes() as u32 + 1).clamp(2, 4096) as u16);
-        let mut admin = Admin::new(&*platform, depth)?;
+        let mut admin = Admin::new(&*platform, cap, depth)?;
         let t = opts.admin_timeout;
         enable(&regs, cap, &name, &mut admin)?;
 
-        admin.exec_scratch(
-            &regs,
-            cap,
-            &name,
-            Sqe::identify(cns::CONTROLLER, 0, 0, 0),
-            t,
-        )?;
+        admin.exec_scratch(&regs, &name, Sqe::identify(cns::CONTROLLER, 0, 0, 0), t)?;
         let mut page = [0u8; PAGE_SIZE];
         admin.scratch.read(0, &mut page)?;
         let id = IdentifyController::read_from_bytes(&page)
@@ -500,7 +496,6 @@ impl Controller {
 
         let mut nsids: Vec<u32> = match admin.exec_scratch(
             &regs,
-            cap,
             &name,
             Sqe::identify(cns::ACTIVE_NS_LIST, 0, 0, 0),
             t,
@@ -517,13 +512,7 @@ impl Controller {
         let mut namespaces = Vec::new();
         for nsid in nsids {
             if admin
-                .exec_scratch(
-                    &regs,
-                    cap,
-                    &name,
-                    Sqe::identify(cns::NAMESPACE, nsid, 0, 0),
-                    t,
-                )
+                .exec_scratch(&regs, &name, Sqe::identify(cns::NAMESPACE, nsid, 0, 0), t)
                 .is_err()
             {
                 continue;
@@ -552,16 +541,16 @@ impl Controller {
             });
         }
 
-        let granted = set_num_queues(&regs, cap, &name, &mut admin, opts.io_queues, t)?;
+        let granted = set_num_queues(&regs, &name, &mut admin, opts.io_queues, t)?;
 
         let shadow_supported = id.supports_shadow_doorbells();
         let mut shadow = None;
         if shadow_supported && opts.shadow_doorbells {
-            let sh = (
-                platform.dma().alloc(PAGE_SIZE)?,
-                platform.dma().alloc(PAGE_SIZE)?,
-            );
-            match setup_shadow(&regs, cap, &name, &mut admin, &sh, t) {
+            let sh = ShadowPages {
+                doorbells: platform.dma().alloc(PAGE_SIZE)?,
+                event_idx: platform.dma().alloc(PAGE_SIZE)?,
+            };
+            match setup_shadow(&regs, &name, &mut admin, &sh, t) {
                 Ok(()) => shadow = Some(sh),
                 Err(e) => {
                     tracing::warn!(controller = %name, "Doorbell Buffer Config failed, using MMIO doorbells: {e}")
@@ -681,13 +670,13 @@ impl Controller {
             };
         }
         let s = &self.shared;
-        lock(&s.admin).exec(&s.regs, s.cap, &s.name, sqe, s.opts.admin_timeout)
+        lock(&s.admin).exec(&s.regs, &s.name, sqe, s.opts.admin_timeout)
     }
 
     fn admin_read_page(&self, sqe: Sqe, len: usize) -> Result<Vec<u8>> {
         let s = &self.shared;
         let mut a = lock(&s.admin);
-        a.exec_scratch(&s.regs, s.cap, &s.name, sqe, s.opts.admin_timeout)?;
+        a.exec_scratch(&s.regs, &s.name, sqe, s.opts.admin_timeout)?;
         let mut v = vec![0u8; len.min(2 * PAGE_SIZE)];
         a.scratch.read(0, &mut v)?;
         Ok(v)
@@ -769,11 +758,6 @@ impl Controller {
 
     fn create_queue_pair(&self, qopts: QueueOptions, interrupts: bool) -> Result<IoQueuePair> {
         let s = &self.shared;
-        let irq_fds = if interrupts {
-            s.enable_irqs()?
-        } else {
-            Vec::new()
-        };
         let depth = qopts
             .depth
             .clamp(2, (s.cap.mqes() as u32 + 1).clamp(2, 65535) as u16);
@@ -791,36 +775,7 @@ impl Controller {
             dma.alloc(depth as usize * 64)?
         };
         let prp = dma.alloc(depth as usize * PAGE_SIZE)?;
-        // Lock order: admin, then queues (as in reset and release_queue).
-        let qid = {
-            let mut a = lock(&s.admin);
-            let mut qs = lock(&s.queues);
-            let qid = (1..=s.granted)
-                .find(|q| !qs.iter().any(|r| r.qid == *q))
-                .ok_or(Error::NoQueuesLeft { granted: s.granted })?;
-            let rec = QueueRec {
-                qid,
-                depth,
-                sq_iova: sq_buf.iova(),
-                cq: cq_buf.clone(),
-                iv: vector_for(qid, irq_fds.len()),
-            };
-            s.create_queue_locked(&mut a, &rec)?;
-            qs.push(rec);
-            qid
-        };
-        let irq = vector_for(qid, irq_fds.len())
-            .and_then(|v| irq_fds.get(v as usize).map(|e| (v, e.clone())));
-        let d = s.cap.dstrd();
-        let regs = &s.regs;
-        let missing = || Error::InvalidArgument(format!("doorbell of queue {qid} outside BAR0"));
-        let sq_db = regs
-            .reg_ptr(spec::sq_tail_doorbell(qid, d))
-            .ok_or_else(missing)?;
-        let cq_db = regs
-            .reg_ptr(spec::cq_head_doorbell(qid, d))
-            .ok_or_else(missing)?;
-        let shadow = s.shadow_ptrs(qid);
+        let q = s.create_queue(sq_buf.iova(), &cq_buf, depth, interrupts)?;
         let ns_shift = s
             .info
             .namespaces
@@ -828,19 +783,17 @@ impl Controller {
             .map(|n| (n.nsid, n.block_size.trailing_zeros()))
             .collect();
         let parts = QueueParts {
-            qid,
+            qid: q.qid,
             depth,
             sq_buf,
             cq_buf,
             sq_in_cmb: qopts.sq_in_cmb,
             prp,
-            sq_db,
-            cq_db,
-            shadow,
+            doorbells: q.doorbells,
             max_transfer: s.info.max_transfer,
             ns_shift,
-            generation: s.generation.load(Ordering::Acquire),
-            irq,
+            generation: q.generation,
+            irq: q.irq,
         };
         Ok(IoQueuePair::from_parts(parts, s.clone()))
     }
@@ -914,43 +867,8 @@ impl Controller {
                 "raw queue rings must be page aligned".into(),
             ));
         }
-        let irq_fds = if interrupts {
-            s.enable_irqs()?
-        } else {
-            Vec::new()
-        };
-        let qid = {
-            let mut a = lock(&s.admin);
-            let mut qs = lock(&s.queues);
-            let qid = (1..=s.granted)
-                .find(|q| !qs.iter().any(|r| r.qid == *q))
-                .ok_or(Error::NoQueuesLeft { granted: s.granted })?;
-            let rec = QueueRec {
-                qid,
-                depth,
-                sq_iova: sq.iova(),
-                cq: cq.clone(),
-                iv: vector_for(qid, irq_fds.len()),
-            };
-            s.create_queue_locked(&mut a, &rec)?;
-            qs.push(rec);
-            qid
-        };
-        let irq = vector_for(qid, irq_fds.len())
-            .and_then(|v| irq_fds.get(v as usize).map(|e| (v, e.clone())));
-        let (so, co) = self.doorbell_offsets(qid);
-        let missing = || Error::InvalidArgument(format!("doorbell of queue {qid} outside BAR0"));
-        Ok(RawQueuePair {
-            qid,
-            depth,
-            irq,
-            sq_db: s.regs.reg_ptr(so as usize).ok_or_else(missing)?,
-            cq_db: s.regs.reg_ptr(co as usize).ok_or_else(missing)?,
-            shadow: s.shadow_ptrs(qid),
-            sq,
-            cq,
-            shared: s.clone(),
-        })
+        let q = s.create_queue(sq.iova(), &cq, depth, interrupts)?;
+        Ok(RawQueuePair::new(q, depth, sq, cq, s.clone()))
     }
 
     /// Send Abort for `cid` on queue `qid`. Returns whether the controller says it aborted
@@ -1016,120 +934,79 @@ fn vector_for(qid: u16, vectors: usize) -> Option<u16> {
     }
 }
 
-/// An I/O queue pair whose rings the caller drives (see
-/// [`Controller::create_raw_queue_pair`]).
-pub struct RawQueuePair {
-    qid: u16,
-    depth: u16,
-    /// Vector and eventfd of the CQ's interrupt (None: polled).
-    irq: Option<(u16, Arc<EventFd>)>,
-    sq: DmaBuffer,
-    cq: DmaBuffer,
-    sq_db: *mut u32,
-    cq_db: *mut u32,
-    shadow: Option<Shadow>,
-    shared: Arc<Shared>,
-}
-
-// SAFETY: the doorbell and shadow pointers point into mappings kept alive by `shared`;
-// doorbell registers and shadow slots take concurrent 32-bit volatile writes.
-unsafe impl Send for RawQueuePair {}
-// SAFETY: as above; every method takes `&self` and does single volatile stores.
-unsafe impl Sync for RawQueuePair {}
-
-impl RawQueuePair {
-    pub fn qid(&self) -> u16 {
-        self.qid
-    }
-    pub fn depth(&self) -> u16 {
-        self.depth
-    }
-    /// The submission ring.
-    pub fn sq(&self) -> &DmaBuffer {
-        &self.sq
-    }
-    /// The completion ring.
-    pub fn cq(&self) -> &DmaBuffer {
-        &self.cq
-    }
-    /// Controller resets so far; when it changes, the queues were recreated empty.
-    pub fn generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Acquire)
-    }
-    /// The eventfd the CQ's interrupt signals (shared by every queue on its vector), or
-    /// None for a polled CQ. To sleep: clear it, look at the ring once more (a completion
-    /// posted before the clear signalled an event that is now gone), then poll(2) on it.
-    pub fn interrupt_eventfd(&self) -> Option<&Arc<EventFd>> {
-        self.irq.as_ref().map(|(_, e)| e)
-    }
-    /// The CQ's interrupt vector, or None for a polled CQ.
-    pub fn interrupt_vector(&self) -> Option<u16> {
-        self.irq.as_ref().map(|(v, _)| *v)
-    }
-    /// Publish a new SQ tail (after the SQEs are written): write barrier, shadow slot if
-    /// shadow doorbells are on, then the MMIO doorbell.
-    pub fn ring_sq(&self, tail: u16) {
-        std::sync::atomic::fence(Ordering::Release);
-        if let Some(sh) = &self.shadow {
-            // SAFETY: shadow slot inside the controller's shadow page, alive with `shared`.
-            unsafe { std::ptr::write_volatile(sh.sq, tail as u32) };
-            std::sync::atomic::fence(Ordering::SeqCst);
-        }
-        // SAFETY: doorbell register inside BAR0, alive with `shared`.
-        unsafe { std::ptr::write_volatile(self.sq_db, tail as u32) };
-    }
-    /// Publish a new CQ head (after the CQEs are consumed).
-    pub fn ring_cq(&self, head: u16) {
-        if let Some(sh) = &self.shadow {
-            // SAFETY: as in ring_sq.
-            unsafe { std::ptr::write_volatile(sh.cq, head as u32) };
-            std::sync::atomic::fence(Ordering::SeqCst);
-        }
-        // SAFETY: as in ring_sq.
-        unsafe { std::ptr::write_volatile(self.cq_db, head as u32) };
-    }
-}
-
-impl Drop for RawQueuePair {
-    fn drop(&mut self) {
-        let g = self.generation();
-        self.shared.release_queue(self.qid, g);
-    }
-}
-
 impl Shared {
+    /// The one queue-creation path, for [`IoQueuePair`]s and [`RawQueuePair`]s alike, on
+    /// rings the caller allocated (`sq_iova`, `cq`; `depth` entries each): enables the
+    /// interrupt vectors on first use when `interrupts`, takes the lowest free qid, its
+    /// vector (see [`vector_for`]) and doorbells, creates the CQ then the SQ (deleting the
+    /// CQ again when the SQ fails) and records the queue, so a reset re-creates it and
+    /// [`Shared::release_queue`] deletes it. Nothing is left behind on failure.
+    pub(crate) fn create_queue(
+        &self,
+        sq_iova: u64,
+        cq: &DmaBuffer,
+        depth: u16,
+        interrupts: bool,
+    ) -> Result<NewQueue> {
+        let irq_fds = if interrupts {
+            self.enable_irqs()?
+        } else {
+            Vec::new()
+        };
+        // Lock order: admin, then queues (as in reset and release_queue).
+        let mut a = lock(&self.admin);
+        let mut qs = lock(&self.queues);
+        let qid = (1..=self.granted)
+            .find(|q| !qs.iter().any(|r| r.qid == *q))
+            .ok_or(Error::NoQueuesLeft {
+                granted: self.granted,
+            })?;
+        let doorbells = DoorbellPair::new(&self.regs, self.cap.dstrd(), qid, self.shadow.as_ref())?;
+        let iv = vector_for(qid, irq_fds.len());
+        let rec = QueueRec {
+            qid,
+            depth,
+            sq_iova,
+            cq: cq.clone(),
+            iv,
+        };
+        self.create_queue_locked(&mut a, &rec)?;
+        qs.push(rec);
+        Ok(NewQueue {
+            qid,
+            doorbells,
+            irq: iv.and_then(|v| irq_fds.get(v as usize).map(|e| (v, e.clone()))),
+            // Read under the admin lock, which a reset holds while it bumps the
+            // generation and re-creates the queues.
+            generation: self.generation.load(Ordering::Acquire),
+        })
+    }
+
     fn create_queue_locked(&self, a: &mut Admin, rec: &QueueRec) -> Result<()> {
         let t = self.opts.admin_timeout;
         rec.cq.fill(0, rec.cq.len(), 0)?;
-        if let Some((sh, ev)) = &self.shadow {
+        if let Some(sh) = &self.shadow {
             for off in [
                 spec::sq_tail_doorbell(rec.qid, self.cap.dstrd()),
                 spec::cq_head_doorbell(rec.qid, self.cap.dstrd()),
             ] {
                 let o = off - reg::DOORBELL_BASE;
-                sh.write_u32(o, 0)?;
-                ev.write_u32(o, 0)?;
+                sh.doorbells.write_u32(o, 0)?;
+                sh.event_idx.write_u32(o, 0)?;
             }
         }
         let create_cq = match rec.iv {
             Some(iv) => Sqe::create_io_cq_irq(rec.qid, rec.depth - 1, rec.cq.iova(), iv),
             None => Sqe::create_io_cq(rec.qid, rec.depth - 1, rec.cq.iova()),
         };
-        a.exec(&self.regs, self.cap, &self.name, create_cq, t)?;
+        a.exec(&self.regs, &self.name, create_cq, t)?;
         if let Err(e) = a.exec(
             &self.regs,
-            self.cap,
             &self.name,
             Sqe::create_io_sq(rec.qid, rec.depth - 1, rec.qid, rec.sq_iova),
             t,
         ) {
-            let _ = a.exec(
-                &self.regs,
-                self.cap,
-                &self.name,
-                Sqe::delete_io_cq(rec.qid),
-                t,
-            );
+            let _ = a.exec(&self.regs, &self.name, Sqe::delete_io_cq(rec.qid), t);
             return Err(e);
         }
         Ok(())
@@ -1151,22 +1028,6 @@ impl Shared {
             tracing::debug!(controller = %self.name, vectors = irqs.len(), "interrupts enabled");
         }
         Ok(irqs.clone())
-    }
-
-    fn shadow_ptrs(&self, qid: u16) -> Option<Shadow> {
-        let (sh, ev) = self.shadow.as_ref()?;
-        let d = self.cap.dstrd();
-        let so = spec::sq_tail_doorbell(qid, d) - reg::DOORBELL_BASE;
-        let co = spec::cq_head_doorbell(qid, d) - reg::DOORBELL_BASE;
-        if co + 4 > sh.len() {
-            return None;
-        }
-        Some(Shadow {
-            sq: sh.as_ptr().wrapping_add(so) as *mut u32,
-            cq: sh.as_ptr().wrapping_add(co) as *mut u32,
-            sq_ev: ev.as_ptr().wrapping_add(so) as *const u32,
-            cq_ev: ev.as_ptr().wrapping_add(co) as *const u32,
-        })
     }
 
     fn alloc_cmb(&self, len: usize) -> Result<DmaBuffer> {
@@ -1220,19 +1081,12 @@ impl Shared {
                 self.platform.device_reset()?;
             }
             enable(&self.regs, self.cap, &self.name, &mut a)?;
-            let granted = set_num_queues(
-                &self.regs,
-                self.cap,
-                &self.name,
-                &mut a,
-                self.opts.io_queues,
-                t,
-            )?;
+            let granted = set_num_queues(&self.regs, &self.name, &mut a, self.opts.io_queues, t)?;
             if granted < self.granted {
                 tracing::warn!(controller = %self.name, granted, "fewer queues granted after reset");
             }
             if let Some(sh) = &self.shadow {
-                setup_shadow(&self.regs, self.cap, &self.name, &mut a, sh, t)?;
+                setup_shadow(&self.regs, &self.name, &mut a, sh, t)?;
             }
             if let Some(c) = lock(&self.cmb).as_ref() {
                 if self.cap.cmbs() == 1 {
@@ -1263,7 +1117,7 @@ impl Shared {
         if healthy {
             let t = self.opts.admin_timeout.min(Duration::from_secs(1));
             for sqe in [Sqe::delete_io_sq(qid), Sqe::delete_io_cq(qid)] {
-                if let Err(e) = a.exec(&self.regs, self.cap, &self.name, sqe, t) {
+                if let Err(e) = a.exec(&self.regs, &self.name, sqe, t) {
                     tracing::warn!(controller = %self.name, qid, "deleting queue: {e}");
                 }
             }

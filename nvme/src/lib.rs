@@ -37,19 +37,22 @@
 
 pub mod ctrl;
 pub mod dma;
+mod doorbell;
 pub mod error;
 pub mod irq;
 pub mod pci;
 pub mod queue;
+mod raw_queue;
 pub mod sim;
 pub mod spec;
 pub mod vfio;
 
 pub use ctrl::{
     CmbInfo, Controller, ControllerInfo, ControllerOptions, LbaFormatInfo, NamespaceInfo,
-    QueueOptions, RawQueuePair, Recovery, DRIVER_MAX_TRANSFER,
+    QueueOptions, Recovery, DRIVER_MAX_TRANSFER,
 };
 pub use dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
 pub use error::{Error, Result};
 pub use irq::EventFd;
 pub use queue::{Batch, Completion, IoQueuePair, QueueStats};
+pub use raw_queue::RawQueuePair;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::ctrl::Shared;
 use crate::dma::DmaBuffer;
+use crate::doorbell::DoorbellPair;
 use crate::error::{Error, Result};
 use crate::irq::EventFd;
 use crate::spec::{Sqe, Status, PAGE_SIZE};
@@ -58,13 +59,6 @@ struct Slot {
     tag: u64,
 }
 
-pub(crate) struct Shadow {
-    pub sq: *mut u32,
-    pub cq: *mut u32,
-    pub sq_ev: *const u32,
-    pub cq_ev: *const u32,
-}
-
 /// An I/O submission/completion queue pair.
 ///
 /// Owned by one thread (`Send`, not `Sync`). `submit*` writes the SQE and rings the tail
@@ -75,9 +69,7 @@ pub struct IoQueuePair {
     depth: u16,
     sq: *mut u8,
     cq: *const u8,
-    sq_db: *mut u32,
-    cq_db: *mut u32,
-    shadow: Option<Shadow>,
+    doorbells: DoorbellPair,
     sq_tail: u16,
     cq_head: u16,
     phase: bool,
@@ -103,8 +95,8 @@ pub struct IoQueuePair {
     pub(crate) shared: Arc<Shared>,
 }
 
-// SAFETY: the raw pointers point into mappings kept alive by `_sq_buf`, `_cq_buf` and
-// `shared` (registers, shadow buffers); the queue pair is used by one thread at a time.
+// SAFETY: the raw ring pointers point into mappings kept alive by `_sq_buf` and `_cq_buf`
+// (the doorbells keep their own); the queue pair is used by one thread at a time.
 unsafe impl Send for IoQueuePair {}
 
 pub(crate) struct QueueParts {
@@ -114,9 +106,7 @@ pub(crate) struct QueueParts {
     pub cq_buf: DmaBuffer,
     pub sq_in_cmb: bool,
     pub prp: DmaBuffer,
-    pub sq_db: *mut u32,
-    pub cq_db: *mut u32,
-    pub shadow: Option<Shadow>,
+    pub doorbells: DoorbellPair,
     pub max_transfer: usize,
     pub ns_shift: Vec<(u32, u32)>,
     pub generation: u64,
@@ -149,12 +139,6 @@ fn misaligned(iova: u64) -> Error {
     Error::InvalidArgument(format!("data buffer IOVA {iova:#x} is not dword aligned"))
 }
 
-/// EventIdx rule (virtio/NVMe shadow doorbells): ring MMIO if `event` is in [old, new).
-#[inline]
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
-
 impl IoQueuePair {
     pub(crate) fn from_parts(p: QueueParts, shared: Arc<Shared>) -> Self {
         let depth = p.depth;
@@ -163,9 +147,7 @@ impl IoQueuePair {
             depth,
             sq: p.sq_buf.as_ptr(),
             cq: p.cq_buf.as_ptr(),
-            sq_db: p.sq_db,
-            cq_db: p.cq_db,
-            shadow: p.shadow,
+            doorbells: p.doorbells,
             sq_tail: 0,
             cq_head: 0,
             phase: true,
@@ -219,7 +201,7 @@ impl IoQueuePair {
     }
     /// Whether shadow doorbells are in use for this queue.
     pub fn shadow_doorbells(&self) -> bool {
-        self.shadow.is_some()
+        self.doorbells.sq.has_shadow()
     }
     /// The interrupt vector of this queue's CQ, if it was created with interrupts
     /// ([`crate::Controller::create_io_queue_pair_with_interrupts`]).
@@ -424,59 +406,19 @@ impl IoQueuePair {
         }
     }
 
+    /// Publish the SQ tail (one MMIO write, or none when EventIdx allows).
     #[inline]
     fn ring_sq(&mut self) {
-        let new = self.sq_tail;
-        // Write barrier: the SQE must be visible before the doorbell.
-        fence(Ordering::Release);
-        match &self.shadow {
-            Some(sh) => {
-                // SAFETY: shadow pointers point into the controller's shadow/EventIdx
-                // pages, alive while `shared` is.
-                let old = unsafe { ptr::read_volatile(sh.sq) } as u16;
-                // SAFETY: as above.
-                unsafe { ptr::write_volatile(sh.sq, new as u32) };
-                // Full fence: the shadow store must be visible before reading EventIdx.
-                fence(Ordering::SeqCst);
-                // SAFETY: as above.
-                let ev = unsafe { ptr::read_volatile(sh.sq_ev) } as u16;
-                if need_event(ev, new, old) {
-                    // SAFETY: doorbell register inside BAR0, alive while `shared` is.
-                    unsafe { ptr::write_volatile(self.sq_db, new as u32) };
-                    self.stats.mmio_doorbell_writes += 1;
-                }
-            }
-            None => {
-                // SAFETY: doorbell register inside BAR0, alive while `shared` is.
-                unsafe { ptr::write_volatile(self.sq_db, new as u32) };
-                self.stats.mmio_doorbell_writes += 1;
-            }
+        if self.doorbells.sq.ring(self.sq_tail) {
+            self.stats.mmio_doorbell_writes += 1;
         }
     }
 
+    /// Publish the CQ head after the CQEs before it are consumed.
     #[inline]
     fn ring_cq(&mut self) {
-        let new = self.cq_head;
-        match &self.shadow {
-            Some(sh) => {
-                // SAFETY: see ring_sq.
-                let old = unsafe { ptr::read_volatile(sh.cq) } as u16;
-                // SAFETY: see ring_sq.
-                unsafe { ptr::write_volatile(sh.cq, new as u32) };
-                fence(Ordering::SeqCst);
-                // SAFETY: see ring_sq.
-                let ev = unsafe { ptr::read_volatile(sh.cq_ev) } as u16;
-                if need_event(ev, new, old) {
-                    // SAFETY: doorbell register inside BAR0.
-                    unsafe { ptr::write_volatile(self.cq_db, new as u32) };
-                    self.stats.mmio_doorbell_writes += 1;
-                }
-            }
-            None => {
-                // SAFETY: doorbell register inside BAR0.
-                unsafe { ptr::write_volatile(self.cq_db, new as u32) };
-                self.stats.mmio_doorbell_writes += 1;
-            }
+        if self.doorbells.cq.ring(self.cq_head) {
+            self.stats.mmio_doorbell_writes += 1;
         }
     }
 
@@ -716,8 +658,8 @@ impl IoQueuePair {
     }
 }
 
-/// Commands queued on an [`IoQueuePair`] with one SQ doorbell write for all of them
-/// (STYLE 9): the doorbell is rung when the batch is dropped.
+/// Commands queued on an [`IoQueuePair`] with one SQ doorbell write for all of them: the
+/// doorbell is rung when the batch is dropped.
 #[must_use = "the doorbell is rung when the batch is dropped"]
 pub struct Batch<'a> {
     qp: &'a mut IoQueuePair,
@@ -766,21 +708,5 @@ impl Drop for Batch<'_> {
 impl Drop for IoQueuePair {
     fn drop(&mut self) {
         self.shared.release_queue(self.qid, self.generation);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::need_event;
-
-    #[test]
-    fn event_idx_rule() {
-        // Controller asked to be told when tail passes 5.
-        assert!(need_event(5, 6, 5));
-        assert!(need_event(5, 8, 3));
-        assert!(!need_event(9, 8, 3));
-        assert!(!need_event(2, 8, 3));
-        // Wrap-around.
-        assert!(need_event(u16::MAX, 1, u16::MAX - 1));
     }
 }

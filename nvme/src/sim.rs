@@ -84,6 +84,8 @@ pub struct Faults {
     fatal: AtomicBool,
     never_ready: AtomicBool,
     mute_interrupts: AtomicBool,
+    /// An admin command to refuse once: `1 << 24 | status << 8 | opcode`, 0 for none.
+    fail_admin: AtomicU32,
 }
 
 impl Faults {
@@ -111,6 +113,22 @@ impl Faults {
     /// CSTS.RDY never becomes 1 after CC.EN = 1.
     pub fn never_ready(&self, on: bool) {
         self.never_ready.store(on, Ordering::SeqCst);
+    }
+    /// The next admin command with `opcode` completes with `status` and does nothing.
+    pub fn fail_next_admin(&self, opcode: u8, status: Status) {
+        let v = 1 << 24 | u32::from(status.0) << 8 | u32::from(opcode);
+        self.fail_admin.store(v, Ordering::SeqCst);
+    }
+    /// The status to refuse an admin command `opcode` with, once, if one was asked for.
+    fn take_admin_failure(&self, opcode: u8) -> Option<Status> {
+        let v = self.fail_admin.load(Ordering::SeqCst);
+        if v == 0 || v as u8 != opcode {
+            return None;
+        }
+        self.fail_admin
+            .compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Status((v >> 8) as u16))
     }
 }
 
@@ -643,7 +661,10 @@ impl Engine {
                 let out = if !ok {
                     Outcome::Done(Status::DATA_TRANSFER_ERROR, 0)
                 } else if qid == 0 {
-                    self.admin(&sqe)
+                    match self.s.faults.take_admin_failure(sqe.opcode()) {
+                        Some(st) => Outcome::Done(st, 0),
+                        None => self.admin(&sqe),
+                    }
                 } else {
                     self.io(qid as u16, &sqe)
                 };

@@ -554,6 +554,63 @@ fn queue_pairs_on_threads_and_qid_reuse() {
     ));
 }
 
+/// I/O and raw queue pairs come from one creation path: one qid space, and a Create I/O
+/// SQ the controller refuses leaves nothing behind (its CQ is deleted again, the qid is
+/// free, the queue is not re-created by a reset).
+#[test]
+fn queue_creation_is_one_path_and_rolls_back() {
+    let (sim, ctrl) = default();
+    let ring = |n: usize| ctrl.alloc_dma(n).unwrap();
+    for raw in [false, true] {
+        sim.faults()
+            .fail_next_admin(spec::admin_opc::CREATE_IO_SQ, Status::INVALID_QUEUE_SIZE);
+        let e = if raw {
+            ctrl.create_raw_queue_pair(ring(16 * 64), ring(4096), 16)
+                .err()
+                .unwrap()
+        } else {
+            ctrl.create_io_queue_pair(QueueOptions::default())
+                .err()
+                .unwrap()
+        };
+        assert!(e.is_status(Status::INVALID_QUEUE_SIZE), "{e}");
+    }
+    // A CQ left behind would make Create I/O CQ for qid 1 fail (Invalid Queue Identifier).
+    let mut qp = ctrl.create_io_queue_pair(QueueOptions::default()).unwrap();
+    assert_eq!(qp.qid(), 1);
+    ctrl.reset().unwrap();
+    let buf = ctrl.alloc_dma(4096).unwrap();
+    let d = pattern(&buf, 5);
+    assert!(write_sync(&mut qp, 7, &buf).is_ok());
+    buf.fill(0, 4096, 0).unwrap();
+    assert!(read_sync(&mut qp, 7, &buf).is_ok());
+    assert_eq!(contents(&buf), d);
+    // Raw and I/O queue pairs share the granted qids.
+    let raws: Vec<_> = (0..3)
+        .map(|_| {
+            ctrl.create_raw_queue_pair(ring(16 * 64), ring(4096), 16)
+                .unwrap()
+        })
+        .collect();
+    let ios: Vec<_> = (0..4)
+        .map(|_| ctrl.create_io_queue_pair(QueueOptions::default()).unwrap())
+        .collect();
+    let mut ids: Vec<u16> = raws.iter().map(|r| r.qid()).collect();
+    ids.extend(ios.iter().map(|q| q.qid()));
+    ids.push(qp.qid());
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>());
+    assert!(matches!(
+        ctrl.create_raw_queue_pair(ring(16 * 64), ring(4096), 16),
+        Err(Error::NoQueuesLeft { granted: 8 })
+    ));
+    // The lowest free qid is taken: the raw pairs got 2..=4, and 2 again once they are gone.
+    assert_eq!(raws.iter().map(|r| r.qid()).collect::<Vec<_>>(), [2, 3, 4]);
+    drop(raws);
+    let again = ctrl.create_io_queue_pair(QueueOptions::default()).unwrap();
+    assert_eq!(again.qid(), 2);
+}
+
 #[test]
 fn buffer_dropped_early_gives_transfer_error_not_memory_corruption() {
     let (_sim, ctrl) = default();
@@ -654,6 +711,68 @@ fn raw_queue_pair_driven_by_hand() {
         std::thread::yield_now();
     }
     assert_eq!(contents(&data), d);
+}
+
+/// A raw queue pair rings through the same doorbell writer as an IoQueuePair: with
+/// shadow doorbells the first tail always reaches MMIO (EventIdx starts at 0) and later
+/// ones only when EventIdx asks; without them every ring is an MMIO write. Either way the
+/// controller runs every command rung.
+#[test]
+fn raw_queue_pair_doorbells_with_and_without_shadow() {
+    for shadow in [true, false] {
+        let opts = ControllerOptions {
+            shadow_doorbells: shadow,
+            ..ControllerOptions::default()
+        };
+        let (sim, ctrl) = setup(SimConfig::default(), opts);
+        let depth = 16u16;
+        let sq = ctrl.alloc_dma(depth as usize * 64).unwrap();
+        let cq = ctrl.alloc_dma(4096).unwrap();
+        let raw = ctrl
+            .create_raw_queue_pair(sq.clone(), cq.clone(), depth)
+            .unwrap();
+        assert_eq!(raw.shadow_doorbells(), shadow);
+        let data = ctrl.alloc_dma(4096).unwrap();
+        let d = pattern(&data, 21);
+        let mut mmio = 0;
+        // 40 commands: the ring wraps twice, the CQ phase flips.
+        let mut head = 0u16;
+        let mut phase = true;
+        for i in 0..40u16 {
+            let slot = i % depth;
+            let mut sqe = Sqe::write(1, 100 + u64::from(i), 0, data.iova(), 0);
+            sqe.set_cid(i);
+            sq.write(slot as usize * 64, zerocopy::IntoBytes::as_bytes(&sqe))
+                .unwrap();
+            let rang = raw.ring_sq((slot + 1) % depth);
+            if i == 0 || !shadow {
+                assert!(rang, "command {i}: MMIO doorbell expected");
+            }
+            mmio += usize::from(rang);
+            let start = Instant::now();
+            let cqe = loop {
+                let mut b = [0u8; 16];
+                cq.read(head as usize * 16, &mut b).unwrap();
+                let c = <spec::Cqe as zerocopy::FromBytes>::read_from_bytes(&b).unwrap();
+                if c.phase() == phase {
+                    break c;
+                }
+                assert!(start.elapsed() < T, "command {i} did not complete");
+                std::thread::yield_now();
+            };
+            assert_eq!(cqe.cid.get(), i);
+            assert!(cqe.status().is_success());
+            head = (head + 1) % depth;
+            if head == 0 {
+                phase = !phase;
+            }
+            raw.ring_cq(head);
+        }
+        assert!((1..=40).contains(&mmio), "{mmio}");
+        for i in 0..40usize {
+            assert_eq!(sim.namespace_bytes((100 + i) * 4096, 4096), d, "block {i}");
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,96 @@
+//! Raw queue pairs: an I/O SQ/CQ pair whose rings someone else fills and reads (direct
+//! mode: a remote host writes the SQEs and reads the CQEs by RDMA); the driver creates the
+//! queues, re-creates them after a reset, rings their doorbells and deletes them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::ctrl::{NewQueue, Shared};
+use crate::dma::DmaBuffer;
+use crate::doorbell::DoorbellPair;
+use crate::irq::EventFd;
+
+/// An I/O queue pair whose rings the caller drives (see
+/// [`Controller::create_raw_queue_pair`](crate::Controller::create_raw_queue_pair)).
+/// `Send + Sync`; each doorbell is to be rung by one thread at a time.
+pub struct RawQueuePair {
+    qid: u16,
+    depth: u16,
+    /// Vector and eventfd of the CQ's interrupt (None: polled).
+    irq: Option<(u16, Arc<EventFd>)>,
+    sq: DmaBuffer,
+    cq: DmaBuffer,
+    doorbells: DoorbellPair,
+    shared: Arc<Shared>,
+}
+
+impl RawQueuePair {
+    pub(crate) fn new(
+        q: NewQueue,
+        depth: u16,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        shared: Arc<Shared>,
+    ) -> Self {
+        RawQueuePair {
+            qid: q.qid,
+            depth,
+            irq: q.irq,
+            sq,
+            cq,
+            doorbells: q.doorbells,
+            shared,
+        }
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+    pub fn depth(&self) -> u16 {
+        self.depth
+    }
+    /// The submission ring.
+    pub fn sq(&self) -> &DmaBuffer {
+        &self.sq
+    }
+    /// The completion ring.
+    pub fn cq(&self) -> &DmaBuffer {
+        &self.cq
+    }
+    /// Controller resets so far; when it changes, the queues were recreated empty.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+    /// The eventfd the CQ's interrupt signals (shared by every queue on its vector), or
+    /// None for a polled CQ. To sleep: clear it, look at the ring once more (a completion
+    /// posted before the clear signalled an event that is now gone), then poll(2) on it.
+    pub fn interrupt_eventfd(&self) -> Option<&Arc<EventFd>> {
+        self.irq.as_ref().map(|(_, e)| e)
+    }
+    /// The CQ's interrupt vector, or None for a polled CQ.
+    pub fn interrupt_vector(&self) -> Option<u16> {
+        self.irq.as_ref().map(|(v, _)| *v)
+    }
+    /// Whether the doorbells go through shadow slots (then the MMIO register is written
+    /// only when the controller's EventIdx asks for it).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.doorbells.sq.has_shadow()
+    }
+    /// Publish a new SQ tail (after the SQEs are written): write barrier, then the
+    /// shadow slot and, when EventIdx asks for it, the MMIO doorbell (without shadow
+    /// doorbells: the MMIO doorbell). Returns whether MMIO was written.
+    pub fn ring_sq(&self, tail: u16) -> bool {
+        self.doorbells.sq.ring(tail)
+    }
+    /// Publish a new CQ head (after the CQEs are consumed), as [`ring_sq`](Self::ring_sq).
+    pub fn ring_cq(&self, head: u16) -> bool {
+        self.doorbells.cq.ring(head)
+    }
+}
+
+impl Drop for RawQueuePair {
+    fn drop(&mut self) {
+        let g = self.generation();
+        self.shared.release_queue(self.qid, g);
+    }
+}
