@@ -57,7 +57,11 @@ impl VfioOpener {
                         ..ControllerOptions::default()
                     };
                     let d =
-                        Arc::new(NvmeDevice::open(bdf, opts).map_err(|e| io_err(bdf, "open", e))?);
+                        Arc::new(NvmeDevice::open(bdf, opts).map_err(|source| Error::Nvme {
+                            backend: bdf.to_string(),
+                            op: "open",
+                            source: Box::new(source),
+                        })?);
                     let info = d.controller().info();
                     tracing::info!(
                         bdf,
@@ -75,13 +79,5 @@ impl VfioOpener {
             NvmeBackend::open(dev, format!("vfio:{bdf}:{nsid}"), nsid, max_io)?
                 .with_interrupts(self.interrupts),
         ))
-    }
-}
-
-fn io_err(what: &str, op: &'static str, e: nvme::Error) -> Error {
-    Error::BackendIo {
-        backend: what.to_string(),
-        op,
-        source: std::io::Error::other(e.to_string()),
     }
 }

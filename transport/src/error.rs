@@ -50,6 +50,29 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The NVMe driver (the `nvme` crate) failed an operation of a device backend
+    /// (`vfio:BDF[:nsid]`, or a controller over the simulator).
+    #[error("backend {backend}: {op} failed: {source}")]
+    Nvme {
+        /// Backend description: the device, and the namespace when the operation is one
+        /// namespace's (e.g. `vfio:0000:00:04.0:1`).
+        backend: String,
+        /// Operation that failed.
+        op: &'static str,
+        /// The driver's error (boxed: it is large, and errors are the cold path).
+        #[source]
+        source: Box<nvme::Error>,
+    },
+    /// A device backend names a namespace its controller does not have (or not active).
+    #[error("backend {backend}: open namespace failed: the controller has no active namespace {nsid} (active: {active:?})")]
+    NoSuchNamespace {
+        /// Backend description (e.g. `vfio:0000:00:04.0:2`).
+        backend: String,
+        /// The namespace asked for.
+        nsid: u32,
+        /// The controller's active namespaces.
+        active: Vec<u32>,
+    },
     /// This kind of backend exists in the configuration model but is not available here.
     #[error("backend kind `{kind}` is not available: {reason}")]
     BackendUnavailable {

@@ -52,11 +52,12 @@ impl NvmeController for nvme::vfio::NvmeDevice {
     }
 }
 
-fn io_err(what: &str, op: &'static str, e: nvme::Error) -> Error {
-    Error::BackendIo {
-        backend: what.to_string(),
+/// `op` of backend `backend` failed in the driver.
+fn nvme_err(backend: &str, op: &'static str, source: nvme::Error) -> Error {
+    Error::Nvme {
+        backend: backend.to_string(),
         op,
-        source: std::io::Error::other(e.to_string()),
+        source: Box::new(source),
     }
 }
 
@@ -96,25 +97,18 @@ impl NvmeBackend {
             .iter()
             .find(|n| n.nsid == nsid)
             .cloned()
-            .ok_or_else(|| Error::BackendIo {
+            .ok_or_else(|| Error::NoSuchNamespace {
                 backend: name.clone(),
-                op: "open namespace",
-                source: std::io::Error::other(format!(
-                    "the controller has no active namespace {nsid} (active: {:?})",
-                    ctrl.info()
-                        .namespaces
-                        .iter()
-                        .map(|n| n.nsid)
-                        .collect::<Vec<_>>()
-                )),
+                nsid,
+                active: ctrl.info().namespaces.iter().map(|n| n.nsid).collect(),
             })?;
         let qp = ctrl
             .create_io_queue_pair(QueueOptions::default())
-            .map_err(|e| io_err(&name, "create I/O queue", e))?;
+            .map_err(|e| nvme_err(&name, "create I/O queue", e))?;
         let chunk = max_io.min(qp.max_transfer()).max(ns.block_size as usize);
         let bounce = ctrl
             .alloc_dma(chunk)
-            .map_err(|e| io_err(&name, "allocate DMA buffer", e))?;
+            .map_err(|e| nvme_err(&name, "allocate DMA buffer", e))?;
         Ok(NvmeBackend {
             name,
             nsid,
@@ -148,7 +142,7 @@ impl NvmeBackend {
         op: &'static str,
     ) -> Result<T> {
         let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut io).map_err(|e| io_err(&self.name, op, e))
+        f(&mut io).map_err(|e| nvme_err(&self.name, op, e))
     }
 
     /// Runs `len`-byte pieces of a transfer through the bounce buffer.
@@ -246,7 +240,7 @@ impl Backend for NvmeBackend {
         self.dev
             .controller()
             .alloc_dma(len)
-            .map_err(|e| io_err(&self.name, "allocate DMA buffer pool", e))
+            .map_err(|e| nvme_err(&self.name, "allocate DMA buffer pool", e))
     }
     fn open_channel(&self) -> Result<Option<Box<dyn IoChannel>>> {
         let ctrl = self.dev.controller();
@@ -269,7 +263,7 @@ impl Backend for NvmeBackend {
             Some(qp) => qp,
             None => ctrl
                 .create_io_queue_pair(qopts)
-                .map_err(|e| io_err(&self.name, "create a poll group's I/O queue", e))?,
+                .map_err(|e| nvme_err(&self.name, "create a poll group's I/O queue", e))?,
         };
         tracing::debug!(backend = %self.name, qid = qp.qid(), vector = ?qp.interrupt_vector(), "poll group NVMe queue");
         let depth = usize::from(qp.depth());
@@ -299,7 +293,7 @@ impl Backend for NvmeBackend {
         self.dev
             .controller()
             .get_log_page(lid, u32::MAX, len)
-            .map_err(|e| io_err(&self.name, "get log page", e))
+            .map_err(|e| nvme_err(&self.name, "get log page", e))
     }
 }
 

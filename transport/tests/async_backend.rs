@@ -203,6 +203,61 @@ fn fake_async_device_errors_reach_the_host() {
     assert_eq!(rig.group.free_buffers(), 16);
 }
 
+/// The NVMe backend's failures are typed: a missing namespace names the ones there are,
+/// and a driver failure carries the `nvme` crate's error as its source, with the backend
+/// and the operation.
+#[test]
+fn nvme_backend_errors_carry_the_driver_error() {
+    let sim = Simulator::start(SimConfig::default()).unwrap();
+    let opts = ControllerOptions {
+        io_queues: 1,
+        ..ControllerOptions::default()
+    };
+    let ctrl = Arc::new(Controller::new(sim.platform(), opts).unwrap());
+    match NvmeBackend::open(ctrl.clone(), "sim:9".into(), 9, 4096) {
+        Err(transport::Error::NoSuchNamespace {
+            backend,
+            nsid,
+            active,
+        }) => assert_eq!((backend.as_str(), nsid, active), ("sim:9", 9, vec![1])),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("namespace 9 opened"),
+    }
+    // The one granted I/O queue is taken: opening a backend needs its own.
+    let _taken = ctrl
+        .create_io_queue_pair(nvme::QueueOptions::default())
+        .unwrap();
+    let e = match NvmeBackend::open(ctrl.clone(), "sim:1".into(), 1, 4096) {
+        Err(e) => e,
+        Ok(_) => panic!("opened without a free queue"),
+    };
+    let text = e.to_string();
+    match &e {
+        transport::Error::Nvme {
+            backend,
+            op,
+            source,
+        } => {
+            assert_eq!((backend.as_str(), *op), ("sim:1", "create I/O queue"));
+            assert!(
+                matches!(**source, nvme::Error::NoQueuesLeft { granted: 1 }),
+                "{source:?}"
+            );
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    // The error chain goes on into the driver's error.
+    let source = std::error::Error::source(&e).expect("a source");
+    assert!(
+        source.to_string().starts_with("no I/O queue left"),
+        "{source}"
+    );
+    assert!(
+        text.starts_with("backend sim:1: create I/O queue failed: no I/O queue left"),
+        "{text}"
+    );
+}
+
 #[test]
 fn nvme_backend_on_simulator_zero_copy() {
     let sim = Simulator::start(SimConfig {
