@@ -15,6 +15,7 @@ use zerocopy::IntoBytes;
 
 use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject, CmRequest};
+use crate::pool::DataBuf;
 use crate::wire::{
     Busy, Incoming, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
 };
@@ -229,11 +230,11 @@ pub struct LoopbackQpair {
     link: Shared,
 }
 
-fn region_range(l: &Link, remote: RemoteBuf, len: usize) -> Option<(u32, usize)> {
+/// The host region `remote` names and its offset there, when all of it lies inside.
+fn region_range(l: &Link, remote: RemoteBuf) -> Option<(u32, usize)> {
     let r = l.regions.get(&remote.key)?;
     let off = remote.addr.checked_sub(r.addr)? as usize;
-    (len <= remote.len as usize && off.checked_add(len)? <= r.data.len())
-        .then_some((remote.key, off))
+    (off.checked_add(remote.len as usize)? <= r.data.len()).then_some((remote.key, off))
 }
 
 impl Qpair for LoopbackQpair {
@@ -255,11 +256,17 @@ impl Qpair for LoopbackQpair {
         lock(&self.link).sq.len()
     }
 
-    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy> {
+    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy> {
         let mut l = lock(&self.link);
-        let ok = match (l.state, region_range(&l, remote, local.len())) {
-            (LinkState::Established(_), Some((key, off))) => {
-                local.copy_from_slice(&l.regions[&key].data[off..off + local.len()]);
+        let span = remote.span(local);
+        let ok = match (l.state, span, region_range(&l, remote)) {
+            (LinkState::Established(_), Some((dst, len)), Some((key, off))) => {
+                let src = &l.regions[&key].data[off..off + len];
+                // SAFETY: `dst` is the start of `local`, a pool buffer of at least `len`
+                // bytes (`span`) that the core leaves alone until this transfer's
+                // completion; `src` is host memory of this link, not in the pool. The
+                // "NIC" writes at post time instead of later.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len) };
                 true
             }
             _ => false,
@@ -269,12 +276,17 @@ impl Qpair for LoopbackQpair {
         Ok(())
     }
 
-    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &[u8]) -> Result<(), Busy> {
+    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy> {
         let mut l = lock(&self.link);
-        let ok = match (l.state, region_range(&l, remote, local.len())) {
-            (LinkState::Established(_), Some((key, off))) => {
+        let span = remote.span(local);
+        let ok = match (l.state, span, region_range(&l, remote)) {
+            (LinkState::Established(_), Some((src, len)), Some((key, off))) => {
                 if let Some(r) = l.regions.get_mut(&key) {
-                    r.data[off..off + local.len()].copy_from_slice(local);
+                    let dst = &mut r.data[off..off + len];
+                    // SAFETY: `src` is the start of `local`, a pool buffer of at least
+                    // `len` bytes (`span`) that nothing writes while this WRITE is posted;
+                    // `dst` is host memory of this link, not in the pool.
+                    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), len) };
                 }
                 true
             }

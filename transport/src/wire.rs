@@ -7,16 +7,18 @@
 //! verbs. Modelled on SPDK's `spdk_nvmf_transport_ops` and Linux `nvmet_fabrics_ops`.
 //!
 //! Ownership rule for data transfers: a buffer passed to [`Qpair::post_read`] or
-//! [`Qpair::post_write`] lies in memory the poll group registered through
-//! [`WirePollGroup::register_memory`], and the core does not touch it until the
-//! matching [`TransferDone`] comes back from [`Qpair::poll_transfer`] (also after
-//! [`Qpair::disconnect`]: a transport must report every posted transfer, flushed ones
-//! with `ok = false`).
+//! [`Qpair::post_write`] is a [`DataBuf`] of the pool the poll group registered through
+//! [`WirePollGroup::register_memory`] — a handle, not a slice: the transport reaches the
+//! memory by address, as the NIC does — and the core makes no CPU view of it
+//! ([`DataBuf::bytes`], which is `unsafe`) until the matching [`TransferDone`] comes
+//! back from [`Qpair::poll_transfer`] (also after [`Qpair::disconnect`]: a transport
+//! must report every posted transfer, flushed ones with `ok = false`).
 
 use nvme::spec::Cqe;
 
 use crate::error::Result;
 use crate::fabrics::{CmAccept, CmReject};
+use crate::pool::DataBuf;
 
 /// A remote (host) memory region named by a keyed SGL descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +29,16 @@ pub struct RemoteBuf {
     pub len: u32,
     /// Remote key.
     pub key: u32,
+}
+
+impl RemoteBuf {
+    /// The local span a transfer of this region moves: the first `len` bytes of `local`
+    /// as (address, length); `None` when they do not fit in it (the transport then
+    /// reports the transfer failed).
+    pub fn span(&self, local: &DataBuf) -> Option<(*mut u8, usize)> {
+        let len = self.len as usize;
+        (len <= local.capacity()).then_some((local.as_ptr(), len))
+    }
 }
 
 /// The transport has no room right now (send credits, work-request slots); retry later.
@@ -59,10 +71,12 @@ pub trait Qpair {
     /// receive queue each holds one of the SRQ's buffers, which every queue of the poll
     /// group shares: the core bounds it, see `QueueHandler::poll`).
     fn capsules_waiting(&self) -> usize;
-    /// Starts an RDMA READ of `remote` into `local` (host → target data).
-    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy>;
-    /// Starts an RDMA WRITE of `local` to `remote` (target → host data).
-    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &[u8]) -> Result<(), Busy>;
+    /// Starts an RDMA READ of `remote` (`remote.len` bytes) into the start of `local`
+    /// (host → target data); the buffer is the NIC's until the transfer is reported.
+    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy>;
+    /// Starts an RDMA WRITE of the first `remote.len` bytes of `local` to `remote`
+    /// (target → host data); the buffer is the NIC's until the transfer is reported.
+    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy>;
     /// Takes the next finished transfer.
     fn poll_transfer(&mut self) -> Option<TransferDone>;
     /// Sends a response capsule; `invalidate` asks the host's key to be invalidated
@@ -98,9 +112,10 @@ pub trait WirePollGroup {
     /// Registers the core's data-buffer memory (the pool) with the wire (an MR).
     ///
     /// # Safety
-    /// `[base, base + len)` must stay allocated until this poll group is dropped, and
-    /// the caller touches a part of it only while no transfer posted on that part is in
-    /// flight (see the module documentation).
+    /// `[base, base + len)` must stay allocated until this poll group is dropped, the
+    /// [`DataBuf`]s given to [`Qpair::post_read`]/[`Qpair::post_write`] must lie in it,
+    /// and the caller touches a buffer only while no transfer posted on it is in flight
+    /// (see the module documentation).
     unsafe fn register_memory(&mut self, base: *mut u8, len: usize) -> Result<()>;
 
     /// Accepts `incoming` into this group (its QP on this group's CQ/SRQ) with `accept`
@@ -131,4 +146,25 @@ pub trait Transport {
     fn poll_incoming(&mut self) -> Option<Self::Incoming>;
     /// Creates the wire side of a poll group.
     fn create_poll_group(&mut self) -> Result<Self::PollGroup>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RemoteBuf;
+    use crate::pool::BufferPool;
+
+    #[test]
+    fn a_transfer_never_spans_past_its_buffer() {
+        let mut pool = BufferPool::new(2, 4096);
+        let buf = pool.alloc().unwrap();
+        let remote = |len| RemoteBuf {
+            addr: 0x1000,
+            len,
+            key: 1,
+        };
+        assert_eq!(remote(4096).span(&buf), Some((buf.as_ptr(), 4096)));
+        assert_eq!(remote(0).span(&buf), Some((buf.as_ptr(), 0)));
+        assert_eq!(remote(4097).span(&buf), None, "would reach the next buffer");
+        pool.release(buf);
+    }
 }

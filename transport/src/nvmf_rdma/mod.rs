@@ -46,6 +46,7 @@ pub use session::{hostid_of, keyed, Namespace, Session, SessionOptions, DEFAULT_
 
 use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject};
+use crate::pool::DataBuf;
 use crate::wire::{
     Busy, Incoming, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
 };
@@ -616,19 +617,20 @@ impl RdmaQpair {
         self.pool.sge(usize::try_from(off).ok()?, len).ok()
     }
 
+    /// Queues an RDMA READ or WRITE between `remote` and `local` (a pool buffer's
+    /// address and length, [`RemoteBuf::span`]; `None`: it does not fit, reported failed).
     fn post_transfer(
         &mut self,
         kind: u8,
         tag: u16,
         remote: RemoteBuf,
-        local: *const u8,
-        len: usize,
+        local: Option<(*mut u8, usize)>,
     ) -> Result<(), Busy> {
         let mut st = lock(&self.state);
         if st.sq_used >= self.sq_max {
             return Err(Busy);
         }
-        let Some(sge) = self.pool_sge(local, len) else {
+        let Some(sge) = local.and_then(|(ptr, len)| self.pool_sge(ptr, len)) else {
             st.transfers.push_back(TransferDone { tag, ok: false });
             return Ok(());
         };
@@ -735,12 +737,12 @@ impl Qpair for RdmaQpair {
         lock(&self.state).recvs.len()
     }
 
-    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &mut [u8]) -> Result<(), Busy> {
-        self.post_transfer(KIND_READ, tag, remote, local.as_ptr(), local.len())
+    fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy> {
+        self.post_transfer(KIND_READ, tag, remote, remote.span(local))
     }
 
-    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &[u8]) -> Result<(), Busy> {
-        self.post_transfer(KIND_WRITE, tag, remote, local.as_ptr(), local.len())
+    fn post_write(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy> {
+        self.post_transfer(KIND_WRITE, tag, remote, remote.span(local))
     }
 
     fn poll_transfer(&mut self) -> Option<TransferDone> {

@@ -87,11 +87,9 @@ pub(crate) fn start(
         }
         Route::Sync => {
             ns.stats.count(opc, len as u64);
-            let bytes: &mut [u8] = match *data {
-                Data::None => &mut [],
-                Data::InCapsule { offset, len } => &mut icd[offset..offset + len],
-                Data::Pool { idx, len } => pool.slice_mut(idx, len),
-            };
+            // SAFETY: the request is in EXECUTING (its data transfer done, none posted)
+            // and this command goes to no channel.
+            let bytes = unsafe { data.bytes_mut(icd) };
             let out = execute(ctrl, &ns, cmd, bytes);
             Started::Done(complete(ctrl, cmd, len, out))
         }
@@ -161,21 +159,22 @@ fn route(
     if len > ch.max_transfer || !pool.is_dma() {
         return Route::Sync;
     }
-    let idx = match *data {
-        Data::Pool { idx, len: l } if l == len => idx,
-        Data::InCapsule { offset, len: l } if l == len && op == io_opc::WRITE => {
-            let Some(idx) = pool.alloc_io() else {
-                stats.buffer_waits += 1;
-                return Route::Wait;
-            };
-            pool.slice_mut(idx, len)
-                .copy_from_slice(&icd[offset..offset + len]);
-            *data = Data::Pool { idx, len };
-            idx
+    if let Data::InCapsule { offset, len: l } = *data {
+        if l != len || op != io_opc::WRITE {
+            return Route::Sync;
         }
-        _ => return Route::Sync,
+        let Some(mut buf) = pool.alloc_io() else {
+            stats.buffer_waits += 1;
+            return Route::Wait;
+        };
+        // SAFETY: `buf` was just taken from the pool: nothing else has it.
+        unsafe { buf.bytes_mut(len) }.copy_from_slice(&icd[offset..offset + len]);
+        *data = Data::Pool { buf, len };
+    }
+    let Data::Pool { buf, len: l } = &*data else {
+        return Route::Sync;
     };
-    let Some(buf) = pool.dma(idx, len) else {
+    let Some(buf) = (*l == len).then(|| pool.dma(buf, len)).flatten() else {
         return Route::Sync;
     };
     let op = if op == io_opc::READ {

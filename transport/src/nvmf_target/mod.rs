@@ -576,7 +576,8 @@ impl Target {
         let pool = pool.unwrap_or_else(|| BufferPool::new(count, chunk));
         let (base, len) = pool.region();
         // SAFETY: the pool is owned by the PollGroup next to `wire` and declared after
-        // it, so it outlives the registration; the core slices a buffer only while no
+        // it, so it outlives the registration; the buffers posted are its `DataBuf`s, and
+        // the core makes a CPU view of one (`DataBuf::bytes_mut`, unsafe) only while no
         // transfer on it is in flight (request state machine).
         unsafe { wire.register_memory(base, len)? };
         let wake = Arc::new(EventFd::new().map_err(|e| Error::Transport {

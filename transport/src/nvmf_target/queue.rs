@@ -36,7 +36,7 @@ use crate::fabrics::{
     DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_DISCONNECT, FCTYPE_PROPERTY_GET,
     FCTYPE_PROPERTY_SET, OPC_FABRICS,
 };
-use crate::pool::{BufIdx, BufferPool};
+use crate::pool::{BufferPool, DataBuf};
 use crate::wire::{Qpair, RemoteBuf, TransferDone};
 
 /// Where a request is in its life.
@@ -71,11 +71,19 @@ pub(crate) enum Dir {
 }
 
 /// Where a request's data is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub(crate) enum Data {
     None,
-    InCapsule { offset: usize, len: usize },
-    Pool { idx: BufIdx, len: usize },
+    InCapsule {
+        offset: usize,
+        len: usize,
+    },
+    /// A pool buffer the request owns until it is freed (the NIC uses it in
+    /// TRANSFER_IN and in TRANSFER_OUT once posted, the device in BACKEND).
+    Pool {
+        buf: DataBuf,
+        len: usize,
+    },
 }
 
 impl Data {
@@ -84,6 +92,23 @@ impl Data {
         match *self {
             Data::None => 0,
             Data::InCapsule { len, .. } | Data::Pool { len, .. } => len,
+        }
+    }
+
+    /// The data for the CPU (a synchronous backend, an admin command): in the capsule
+    /// (`icd`, the request's in-capsule data) or in the pool buffer.
+    ///
+    /// # Safety
+    /// No transfer and no device command on the pool buffer may be in flight while the
+    /// slice lives: the request is in EXECUTING, where its RDMA READ has completed, its
+    /// RDMA WRITE is not posted yet and it is in no backend channel.
+    pub unsafe fn bytes_mut<'a>(&'a mut self, icd: &'a mut [u8]) -> &'a mut [u8] {
+        match self {
+            Data::None => &mut [],
+            Data::InCapsule { offset, len } => &mut icd[*offset..*offset + *len],
+            // SAFETY: the caller's guarantee; the request owns `buf` and the pool outlives
+            // the queues (PollGroup field order).
+            Data::Pool { buf, len } => unsafe { buf.bytes_mut(*len) },
         }
     }
 }
@@ -540,9 +565,9 @@ impl<Q: Qpair> QueueHandler<Q> {
                     if matches!(req.data, Data::None) {
                         let io = self.ctx.qid != 0 && req.cmd.opcode() != OPC_FABRICS;
                         match if io { pool.alloc_io() } else { pool.alloc() } {
-                            Some(idx) => {
+                            Some(buf) => {
                                 let len = sgl_len(req.sgl) as usize;
-                                req.data = Data::Pool { idx, len };
+                                req.data = Data::Pool { buf, len };
                             }
                             None => {
                                 self.ctx.stats.buffer_waits += 1;
@@ -551,14 +576,12 @@ impl<Q: Qpair> QueueHandler<Q> {
                         }
                     }
                     if req.dir == Dir::ToCtrl {
-                        let Data::Pool { idx, len } = req.data else {
+                        let Data::Pool { buf, len } = &req.data else {
                             break;
                         };
-                        let remote = remote_of(req.sgl);
-                        match self
-                            .qp
-                            .post_read(tag as u16, remote, pool.slice_mut(idx, len))
-                        {
+                        let mut remote = remote_of(req.sgl);
+                        remote.len = *len as u32;
+                        match self.qp.post_read(tag as u16, remote, buf) {
                             Ok(()) => req.state = ReqState::TransferIn,
                             Err(_) => {
                                 self.ctx.stats.wire_busy += 1;
@@ -601,13 +624,9 @@ impl<Q: Qpair> QueueHandler<Q> {
                             self.abort(&cmd)
                         }
                         _ => {
-                            let data: &mut [u8] = match req.data {
-                                Data::None => &mut [],
-                                Data::InCapsule { offset, len } => {
-                                    &mut req.icd[offset..offset + len]
-                                }
-                                Data::Pool { idx, len } => pool.slice_mut(idx, len),
-                            };
+                            // SAFETY: EXECUTING, and fabrics and admin commands never go
+                            // to a backend channel.
+                            let data = unsafe { req.data.bytes_mut(&mut req.icd) };
                             execute(&mut self.ctx, &cmd, data, now)
                         }
                     };
@@ -631,14 +650,14 @@ impl<Q: Qpair> QueueHandler<Q> {
                 }
                 ReqState::TransferOut => {
                     if !req.posted {
-                        let Data::Pool { idx, len } = req.data else {
+                        let Data::Pool { buf, len } = &req.data else {
                             req.state = ReqState::Completing;
                             continue;
                         };
-                        let n = req.out.out_len.min(len);
+                        let n = req.out.out_len.min(*len);
                         let mut remote = remote_of(req.sgl);
                         remote.len = n as u32;
-                        match self.qp.post_write(tag as u16, remote, pool.slice(idx, n)) {
+                        match self.qp.post_write(tag as u16, remote, buf) {
                             Ok(()) => req.posted = true,
                             Err(_) => {
                                 self.ctx.stats.wire_busy += 1;
@@ -756,10 +775,9 @@ impl<Q: Qpair> QueueHandler<Q> {
     /// Returns request `tag`'s buffer and slot.
     fn finish(&mut self, tag: usize, pool: &mut BufferPool) {
         let req = &mut self.reqs[tag];
-        if let Data::Pool { idx, .. } = req.data {
-            pool.release(idx);
+        if let Data::Pool { buf, .. } = std::mem::replace(&mut req.data, Data::None) {
+            pool.release(buf);
         }
-        req.data = Data::None;
         req.sgl = None;
         req.state = ReqState::Free;
         req.posted = false;
@@ -791,10 +809,9 @@ impl<Q: Qpair> QueueHandler<Q> {
         }
         for (tag, req) in self.reqs.iter_mut().enumerate() {
             if req.state != ReqState::Free {
-                if let Data::Pool { idx, .. } = req.data {
-                    pool.release(idx);
+                if let Data::Pool { buf, .. } = std::mem::replace(&mut req.data, Data::None) {
+                    pool.release(buf);
                 }
-                req.data = Data::None;
                 req.state = ReqState::Free;
                 self.free.push(tag as u16);
             }
