@@ -11,10 +11,11 @@
 //! own mailbox eventfd included, for at most `max_sleep` (or a poller's shorter nap).
 //! An idle core therefore costs no CPU; a busy one pays no system call to look for work.
 //!
-//! The spell is `idle_spell` normally and the shorter `device_spell` while a poller says
-//! its only outstanding work is in a device that will wake it ([`Spell::Device`]): the
-//! device takes far longer than a wake-up, and spinning would steal the CPU the device (or
-//! its emulation) needs.
+//! The spell is the longest any poller asks for ([`Poller::spell`]): `idle_spell` while
+//! hosts are expected to send more soon, the shorter `device_spell` while the only
+//! outstanding work is in a device that will wake its poller (the device takes far longer
+//! than a wake-up, and spinning would steal the CPU the device or its emulation needs),
+//! none when every poller is woken by whatever comes next.
 //!
 //! Other threads reach a reactor only through its [`ReactorHandle`]: [`ReactorHandle::run`]
 //! queues a closure that runs on the reactor thread between passes (how pollers are added,
@@ -32,14 +33,19 @@ use crossbeam::channel::{Receiver, Sender};
 
 use crate::error::{last_os_error, Result};
 
-/// How long a poller wants the reactor to keep spinning after the last work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How long a poller wants the reactor to keep spinning after the last work. A reactor
+/// spins for the longest spell any of its pollers asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Spell {
-    /// Nothing outstanding, or only work that arrives from the network: `idle_spell`.
-    Idle,
-    /// Commands are in a device that wakes the poller when they complete: the shorter
+    /// Nothing to spin for: whatever comes next wakes the poller (an idle poller with no
+    /// connections, queues whose next work is a doorbell receive).
+    None,
+    /// Commands are in a device that wakes the poller when they complete: the short
     /// `device_spell`.
     Device,
+    /// Work that arrives from the network soon after the last (hosts resubmit right after
+    /// a completion): `idle_spell`.
+    Idle,
 }
 
 /// A poller's answer to [`Poller::arm`].
@@ -376,11 +382,10 @@ impl Reactor {
     /// poller and sleep.
     pub fn idle(&mut self) {
         let idle = self.last_work.elapsed();
-        let device = self.pollers.iter().any(|p| p.spell() == Spell::Device);
-        let spell = if device {
-            self.config.device_spell
-        } else {
-            self.config.idle_spell
+        let spell = match self.pollers.iter().map(|p| p.spell()).max() {
+            Some(Spell::Idle) => self.config.idle_spell,
+            Some(Spell::Device) => self.config.device_spell,
+            Some(Spell::None) | None => Duration::ZERO,
         };
         if idle < spell {
             if self.config.yield_when_idle {
@@ -757,6 +762,38 @@ mod tests {
         .unwrap();
         r.add(Box::new(Stuck));
         assert_eq!(r.run(&AtomicBool::new(true)), 1);
+    }
+
+    #[test]
+    fn the_longest_spell_of_the_pollers_applies() {
+        struct Spelled(Spell);
+        impl Poller for Spelled {
+            fn poll(&mut self, _now: Instant) -> usize {
+                0
+            }
+            fn spell(&self) -> Spell {
+                self.0
+            }
+            fn arm(&mut self, _idle: Duration, _wake: &mut WakeSet) -> Arm {
+                Arm::Nap(Duration::from_micros(1))
+            }
+        }
+        let cfg = ReactorConfig {
+            idle_spell: Duration::from_secs(60),
+            device_spell: Duration::from_secs(60),
+            ..Default::default()
+        };
+        // Only `None` spells: the first empty pass may sleep.
+        let mut r = Reactor::new(cfg).unwrap();
+        r.add(Box::new(Spelled(Spell::None)));
+        r.pass();
+        r.idle();
+        assert_eq!(r.counters().sleeps, 1);
+        // One poller wanting a (minute-long) spell keeps the reactor spinning.
+        r.add(Box::new(Spelled(Spell::Device)));
+        r.pass();
+        r.idle();
+        assert_eq!(r.counters().sleeps, 1);
     }
 
     #[test]

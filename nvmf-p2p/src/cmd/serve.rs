@@ -222,6 +222,12 @@ pub fn run(a: Args) -> CliResult {
         cfg.reactor(),
         on_ready,
         Some(listener_ops),
+        // Direct mode's poller runs on the first core's reactor, beside its poll group.
+        direct
+            .as_ref()
+            .and_then(|d| d.take_poller())
+            .into_iter()
+            .collect(),
     )
     .map_err(|e| CliError(e.to_string()))?;
     crate::sd_notify::notify_logged("STOPPING=1");

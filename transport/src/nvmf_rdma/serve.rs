@@ -150,10 +150,12 @@ pub fn serve_with(
     opts: ServeOptions,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
-    serve_with_control(target, cfg, stop, opts, on_ready, None)
+    serve_with_control(target, cfg, stop, opts, on_ready, None, Vec::new())
 }
 
-/// [`serve_with`], also taking listener changes from `ops` (see [`ListenerControl`]).
+/// [`serve_with`], also taking listener changes from `ops` (see [`ListenerControl`]) and
+/// hosting `pollers` (e.g. the direct-mode service's) on the first core's reactor beside
+/// its poll group.
 pub fn serve_with_control(
     target: &Target,
     cfg: &TargetConfig,
@@ -161,6 +163,7 @@ pub fn serve_with_control(
     opts: ServeOptions,
     on_ready: impl FnOnce(),
     ops: Option<ListenerOps>,
+    pollers: Vec<Box<dyn Poller>>,
 ) -> Result<()> {
     let addrs: Vec<SocketAddr> = cfg
         .listeners
@@ -173,14 +176,28 @@ pub fn serve_with_control(
         groups.push(target.create_poll_group(&mut transport)?);
     }
     let inboxes: Vec<_> = groups.iter().map(|g| g.inbox()).collect();
+    // One reactor per core: its poll group, and on the first the extra pollers.
+    let mut reactors = Vec::with_capacity(groups.len());
+    let mut extra = Some(pollers);
+    for group in groups {
+        let mut reactor = Reactor::new(opts).map_err(|e| Error::Transport {
+            qid: u16::MAX,
+            reason: format!("cannot create a poll group's reactor: {e}"),
+        })?;
+        reactor.add(Box::new(GroupPoller { group }));
+        for p in extra.take().into_iter().flatten() {
+            reactor.add(p);
+        }
+        reactors.push(reactor);
+    }
     on_ready();
     let mut failed = None;
     std::thread::scope(|s| {
-        for (i, group) in groups.into_iter().enumerate() {
+        for (i, reactor) in reactors.into_iter().enumerate() {
             let core = cfg.cores.get(i).copied();
             let spawned = std::thread::Builder::new()
                 .name(format!("nvmf-group{i}"))
-                .spawn_scoped(s, move || run_group(group, stop, core, opts));
+                .spawn_scoped(s, move || run_reactor(reactor, stop, core));
             if let Err(e) = spawned {
                 failed = Some(crate::error::Error::Transport {
                     qid: u16::MAX,
@@ -233,29 +250,15 @@ fn pin(core: usize) {
     }
 }
 
-/// Runs one poll group on a reactor of its own (pinned to `core`) until `stop`, then
-/// disconnects its queues and lets them drain.
-fn run_group(
-    group: PollGroup<RdmaTransport>,
-    stop: &AtomicBool,
-    core: Option<usize>,
-    opts: ServeOptions,
-) {
+/// Runs one core's reactor (pinned to `core`) until `stop`, then lets its pollers shut
+/// down and drain.
+fn run_reactor(mut reactor: Reactor, stop: &AtomicBool, core: Option<usize>) {
     if let Some(c) = core {
         pin(c);
     }
-    let mut reactor = match Reactor::new(opts) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot create the poll group's reactor");
-            stop.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    reactor.add(Box::new(GroupPoller { group }));
     let left = reactor.run(stop);
     if left > 0 {
-        tracing::warn!("queues still draining at shutdown");
+        tracing::warn!(pollers = left, "queues still draining at shutdown");
     }
 }
 
@@ -276,7 +279,10 @@ impl Poller for GroupPoller {
     }
 
     fn spell(&self) -> Spell {
-        if self.group.backends_wake() {
+        if self.group.queue_count() == 0 {
+            // No host connected: a connect request comes through the mailbox, which wakes.
+            Spell::None
+        } else if self.group.backends_wake() {
             Spell::Device
         } else {
             Spell::Idle

@@ -46,7 +46,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvme::spec::Status;
@@ -167,11 +166,13 @@ fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
 /// The direct-mode service of a target.
 pub struct DirectService {
     inner: Arc<Inner>,
-    thread: Option<JoinHandle<()>>,
+    /// The poller until [`DirectService::take_poller`] hands it to a reactor.
+    parked: Mutex<Option<poller::Poller>>,
 }
 
 impl DirectService {
-    /// Listens for direct connections and starts the poller.
+    /// Listens for direct connections; the poller runs once a reactor hosts it
+    /// ([`DirectService::take_poller`]).
     pub fn start(cfg: DirectConfig) -> Result<Arc<DirectService>> {
         let ctx = context_for(cfg.address).map_err(rdma_err("device for direct address"))?;
         let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
@@ -204,17 +205,19 @@ impl DirectService {
             quiesce_ack: AtomicU64::new(0),
         });
         let poller = poller::Poller::new(inner.clone(), cq, chan, events, listener);
-        let thread = std::thread::Builder::new()
-            .name("direct-poller".into())
-            .spawn(move || poller::run(poller))
-            .map_err(|e| Error::Transport {
-                qid: u16::MAX,
-                reason: format!("cannot start the direct poller: {e}"),
-            })?;
         Ok(Arc::new(DirectService {
             inner,
-            thread: Some(thread),
+            parked: Mutex::new(Some(poller)),
         }))
+    }
+
+    /// The poller that forwards doorbells and pushes completions, to run on a core's
+    /// reactor (`serve` hosts it on the first core's, beside that core's poll group);
+    /// `None` once taken. Nothing connects to the direct port until it runs.
+    pub fn take_poller(&self) -> Option<Box<dyn rdma::Poller>> {
+        held(&self.parked)
+            .take()
+            .map(|p| Box::new(p) as Box<dyn rdma::Poller>)
     }
 
     /// The direct CM port.
@@ -318,10 +321,8 @@ impl DirectService {
 
 impl Drop for DirectService {
     fn drop(&mut self) {
+        // The poller (on a reactor) sees it, closes its connections and is dropped.
         self.inner.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! otherwise sleep on the completion and CM channels (≤ 100 ms), at once when only polled
 //! queues are attached, after 200 µs of idleness with pushed queues.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use nvme::spec::Cqe;
 use rdma::cm::{CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
 use rdma::{
-    CompletionChannel, CompletionQueue, QpInit, RecvBatch, RemoteAddr, SendBatch, SendFlags,
-    WorkCompletion, WrId,
+    Arm, CompletionChannel, CompletionQueue, QpInit, RecvBatch, RemoteAddr, SendBatch, SendFlags,
+    Spell, WakeSet, WorkCompletion, WrId,
 };
 use zerocopy::IntoBytes;
 
@@ -39,15 +39,6 @@ const SLACK: u32 = 16;
 /// How often the poller publishes its report and drops attachments whose host never
 /// connected.
 const REAP_PERIOD: Duration = Duration::from_millis(200);
-/// Longest sleep of the poller: doorbells of polled queues, NVMe interrupts and CM events
-/// wake it sooner; the timeout only bounds how late quiesce/detach requests, the stop flag
-/// and stats are seen. Every timeout wake-up costs CPU with nothing to do (on a TCG guest
-/// ≈ 0.5 ms each).
-const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// Idle time before a poller with pushed commands in flight naps or sleeps.
-const SPIN: Duration = Duration::from_micros(20);
-/// Idle time before a poller with pushed queues (nothing in flight) sleeps.
-const PUSHED_SPELL: Duration = Duration::from_micros(200);
 /// First and longest nap while pushed commands are in flight without interrupts.
 const NAP_MIN: Duration = Duration::from_micros(25);
 const NAP_MAX: Duration = Duration::from_micros(800);
@@ -79,37 +70,6 @@ fn wr_kind(id: WrId) -> Wr {
         KIND_RECV => Wr::Recv,
         KIND_SEND => Wr::Send { wrs: id.tag() },
         _ => Wr::Other,
-    }
-}
-
-/// What the poller asks of the loop that hosts it when [`Poller::poll`] found nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Arm {
-    /// Poll again at once (arming found work).
-    Ready,
-    /// Let other threads run, then poll (work is expected within microseconds).
-    Yield,
-    /// Poll again after this long (nothing would wake the poller sooner).
-    Nap(Duration),
-    /// Sleep until one of the listed fds is readable, at most this long.
-    Sleep(Duration),
-}
-
-/// The fds [`Poller::arm`] lists for a sleep; kept across sleeps, so arming allocates
-/// only when queues are added.
-#[derive(Debug, Default)]
-pub(super) struct WakeFds(Vec<RawFd>);
-
-impl WakeFds {
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-    fn push(&mut self, fd: RawFd) {
-        self.0.push(fd);
-    }
-    /// The fds listed.
-    pub(super) fn as_slice(&self) -> &[RawFd] {
-        &self.0
     }
 }
 
@@ -151,51 +111,13 @@ pub(super) struct Poller {
     active: Vec<Active>,
     wcs: Box<[WorkCompletion; 64]>,
     counts: PollerCounts,
-    last_work: Instant,
     last_report: Instant,
     last_cm: Instant,
+    /// The CM channel woke the reactor: read its events in the next poll.
+    cm_due: bool,
     nap: Duration,
-}
-
-/// Runs `p` until the service stops: [`Poller::poll`], and when it found nothing,
-/// [`Poller::arm`] and what it asks — the part a per-core reactor will replace.
-pub(super) fn run(mut p: Poller) {
-    let inner = p.inner.clone();
-    let mut fds = WakeFds::default();
-    let mut pollfds: Vec<libc::pollfd> = Vec::with_capacity(64);
-    while !inner.stop.load(Ordering::Relaxed) {
-        if p.poll(Instant::now()) > 0 {
-            continue;
-        }
-        match p.arm(&mut fds) {
-            Arm::Ready => {}
-            Arm::Yield => std::thread::yield_now(),
-            Arm::Nap(d) => std::thread::sleep(d),
-            Arm::Sleep(timeout) => {
-                pollfds.clear();
-                pollfds.extend(fds.as_slice().iter().map(|&fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                }));
-                // SAFETY: `pollfds` is a valid, initialised array of `pollfds.len()`
-                // pollfd structures that outlives the call.
-                let n = unsafe {
-                    libc::poll(
-                        pollfds.as_mut_ptr(),
-                        pollfds.len() as libc::nfds_t,
-                        timeout.as_millis().min(i32::MAX as u128) as i32,
-                    )
-                };
-                if n > 0 {
-                    for f in pollfds.iter().filter(|f| f.revents != 0) {
-                        p.woken(f.fd);
-                    }
-                }
-            }
-        }
-    }
-    p.shutdown();
+    /// The service stopped and every connection was closed.
+    stopped: bool,
 }
 
 impl Poller {
@@ -216,21 +138,24 @@ impl Poller {
             active: Vec::new(),
             wcs: Box::new([WorkCompletion::default(); 64]),
             counts: PollerCounts::default(),
-            last_work: now,
             last_report: now,
             last_cm: now,
+            cm_due: false,
             nap: NAP_MIN,
+            stopped: false,
         }
     }
 
     /// Does the work that is ready (non-blocking); returns how much.
-    pub(super) fn poll(&mut self, now: Instant) -> usize {
+    fn poll_work(&mut self, now: Instant) -> usize {
         self.counts.polls += 1;
-        // CM events cost a syscall: look at most every millisecond while busy.
+        // CM events cost a syscall: look at most every millisecond while busy, at once
+        // when their channel woke the reactor.
         let mut work = 0;
-        if now.duration_since(self.last_cm) >= Duration::from_millis(1) {
+        if self.cm_due || now.duration_since(self.last_cm) >= Duration::from_millis(1) {
             work += self.cm_events();
             self.last_cm = Instant::now();
+            self.cm_due = false;
         }
         work += self.control();
         work += self.rdma_completions();
@@ -247,72 +172,32 @@ impl Poller {
             self.last_report = Instant::now();
         }
         if work > 0 {
-            self.last_work = Instant::now();
             self.nap = NAP_MIN;
         }
         work
     }
 
-    /// Nothing to do now: says how to wait. For a sleep it arms the RDMA CQ and lists the
-    /// completion and CM channels in `fds` — with `device` sleeps (commands in the device
-    /// and every watched CQ has an interrupt) also the interrupt eventfds, cleared first.
-    /// The RDMA CQ (and, with `device`, the NVMe CQs) get one more look after arming: an
-    /// event before the arm/clear is gone, one after it stays pending (the eventfd reads
-    /// are syscalls, full barriers).
-    pub(super) fn arm(&mut self, fds: &mut WakeFds) -> Arm {
-        let idle = Instant::now().duration_since(self.last_work);
-        // Only pushed queues need the poller to watch their NVMe CQ (P2P pushed queues
-        // always: their doorbells bypass it). Polled queues wake it by their doorbells'
-        // receive completions.
-        let watched = |a: &&Active| {
-            !a.q.polled() && (a.q.in_flight() > 0 || a.att.report.level == Level::P2p)
-        };
-        let busy = self.active.iter().any(|a| watched(&a));
-        // Every watched CQ raises an interrupt: sleep on those too instead of napping.
-        let interrupts = busy
-            && self
-                .active
-                .iter()
-                .filter(watched)
-                .all(|a| a.att.raw.interrupt_eventfd().is_some());
-        let pushed = self.active.iter().any(|a| !a.q.polled());
-        // Commands in flight: yield briefly, then nap (the device takes tens of
-        // microseconds at best); nothing to watch: sleep on the channels — at once when
-        // only polled queues are attached (the next doorbell wakes the poller), after
-        // 200 µs with pushed queues (their hosts resubmit right after a CQE).
-        if interrupts {
-            if idle < SPIN {
-                Arm::Yield
-            } else {
-                self.arm_sleep(true, fds)
-            }
-        } else if busy {
-            if idle < SPIN {
-                Arm::Yield
-            } else {
-                // Back off 25 µs → 800 µs: a nap costs a timer and two context switches,
-                // which on a TCG guest cost as much as the nap itself.
-                let nap = self.nap;
-                self.nap = (nap * 2).min(NAP_MAX);
-                Arm::Nap(nap)
-            }
-        } else if !pushed || idle >= PUSHED_SPELL {
-            self.arm_sleep(false, fds)
-        } else {
-            Arm::Yield
-        }
+    /// Queues whose NVMe CQ the poller must watch: pushed ones with commands in the
+    /// device (P2P pushed queues always: their doorbells bypass it). Polled queues wake
+    /// it by their doorbells' receive completions.
+    fn watched(a: &Active) -> bool {
+        !a.q.polled() && (a.q.in_flight() > 0 || a.att.report.level == Level::P2p)
     }
 
-    /// A listed fd fired. Nothing to read here: the completion channel's events are
-    /// drained and the interrupt eventfds cleared when the poller next arms a sleep, and
-    /// CM events are taken by the next [`Poller::poll`].
-    pub(super) fn woken(&mut self, _fd: RawFd) {}
+    /// Every watched CQ raises an interrupt (its completion wakes a sleep).
+    fn interrupts(&self) -> bool {
+        self.active
+            .iter()
+            .filter(|a| Self::watched(a))
+            .all(|a| a.att.raw.interrupt_eventfd().is_some())
+    }
 
-    fn arm_sleep(&mut self, device: bool, fds: &mut WakeFds) -> Arm {
-        self.counts.sleeps += 1;
-        if device {
-            self.counts.device_sleeps += 1;
-        }
+    /// Arms the RDMA CQ and lists the completion and CM channels — with `device` (commands
+    /// in the device and every watched CQ has an interrupt) also the interrupt eventfds,
+    /// cleared first. The RDMA CQ (and, with `device`, the NVMe CQs) get one more look
+    /// after arming: an event before the arm/clear is gone, one after it stays pending
+    /// (the eventfd reads are syscalls, full barriers).
+    fn arm_sleep(&mut self, device: bool, wake: &mut WakeSet) -> Arm {
         if self.chan.drain_events().is_err() || self.cq.arm(false).is_err() {
             return Arm::Nap(if device {
                 Duration::from_micros(100)
@@ -320,14 +205,17 @@ impl Poller {
                 Duration::from_millis(1)
             });
         }
-        fds.clear();
-        fds.push(self.chan.fd());
-        fds.push(self.events.fd());
+        self.counts.sleeps += 1;
+        if device {
+            self.counts.device_sleeps += 1;
+        }
+        wake.add(self.chan.fd(), TAG_CQ);
+        wake.add(self.events.fd(), TAG_CM);
         if device {
             for a in self.active.iter().filter(|a| !a.q.polled() && !a.dead) {
                 if let Some(e) = a.att.raw.interrupt_eventfd() {
                     e.clear();
-                    fds.push(e.as_raw_fd());
+                    wake.add(e.as_raw_fd(), TAG_DEVICE);
                 }
             }
         }
@@ -340,15 +228,16 @@ impl Poller {
         if work > 0 {
             Arm::Ready
         } else {
-            Arm::Sleep(MAX_SLEEP)
+            Arm::Sleep
         }
     }
 
     /// The service stops: every direct connection is disconnected.
-    fn shutdown(&mut self) {
+    fn disconnect_all(&mut self) {
         for a in &self.active {
             let _ = a.conn.disconnect();
         }
+        self.active.clear();
     }
 
     fn publish(&mut self) {
@@ -639,6 +528,69 @@ impl Poller {
 }
 
 /// Posts one zero-length receive (for a WRITE WITH IMMEDIATE doorbell).
+/// Wake-set tags of the direct poller.
+const TAG_CQ: u32 = 0;
+const TAG_CM: u32 = 1;
+const TAG_DEVICE: u32 = 2;
+
+/// The direct poller on a core's reactor (`rdma::reactor`): the reactor's spells replace
+/// the poller's own spin and yield; the naps of polled NVMe queues stay here.
+impl rdma::Poller for Poller {
+    fn poll(&mut self, now: Instant) -> usize {
+        if self.inner.stop.load(Ordering::Relaxed) {
+            if !self.stopped {
+                self.disconnect_all();
+                self.stopped = true;
+            }
+            return 0;
+        }
+        self.poll_work(now)
+    }
+
+    fn spell(&self) -> Spell {
+        if self.active.iter().any(Self::watched) {
+            // Commands in the device: the short spell, then sleep on its interrupts (or
+            // nap, see `arm`).
+            Spell::Device
+        } else if self.active.iter().any(|a| !a.q.polled()) {
+            // Pushed queues: their hosts resubmit right after a CQE.
+            Spell::Idle
+        } else {
+            // Only polled queues (the next doorbell's receive wakes the poller), or none.
+            Spell::None
+        }
+    }
+
+    fn arm(&mut self, _idle: Duration, wake: &mut WakeSet) -> Arm {
+        let busy = self.active.iter().any(Self::watched);
+        if busy && !self.interrupts() {
+            // Commands in polled NVMe queues: back off 25 µs → 800 µs (a nap costs a timer
+            // and two context switches, which on a TCG guest cost as much as the nap).
+            let nap = self.nap;
+            self.nap = (nap * 2).min(NAP_MAX);
+            return Arm::Nap(nap);
+        }
+        self.arm_sleep(busy, wake)
+    }
+
+    fn woken(&mut self, tag: u32) {
+        // The completion channel's events are drained when the poller next arms a sleep,
+        // interrupt eventfds cleared then; a CM event is read by the next poll.
+        if tag == TAG_CM {
+            self.cm_due = true;
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.stopped
+    }
+
+    fn shutdown(&mut self) {
+        self.disconnect_all();
+        self.stopped = true;
+    }
+}
+
 fn post_recv(conn: &Connection) -> rdma::Result<()> {
     let mut b = RecvBatch::<1>::new();
     b.recv(WrId::new(KIND_RECV, 0), None)?;
