@@ -298,16 +298,17 @@ fn main() {
     }
 }
 
-fn run() -> rdma::Result<()> {
+/// Command-line mistakes are plain messages; RDMA failures keep their typed source.
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let mut addr = std::env::var("NVMF_P2P_ADDR").ok();
     let (mut iters_bw, mut iters_lat) = (5000usize, 1000usize);
     let mut only: Option<(String, usize, usize)> = None;
     while let Some(a) = args.next() {
-        let mut num = |what: &str| -> rdma::Result<usize> {
+        let mut num = |what: &str| -> Result<usize, String> {
             args.next()
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| rdma::Error::InvalidArgument(format!("{what} needs a number")))
+                .ok_or_else(|| format!("{what} needs a number"))
         };
         match a.as_str() {
             "--iters-bw" => iters_bw = num("--iters-bw")?,
@@ -316,13 +317,11 @@ fn run() -> rdma::Result<()> {
             "--only" => {
                 // --only TEST SIZE ITERS: one measurement (scripts/bench-rdma interleaves
                 // these with perftest runs).
-                let test = args
-                    .next()
-                    .ok_or_else(|| rdma::Error::InvalidArgument("--only needs a test".into()))?;
-                let mut num = |what: &str| -> rdma::Result<usize> {
+                let test = args.next().ok_or("--only needs a test")?;
+                let mut num = |what: &str| -> Result<usize, String> {
                     args.next()
                         .and_then(|v| v.parse().ok())
-                        .ok_or_else(|| rdma::Error::InvalidArgument(format!("--only needs {what}")))
+                        .ok_or_else(|| format!("--only needs {what}"))
                 };
                 let size = num("a size")?;
                 let iters = num("an iteration count")?;
@@ -332,9 +331,9 @@ fn run() -> rdma::Result<()> {
         }
     }
     let ip: IpAddr = addr
-        .ok_or_else(|| rdma::Error::InvalidArgument("give an address or set NVMF_P2P_ADDR".into()))?
+        .ok_or("give an address or set NVMF_P2P_ADDR")?
         .parse()
-        .map_err(|e| rdma::Error::InvalidArgument(format!("bad address: {e}")))?;
+        .map_err(|e| format!("bad address: {e}"))?;
     let ctx = cm::context_for(ip)?;
     let pd = ProtectionDomain::new(&ctx)?;
     let p = connect(ip, &pd)?;
@@ -348,12 +347,10 @@ fn run() -> rdma::Result<()> {
     let dst = RegisteredBuffer::new(&pd, 64 << 10, Access::ALL)?;
     if let Some((test, size, iters)) = only {
         return match test.as_str() {
-            "write_bw" if size <= 64 << 10 => write_bw(&p, &src, &dst, size, iters),
-            "send_lat" if size <= 4096 => send_lat(&p, size, iters),
-            "write_lat" if size <= 2048 => write_lat(&p, size, iters),
-            _ => Err(rdma::Error::InvalidArgument(format!(
-                "unknown test {test} or size {size} too large"
-            ))),
+            "write_bw" if size <= 64 << 10 => Ok(write_bw(&p, &src, &dst, size, iters)?),
+            "send_lat" if size <= 4096 => Ok(send_lat(&p, size, iters)?),
+            "write_lat" if size <= 2048 => Ok(write_lat(&p, size, iters)?),
+            _ => Err(format!("unknown test {test} or size {size} too large").into()),
         };
     }
     for size in [8usize, 4096, 65536] {

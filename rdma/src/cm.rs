@@ -557,9 +557,7 @@ fn create_cm_qp(
 ) -> Result<QueuePair> {
     // SAFETY: live id.
     if unsafe { (*id.as_raw()).verbs } != pd.context().as_raw() {
-        return Err(Error::InvalidArgument(
-            "PD belongs to another device than the CM id (use cm::context_for)".into(),
-        ));
+        return Err(Error::ForeignPd);
     }
     let mut attr = init.to_attr();
     // SAFETY: live id and PD of the same context; CQs/SRQ kept alive by `init` clone in
@@ -568,8 +566,7 @@ fn create_cm_qp(
         return Err(last_os_error("rdma_create_qp"));
     }
     // SAFETY: rdma_create_qp succeeded, so id->qp is set.
-    let qp = NonNull::new(unsafe { (*id.as_raw()).qp })
-        .ok_or_else(|| Error::InvalidArgument("rdma_create_qp left no QP".into()))?;
+    let qp = NonNull::new(unsafe { (*id.as_raw()).qp }).ok_or(Error::NoQp)?;
     Ok(QueuePair::from_cm(qp, Arc::clone(id), pd, init))
 }
 

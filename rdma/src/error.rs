@@ -72,9 +72,49 @@ pub enum Error {
         /// Provider-specific detail.
         vendor_err: u32,
     },
-    /// A caller-supplied value is out of range (a slice outside an MR, a full batch...).
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// A byte range outside a memory region or registered buffer.
+    #[error("range {offset}+{len} outside {what} of {size} bytes")]
+    OutOfRange {
+        /// "MR" or "buffer".
+        what: &'static str,
+        /// First byte of the range.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+        /// Size of the region.
+        size: usize,
+    },
+    /// A volatile 8-byte access at an offset that is not 8-aligned.
+    #[error("offset {offset} is not {align}-aligned")]
+    Misaligned {
+        /// The offset.
+        offset: usize,
+        /// The alignment it needs.
+        align: usize,
+    },
+    /// A buffer of zero bytes was asked for.
+    #[error("zero-length buffer")]
+    EmptyBuffer,
+    /// A work-request batch has no room for another WR.
+    #[error("{what} batch full ({capacity} WRs)")]
+    BatchFull {
+        /// "send" or "recv".
+        what: &'static str,
+        /// The batch's capacity.
+        capacity: usize,
+    },
+    /// An inline payload longer than a WR can describe.
+    #[error("inline payload of {len} bytes is too long")]
+    InlineTooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// A PD of one device given for a CM id bound to another.
+    #[error("PD belongs to another device than the CM id (use cm::context_for)")]
+    ForeignPd,
+    /// `rdma_create_qp` reported success but set no QP.
+    #[error("rdma_create_qp left no QP")]
+    NoQp,
     /// Private data longer than the CM allows for this message.
     #[error("private data of {len} bytes exceeds the RDMA CM limit of {max} bytes for {what}")]
     PrivateDataTooLong {
@@ -217,6 +257,23 @@ mod tests {
             check_ret("x", libc::ENOMEM).unwrap_err().errno(),
             Some(libc::ENOMEM)
         );
+    }
+
+    #[test]
+    fn range_errors_carry_their_numbers() {
+        let e = Error::OutOfRange {
+            what: "MR",
+            offset: 4096,
+            len: 64,
+            size: 4096,
+        };
+        assert_eq!(e.to_string(), "range 4096+64 outside MR of 4096 bytes");
+        assert_eq!(e.errno(), None);
+        let e = Error::Misaligned {
+            offset: 4,
+            align: 8,
+        };
+        assert_eq!(e.to_string(), "offset 4 is not 8-aligned");
     }
 
     #[test]

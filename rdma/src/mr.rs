@@ -143,10 +143,12 @@ impl MemoryRegion {
     /// A scatter/gather entry for `[offset, offset + len)` of this region, bounds-checked.
     pub fn sge(&self, offset: usize, len: usize) -> Result<Sge> {
         if offset.checked_add(len).is_none_or(|end| end > self.len()) || len > u32::MAX as usize {
-            return Err(Error::InvalidArgument(format!(
-                "slice {offset}+{len} outside MR of {} bytes",
-                self.len()
-            )));
+            return Err(Error::OutOfRange {
+                what: "MR",
+                offset,
+                len,
+                size: self.len(),
+            });
         }
         Ok(Sge {
             addr: self.addr() + offset as u64,
@@ -193,7 +195,7 @@ impl RegisteredBuffer {
     /// Maps `len` zeroed bytes (rounded up to a page) and registers them.
     pub fn new(pd: &Arc<ProtectionDomain>, len: usize, access: Access) -> Result<Self> {
         if len == 0 {
-            return Err(Error::InvalidArgument("zero-length buffer".into()));
+            return Err(Error::EmptyBuffer);
         }
         // SAFETY: anonymous private mapping; the result is checked.
         let ptr = unsafe {
@@ -248,10 +250,12 @@ impl RegisteredBuffer {
 
     fn check(&self, offset: usize, len: usize) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(Error::InvalidArgument(format!(
-                "range {offset}+{len} outside buffer of {} bytes",
-                self.len
-            )));
+            return Err(Error::OutOfRange {
+                what: "buffer",
+                offset,
+                len,
+                size: self.len,
+            });
         }
         Ok(())
     }
@@ -281,9 +285,7 @@ impl RegisteredBuffer {
     pub fn read_volatile_u64(&self, offset: usize) -> Result<u64> {
         self.check(offset, 8)?;
         if offset & 7 != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "offset {offset} not 8-aligned"
-            )));
+            return Err(Error::Misaligned { offset, align: 8 });
         }
         // SAFETY: bounds and alignment checked (the mapping is page-aligned).
         Ok(unsafe { std::ptr::read_volatile(self.as_ptr().add(offset).cast::<u64>()) })
@@ -293,9 +295,7 @@ impl RegisteredBuffer {
     pub fn write_volatile_u64(&self, offset: usize, v: u64) -> Result<()> {
         self.check(offset, 8)?;
         if offset & 7 != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "offset {offset} not 8-aligned"
-            )));
+            return Err(Error::Misaligned { offset, align: 8 });
         }
         // SAFETY: bounds and alignment checked.
         unsafe { std::ptr::write_volatile(self.as_ptr().add(offset).cast::<u64>(), v) };

@@ -287,7 +287,10 @@ impl<'a, const N: usize> SendBatch<'a, N> {
         flags: SendFlags,
     ) -> Result<&mut sys::ibv_send_wr> {
         if self.len == N {
-            return Err(Error::InvalidArgument(format!("send batch full ({N} WRs)")));
+            return Err(Error::BatchFull {
+                what: "send",
+                capacity: N,
+            });
         }
         let i = self.len;
         self.len += 1;
@@ -328,8 +331,7 @@ impl<'a, const N: usize> SendBatch<'a, N> {
     ) -> Result<&mut Self> {
         let sge = Sge {
             addr: data.as_ptr() as u64,
-            len: u32::try_from(data.len())
-                .map_err(|_| Error::InvalidArgument("inline payload too long".into()))?,
+            len: u32::try_from(data.len()).map_err(|_| Error::InlineTooLong { len: data.len() })?,
             lkey: 0,
         };
         self.push(
@@ -485,7 +487,10 @@ impl<const N: usize> RecvBatch<N> {
     /// A RECV into `sge` (`None`: only for zero-length messages / WRITE_WITH_IMM).
     pub fn recv(&mut self, wr_id: WrId, sge: Option<Sge>) -> Result<&mut Self> {
         if self.len == N {
-            return Err(Error::InvalidArgument(format!("recv batch full ({N} WRs)")));
+            return Err(Error::BatchFull {
+                what: "recv",
+                capacity: N,
+            });
         }
         let i = self.len;
         self.len += 1;
@@ -607,7 +612,10 @@ mod tests {
         b.send(id(1), None, SendFlags::SIGNALED).unwrap();
         assert!(matches!(
             b.send(id(2), None, SendFlags::NONE),
-            Err(Error::InvalidArgument(_))
+            Err(Error::BatchFull {
+                what: "send",
+                capacity: 1
+            })
         ));
         b.clear();
         assert!(b.is_empty());

@@ -2,6 +2,17 @@
 
 use std::path::PathBuf;
 
+/// How a direct queue was found lost ([`Error::DirectQueueLost`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LostCause {
+    /// A work completion failed (status, opcode, QP and id in the rdma error).
+    #[error(transparent)]
+    WorkCompletion(#[from] rdma::Error),
+    /// The target's side of the connection went away (the CM event).
+    #[error("{0}")]
+    CmEvent(&'static str),
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -144,10 +155,215 @@ pub enum Error {
         #[source]
         source: rdma::Error,
     },
-    /// Setting up an initiator session ([`crate::nvmf_rdma::Session`]) failed; the message names
-    /// the step, the cause and what to check.
-    #[error("{0}")]
-    Session(String),
+    /// An RDMA verbs or RDMA CM operation of one queue failed.
+    #[error("queue {qid}: rdma: {op}: {source}")]
+    QueueRdma {
+        /// Queue id (0 = admin).
+        qid: u16,
+        /// What was being done.
+        op: &'static str,
+        /// The rdma crate's error.
+        #[source]
+        source: rdma::Error,
+    },
+    /// A system call of the transport (eventfd, thread spawn) failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The RDMA transport was given no address to listen on.
+    #[error("no listen address")]
+    NoListenAddress,
+    /// A listen address on another RDMA device than the target's first listener.
+    #[error(
+        "{addr} is on RDMA device {device}, the target serves on {serving}: one device per target"
+    )]
+    ListenerOnOtherDevice {
+        /// The address.
+        addr: std::net::IpAddr,
+        /// Its device.
+        device: String,
+        /// The device of the target's queue pairs.
+        serving: String,
+    },
+    /// A listener to remove is not there.
+    #[error("not listening on {addr}")]
+    NotListening {
+        /// The address.
+        addr: std::net::SocketAddr,
+    },
+    /// The serve loop that applies listener changes is not running (or did not answer).
+    #[error("the serve loop is not running")]
+    ServeLoopGone,
+    /// A poll group was asked to accept a queue pair before its buffer pool was registered.
+    #[error("buffer pool not registered with the poll group")]
+    PoolNotRegistered,
+    /// A poll group has no queue slot left.
+    #[error("too many queue pairs in one poll group (at most {max})")]
+    TooManyQueuePairs {
+        /// Slots a poll group has.
+        max: usize,
+    },
+    /// The route to a peer leads to no RDMA device.
+    #[error("no RDMA device on the route to {dst}")]
+    NoRouteDevice {
+        /// The peer.
+        dst: std::net::SocketAddr,
+    },
+    /// A command's in-capsule data is larger than the queue's capsules.
+    #[error("queue {qid}: {len} bytes of in-capsule data do not fit (at most {max})")]
+    CapsuleTooLarge {
+        /// Queue id.
+        qid: u16,
+        /// In-capsule data length.
+        len: usize,
+        /// Largest in-capsule data of the queue.
+        max: usize,
+    },
+    /// No response arrived in time.
+    #[error("queue {qid}: no response within {timeout:?}")]
+    NoResponse {
+        /// Queue id.
+        qid: u16,
+        /// How long was waited.
+        timeout: std::time::Duration,
+    },
+    /// The controller did not set CSTS.RDY after CC.EN.
+    #[error("queue {qid}: the controller never became ready (CSTS.RDY) within {timeout:?}")]
+    NotReady {
+        /// Queue id (the admin queue).
+        qid: u16,
+        /// How long was waited.
+        timeout: std::time::Duration,
+    },
+    /// The transport connection of an initiator queue could not be made.
+    #[error("cannot connect queue {qid} to {dst}: {source} (is a target listening there?)")]
+    Unreachable {
+        /// Target address.
+        dst: std::net::SocketAddr,
+        /// Queue id.
+        qid: u16,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The target refused a fabrics Connect (named by [`crate::fabrics::connect_refusal`]).
+    #[error("{dst}: {}", crate::fabrics::connect_refusal(*.sct, *.sc, *.result, .subnqn, .hostnqn))]
+    ConnectRefused {
+        /// Target address.
+        dst: std::net::SocketAddr,
+        /// Queue id.
+        qid: u16,
+        /// Subsystem NQN asked for.
+        subnqn: String,
+        /// Host NQN given.
+        hostnqn: String,
+        /// Status code type.
+        sct: u8,
+        /// Status code.
+        sc: u8,
+        /// Completion DW0 (IATTR/IPO).
+        result: u32,
+    },
+    /// A fabrics Connect failed for another reason than a refusal.
+    #[error("fabrics Connect of queue {qid} to {subnqn} at {dst} as {hostnqn} failed: {source}")]
+    ConnectFailed {
+        /// Target address.
+        dst: std::net::SocketAddr,
+        /// Queue id.
+        qid: u16,
+        /// Subsystem NQN asked for.
+        subnqn: String,
+        /// Host NQN given.
+        hostnqn: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Identify Namespace failed.
+    #[error("Identify namespace {nsid}: {source}")]
+    Identify {
+        /// Namespace id.
+        nsid: u32,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The namespace reports no size: it is not active on the subsystem.
+    #[error("namespace {nsid} is not active on {subnqn}")]
+    NamespaceInactive {
+        /// Namespace id.
+        nsid: u32,
+        /// Subsystem NQN.
+        subnqn: String,
+    },
+    /// A Keep Alive completed with an error status.
+    #[error("Keep Alive failed: {}", crate::fabrics::refusal(*.sct, *.sc))]
+    KeepAliveFailed {
+        /// Status code type.
+        sct: u8,
+        /// Status code.
+        sc: u8,
+    },
+    /// A Keep Alive was still unanswered when the next was due.
+    #[error("Keep Alive unanswered for {waited:?}: the target stopped answering")]
+    KeepAliveUnanswered {
+        /// How long it has been out.
+        waited: std::time::Duration,
+    },
+    /// A direct-mode I/O of a size the queue cannot carry.
+    #[error(
+        "queue {qid}: direct I/O of {len} bytes (a multiple of {lba_size} up to {max} is needed)"
+    )]
+    DirectIoSize {
+        /// Queue id.
+        qid: u16,
+        /// Requested length.
+        len: usize,
+        /// LBA size.
+        lba_size: usize,
+        /// Largest I/O of the queue.
+        max: usize,
+    },
+    /// A direct-mode zero-copy submission named a pool slot that is busy or not there.
+    #[error("queue {qid}: direct pool slot {slot} is {}", if *.busy { "in use" } else { "beyond the queue" })]
+    DirectSlot {
+        /// Queue id.
+        qid: u16,
+        /// The slot asked for.
+        slot: u16,
+        /// True: in use; false: beyond the queue's slots.
+        busy: bool,
+    },
+    /// A direct queue cannot carry the configured I/O size with what the target offered.
+    #[error("direct queue {qid} cannot carry {io_size}-byte I/O (LBA {lba_size}, MDTS {max_transfer}, pool {pool_len} for depth {depth})")]
+    DirectQueueShape {
+        /// Queue id.
+        qid: u16,
+        /// Configured I/O size.
+        io_size: usize,
+        /// LBA size of the namespace.
+        lba_size: usize,
+        /// Largest transfer the target allows.
+        max_transfer: u32,
+        /// Pool bytes the target offered.
+        pool_len: u64,
+        /// Queue depth.
+        depth: u16,
+    },
+    /// A direct queue is gone: a work request failed or the target disconnected.
+    #[error("queue {qid}: direct queue lost: {cause}")]
+    DirectQueueLost {
+        /// Queue id.
+        qid: u16,
+        /// What showed it.
+        #[source]
+        cause: LostCause,
+    },
     /// Malformed data received from a peer.
     #[error("malformed {what}: {reason}")]
     Malformed {

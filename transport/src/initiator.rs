@@ -1,8 +1,9 @@
 //! Userspace initiator core (protocol side): builds fabrics/admin/I/O capsules, matches
 //! responses to commands by CID, and records latencies for `perf`.
 //!
-//! The wire is abstracted by [`HostWire`] (the loopback host implements it; the RDMA host
-//! side will too), so the same queue logic runs in host tests and over RDMA.
+//! The wire is abstracted by [`HostWire`] (implemented by the loopback host and by
+//! [`crate::nvmf_rdma::RdmaHost`]), so the same queue logic runs in host tests and over
+//! RDMA.
 
 use std::time::{Duration, Instant};
 
@@ -225,29 +226,44 @@ pub fn wait<W: HostWire>(q: &mut InitiatorQueue<W>, timeout: Duration) -> Result
             return Ok(c);
         }
         if start.elapsed() > timeout {
-            return Err(Error::Transport {
+            return Err(Error::NoResponse {
                 qid: q.qid(),
-                reason: format!("no response within {timeout:?}"),
+                timeout,
             });
         }
         std::hint::spin_loop();
     }
 }
 
-/// A failed fabrics Connect as a named refusal ([`crate::fabrics::connect_refusal`]:
-/// "subsystem ... not found on this target", "host ... not allowed"); other errors as
-/// they are.
-pub fn connect_error(e: Error, dst: std::net::SocketAddr, subnqn: &str, hostnqn: &str) -> Error {
+/// A failed fabrics Connect of queue `qid`: a refusal as [`Error::ConnectRefused`] (named
+/// by [`crate::fabrics::connect_refusal`]: "subsystem ... not found on this target", "host
+/// ... not allowed"), anything else as [`Error::ConnectFailed`] with the cause as source.
+pub fn connect_error(
+    e: Error,
+    dst: std::net::SocketAddr,
+    qid: u16,
+    subnqn: &str,
+    hostnqn: &str,
+) -> Error {
     match e {
         Error::CommandFailed {
             sct, sc, result, ..
-        } => Error::Session(format!(
-            "{dst}: {}",
-            crate::fabrics::connect_refusal(sct, sc, result, subnqn, hostnqn)
-        )),
-        other => Error::Session(format!(
-            "fabrics Connect to {subnqn} at {dst} as {hostnqn} failed: {other}"
-        )),
+        } => Error::ConnectRefused {
+            dst,
+            qid,
+            subnqn: subnqn.to_string(),
+            hostnqn: hostnqn.to_string(),
+            sct,
+            sc,
+            result,
+        },
+        other => Error::ConnectFailed {
+            dst,
+            qid,
+            subnqn: subnqn.to_string(),
+            hostnqn: hostnqn.to_string(),
+            source: Box::new(other),
+        },
     }
 }
 
@@ -291,9 +307,9 @@ pub fn enable_controller<W: HostWire>(q: &mut InitiatorQueue<W>, timeout: Durati
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(Error::Transport {
+            return Err(Error::NotReady {
                 qid: q.qid(),
-                reason: "the controller never became ready (CSTS.RDY)".into(),
+                timeout,
             });
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -550,6 +566,70 @@ impl LatencyHistogram {
 mod tests {
     use super::*;
     use nvme::spec::io_opc;
+
+    /// A wire that takes every capsule and never answers.
+    struct Silent;
+
+    impl HostWire for Silent {
+        fn send_capsule(&mut self, _cmd: &[u8; 64], _icd: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn recv_response(&mut self) -> Option<Cqe> {
+            None
+        }
+    }
+
+    #[test]
+    fn unanswered_commands_are_typed_timeouts_naming_the_queue() {
+        let mut q = InitiatorQueue::new(Silent, 3, 4);
+        let t = Duration::from_millis(5);
+        let e = execute(&mut q, cmd::keep_alive(), &[], t).unwrap_err();
+        assert!(
+            matches!(e, Error::NoResponse { qid: 3, timeout } if timeout == t),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "queue 3: no response within 5ms");
+        let e = enable_controller(&mut q, t).unwrap_err();
+        assert!(matches!(e, Error::NoResponse { qid: 3, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn connect_errors_are_typed_with_the_cause_as_source() {
+        use std::error::Error as _;
+        let dst: std::net::SocketAddr = "10.0.0.1:4420".parse().unwrap();
+        let refused = Error::CommandFailed {
+            qid: 2,
+            cid: 0,
+            sct: 1,
+            sc: crate::fabrics::connect_status::INVALID_HOST,
+            result: 0,
+        };
+        let e = connect_error(refused, dst, 2, "nqn.s", "nqn.h");
+        assert!(
+            matches!(&e, Error::ConnectRefused { qid: 2, subnqn, hostnqn, .. }
+                if subnqn == "nqn.s" && hostnqn == "nqn.h"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("10.0.0.1:4420: host nqn.h is not allowed by subsystem nqn.s"),
+            "{text}"
+        );
+        let lost = Error::NoResponse {
+            qid: 2,
+            timeout: Duration::from_secs(1),
+        };
+        let e = connect_error(lost, dst, 2, "nqn.s", "nqn.h");
+        assert!(matches!(e, Error::ConnectFailed { qid: 2, .. }), "{e:?}");
+        let source = e.source().expect("the cause is the source");
+        assert_eq!(source.to_string(), "queue 2: no response within 1s");
+        assert!(
+            e.to_string().starts_with(
+                "fabrics Connect of queue 2 to nqn.s at 10.0.0.1:4420 as nqn.h failed"
+            ),
+            "{e}"
+        );
+    }
 
     #[test]
     fn histogram_percentiles() {

@@ -35,10 +35,10 @@ use super::proto::{
     detach_sqe, polled_imm, reply_flags, AttachRequest, ConnectPrivate, Descriptor, Level,
     ACCEPT_CQ_POLLED, ACCEPT_READS_PUSHED, CONNECT_CQ_POLLED, CQ_READ_ENTRIES, FLAG_CQ_POLL,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, LostCause, Result};
 use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use crate::initiator::{cmd, enable_controller, execute, InitiatorQueue};
-use crate::nvmf_rdma::RdmaHost;
+use crate::nvmf_rdma::{queue_err, RdmaHost};
 
 const T: Duration = Duration::from_secs(10);
 const RECV_SLACK: u32 = 16;
@@ -54,17 +54,6 @@ const KIND_READ: u8 = 3;
 const KIND_CQ_READ: u8 = 4;
 /// The id of the WRs of a submission chain that carry no command (SQEs, doorbells).
 const CHAIN: WrId = WrId::new(KIND_CHAIN, 0);
-
-fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
-    move |source| Error::Rdma { op, source }
-}
-
-fn lost(reason: String) -> Error {
-    Error::Transport {
-        qid: u16::MAX,
-        reason,
-    }
-}
 
 /// Where and who.
 #[derive(Clone, Debug)]
@@ -109,15 +98,18 @@ impl Completions {
     }
 }
 
+/// A completions name that is neither `pushed` nor `polled`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("completions: '{0}' is neither 'pushed' nor 'polled'")]
+pub struct UnknownCompletions(pub String);
+
 impl std::str::FromStr for Completions {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownCompletions;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownCompletions> {
         match s {
             "pushed" => Ok(Completions::Pushed),
             "polled" => Ok(Completions::Polled),
-            _ => Err(format!(
-                "completions: '{s}' is neither 'pushed' nor 'polled'"
-            )),
+            _ => Err(UnknownCompletions(s.to_string())),
         }
     }
 }
@@ -295,14 +287,16 @@ impl DirectHost {
         let mut admin = InitiatorQueue::new(host, 0, 31);
         let data = cmd::connect_data([0x44; 16], CNTLID_DYNAMIC, &opts.subnqn, &opts.hostnqn);
         abuf.write(0, data.as_bytes())
-            .map_err(rdma_err("admin buffer"))?;
+            .map_err(queue_err(0, "admin buffer"))?;
         execute(
             &mut admin,
             cmd::connect(0, 31, 0, keyed(&abuf, 0, 1024)),
             &[],
             T,
         )
-        .map_err(|e| crate::initiator::connect_error(e, opts.addr, &opts.subnqn, &opts.hostnqn))?;
+        .map_err(|e| {
+            crate::initiator::connect_error(e, opts.addr, 0, &opts.subnqn, &opts.hostnqn)
+        })?;
         enable_controller(&mut admin, T)?;
         Ok(DirectHost { admin, abuf, opts })
     }
@@ -323,7 +317,7 @@ impl DirectHost {
         sqe.set_dptr(d);
         self.abuf
             .write(0, &[0u8; 256])
-            .map_err(|e| AttachError::Other(rdma_err("admin buffer")(e)))?;
+            .map_err(|e| AttachError::Other(queue_err(0, "admin buffer")(e)))?;
         match execute(&mut self.admin, sqe, &[], T) {
             Ok(_) => {}
             Err(Error::CommandFailed { sct, sc, .. }) => {
@@ -334,9 +328,13 @@ impl DirectHost {
         let mut raw = [0u8; 256];
         self.abuf
             .read(0, &mut raw)
-            .map_err(|e| AttachError::Other(rdma_err("admin buffer")(e)))?;
-        Descriptor::parse(&raw)
-            .ok_or_else(|| AttachError::Other(lost("malformed direct-mode descriptor".into())))
+            .map_err(|e| AttachError::Other(queue_err(0, "admin buffer")(e)))?;
+        Descriptor::parse(&raw).ok_or_else(|| {
+            AttachError::Other(Error::Malformed {
+                what: "direct-mode descriptor",
+                reason: "wrong magic or version, unknown level, or depth below 2".into(),
+            })
+        })
     }
 
     /// Attaches and opens the direct connection, retrying while the target says the
@@ -549,6 +547,7 @@ pub struct DirectQueue {
 
 impl DirectQueue {
     fn open(opts: &HostOptions, desc: Descriptor) -> Result<DirectQueue> {
+        let qid = desc.qid.get();
         let depth = desc.depth.get();
         let stride = slot_stride(opts.io_size);
         let lba = desc.lba_size.get() as usize;
@@ -559,35 +558,35 @@ impl DirectQueue {
             || opts.io_size > desc.max_transfer.get() as usize
             || (desc.pool_len.get() as usize) < usize::from(depth) * stride
         {
-            return Err(lost(format!(
-                "direct queue cannot carry {}-byte I/O (LBA {lba}, MDTS {}, pool {} for depth {depth})",
-                opts.io_size,
-                desc.max_transfer.get(),
-                desc.pool_len.get()
-            )));
+            return Err(Error::DirectQueueShape {
+                qid,
+                io_size: opts.io_size,
+                lba_size: lba,
+                max_transfer: desc.max_transfer.get(),
+                pool_len: desc.pool_len.get(),
+                depth,
+            });
         }
         let dst = SocketAddr::new(opts.addr.ip(), desc.port.get());
-        let connector = Connector::resolve(dst, T).map_err(rdma_err("resolve (direct)"))?;
-        let ctx = connector
-            .context()
-            .ok_or_else(|| lost("no RDMA device for the direct route".into()))?;
-        let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
+        let connector = Connector::resolve(dst, T).map_err(queue_err(qid, "resolve (direct)"))?;
+        let ctx = connector.context().ok_or(Error::NoRouteDevice { dst })?;
+        let pd = ProtectionDomain::new(&ctx).map_err(queue_err(qid, "alloc PD"))?;
         let recv_slots = u32::from(depth) + RECV_SLACK;
         let send_max = 3 * u32::from(depth) + 8;
         let cq = CompletionQueue::new(&ctx, send_max + recv_slots + 8, None)
-            .map_err(rdma_err("create CQ"))?;
+            .map_err(queue_err(qid, "create CQ"))?;
         let mut init = QpInit::new(&cq);
         init.max_send_wr = send_max;
         init.max_recv_wr = recv_slots;
         init.max_inline_data = 64;
         let data = RegisteredBuffer::new(&pd, usize::from(depth) * stride, Access::ALL)
-            .map_err(rdma_err("data buffers"))?;
+            .map_err(queue_err(qid, "data buffers"))?;
         let recv = RegisteredBuffer::new(&pd, RECV_SLOT * recv_slots as usize, Access::LOCAL_WRITE)
-            .map_err(rdma_err("CQE ring"))?;
+            .map_err(queue_err(qid, "CQE ring"))?;
         let sq_stage = RegisteredBuffer::new(&pd, usize::from(depth) * 64, Access::LOCAL_WRITE)
-            .map_err(rdma_err("SQE staging ring"))?;
+            .map_err(queue_err(qid, "SQE staging ring"))?;
         let cq_buf = RegisteredBuffer::new(&pd, 16 * CQ_READ_ENTRIES, Access::LOCAL_WRITE)
-            .map_err(rdma_err("CQ read buffer"))?;
+            .map_err(queue_err(qid, "CQ read buffer"))?;
         // Ask the target to push read data into our buffer before each read's CQE (pushed
         // completions only; a target that agrees to polling ignores it).
         let mut private = ConnectPrivate::new(desc.token.get());
@@ -599,7 +598,7 @@ impl DirectQueue {
         }
         let conn = connector
             .connect(&pd, &init, private.as_bytes(), T)
-            .map_err(rdma_err("connect (direct)"))?;
+            .map_err(queue_err(qid, "connect (direct)"))?;
         let reply = reply_flags(conn.peer_private_data());
         let completions = if reply & ACCEPT_CQ_POLLED != 0 {
             Completions::Polled
@@ -661,6 +660,11 @@ impl DirectQueue {
         Ok(q)
     }
 
+    /// The queue id the target gave the direct queue.
+    fn qid(&self) -> u16 {
+        self.desc.qid.get()
+    }
+
     /// The descriptor the target returned.
     pub fn descriptor(&self) -> &Descriptor {
         &self.desc
@@ -704,14 +708,14 @@ impl DirectQueue {
             .recv
             .mr()
             .sge(i as usize * RECV_SLOT, RECV_SLOT)
-            .map_err(rdma_err("recv sge"))?;
+            .map_err(queue_err(self.qid(), "recv sge"))?;
         let mut b = RecvBatch::<1>::new();
         b.recv(WrId::new(KIND_RECV, i), Some(sge))
-            .map_err(rdma_err("recv"))?;
+            .map_err(queue_err(self.qid(), "recv"))?;
         self.conn
             .qp()
             .post_recv(&mut b)
-            .map_err(rdma_err("post recv"))
+            .map_err(queue_err(self.qid(), "post recv"))
     }
 
     /// Writes `data` (a multiple of the LBA size, ≤ the I/O size) at `lba`.
@@ -764,14 +768,23 @@ impl DirectQueue {
     ) -> Result<u16> {
         let lba_size = self.desc.lba_size.get() as usize;
         if len == 0 || !len.is_multiple_of(lba_size) || len > self.stride || len > 8192 {
-            return Err(lost(format!("direct I/O of {len} bytes")));
+            return Err(Error::DirectIoSize {
+                qid: self.qid(),
+                len,
+                lba_size,
+                max: self.stride.min(8192),
+            });
         }
         let nlb = (len / lba_size) as u64;
         if lba
             .checked_add(nlb)
             .is_none_or(|e| e > self.desc.blocks.get())
         {
-            return Err(lost(format!("LBA {lba}+{nlb} beyond the namespace")));
+            return Err(Error::LbaOutOfRange {
+                slba: lba,
+                nlb,
+                blocks: self.desc.blocks.get(),
+            });
         }
         let cid = match slot {
             None => self.free.pop(),
@@ -785,12 +798,18 @@ impl DirectQueue {
         let Some(cid) = cid else {
             if let Some(want) = slot.filter(|&w| usize::from(w) < self.capacity()) {
                 if self.slots[usize::from(want)].busy {
-                    return Err(lost(format!("direct pool slot {want} is in use")));
+                    return Err(Error::DirectSlot {
+                        qid: self.qid(),
+                        slot: want,
+                        busy: true,
+                    });
                 }
-            } else if slot.is_some() {
-                return Err(lost(format!(
-                    "direct pool slot {slot:?} is beyond the queue"
-                )));
+            } else if let Some(want) = slot {
+                return Err(Error::DirectSlot {
+                    qid: self.qid(),
+                    slot: want,
+                    busy: false,
+                });
             }
             return Err(Error::QueueFull {
                 qid: self.desc.qid.get(),
@@ -801,7 +820,7 @@ impl DirectQueue {
         if let (true, Some(data)) = (write, data) {
             if let Err(e) = self.data.write(off, data) {
                 self.free.push(cid);
-                return Err(rdma_err("stage data")(e));
+                return Err(queue_err(self.qid(), "stage data")(e));
             }
         }
         // Target-provided values: wrapping arithmetic, never a panic.
@@ -822,7 +841,7 @@ impl DirectQueue {
         let slot = self.tail;
         if let Err(e) = self.sq_stage.write(usize::from(slot) * 64, sqe.as_bytes()) {
             self.free.push(cid);
-            return Err(rdma_err("stage SQE")(e));
+            return Err(queue_err(self.qid(), "stage SQE")(e));
         }
         self.queued.push(cid);
         self.tail = if slot + 1 == depth { 0 } else { slot + 1 };
@@ -860,7 +879,7 @@ impl DirectQueue {
             let r = self.post_batch(done, n);
             if let Err(e) = r {
                 self.queued.clear();
-                return Err(rdma_err("post direct submissions")(e));
+                return Err(queue_err(self.qid(), "post direct submissions")(e));
             }
             done += n;
         }
@@ -975,7 +994,7 @@ impl DirectQueue {
         let n = self
             .cq
             .poll(&mut self.wcs[..])
-            .map_err(rdma_err("poll CQ"))?;
+            .map_err(queue_err(self.qid(), "poll CQ"))?;
         let done = self.handle(n, &mut f)?;
         if self.completions == Completions::Polled {
             self.read_cq()?;
@@ -990,8 +1009,11 @@ impl DirectQueue {
         let mut done = 0;
         for i in 0..n {
             let wc = self.wcs[i];
-            if !wc.is_ok() {
-                return Err(lost(format!("direct queue lost: {}", wc.status())));
+            if let Err(e) = wc.result() {
+                return Err(Error::DirectQueueLost {
+                    qid: self.qid(),
+                    cause: LostCause::WorkCompletion(e),
+                });
             }
             let id = wc.wr_id();
             match id.kind() {
@@ -1002,7 +1024,7 @@ impl DirectQueue {
                     let mut raw = [0u8; 16 * CQES_PER_SEND];
                     self.recv
                         .read(idx as usize * RECV_SLOT, &mut raw[..count * 16])
-                        .map_err(rdma_err("read CQE"))?;
+                        .map_err(queue_err(self.qid(), "read CQE"))?;
                     self.post_recv(idx % self.recv_slots)?;
                     self.ops.recvs += 1;
                     for k in 0..count {
@@ -1044,7 +1066,7 @@ impl DirectQueue {
         let mut raw = [0u8; 16 * CQ_READ_ENTRIES];
         self.cq_buf
             .read(0, &mut raw[..count * 16])
-            .map_err(rdma_err("read CQ entries"))?;
+            .map_err(queue_err(self.qid(), "read CQ entries"))?;
         let (mut found, mut done) = (0, 0);
         let qid = self.desc.qid.get();
         for e in raw[..count * 16].chunks_exact(16) {
@@ -1098,7 +1120,7 @@ impl DirectQueue {
             .cq_buf
             .mr()
             .sge(0, n * 16)
-            .map_err(rdma_err("CQ read sge"))?;
+            .map_err(queue_err(self.qid(), "CQ read sge"))?;
         let remote = RemoteAddr {
             addr: self
                 .desc
@@ -1110,11 +1132,11 @@ impl DirectQueue {
         };
         let mut b = SendBatch::<1>::new();
         b.read(WrId::new(KIND_CQ_READ, 0), sge, remote, SendFlags::SIGNALED)
-            .map_err(rdma_err("CQ read"))?;
+            .map_err(queue_err(self.qid(), "CQ read"))?;
         self.conn
             .qp()
             .post_send(&mut b)
-            .map_err(rdma_err("post CQ read"))?;
+            .map_err(queue_err(self.qid(), "post CQ read"))?;
         self.cq_read_out = true;
         self.cq_read_len = n;
         Ok(())
@@ -1137,13 +1159,14 @@ impl DirectQueue {
                 CmEventKind::Disconnected
                 | CmEventKind::DeviceRemoval
                 | CmEventKind::ConnectError
-                | CmEventKind::Unreachable => {
-                    Err(lost(format!("direct queue lost: {}", ev.name())))
-                }
+                | CmEventKind::Unreachable => Err(Error::DirectQueueLost {
+                    qid: self.qid(),
+                    cause: LostCause::CmEvent(ev.name()),
+                }),
                 _ => Ok(()),
             },
             Ok(None) => Ok(()),
-            Err(e) => Err(rdma_err("CM event")(e)),
+            Err(e) => Err(queue_err(self.qid(), "CM event")(e)),
         }
     }
 
@@ -1154,7 +1177,7 @@ impl DirectQueue {
             .data
             .mr()
             .sge(off, s.len as usize)
-            .map_err(rdma_err("read sge"))?;
+            .map_err(queue_err(self.qid(), "read sge"))?;
         let pool = RemoteAddr {
             addr: self.desc.pool.addr.get().wrapping_add(off as u64),
             rkey: self.desc.pool.rkey.get(),
@@ -1166,11 +1189,11 @@ impl DirectQueue {
             pool,
             SendFlags::SIGNALED,
         )
-        .map_err(rdma_err("read"))?;
+        .map_err(queue_err(self.qid(), "read"))?;
         self.conn
             .qp()
             .post_send(&mut b)
-            .map_err(rdma_err("post read"))?;
+            .map_err(queue_err(self.qid(), "post read"))?;
         self.ops.reads += 1;
         Ok(())
     }
@@ -1296,7 +1319,12 @@ mod tests {
         for c in [Completions::Pushed, Completions::Polled] {
             assert_eq!(c.name().parse::<Completions>(), Ok(c));
         }
-        assert!("push".parse::<Completions>().is_err());
+        let e = "push".parse::<Completions>().unwrap_err();
+        assert_eq!(e, UnknownCompletions("push".into()));
+        assert_eq!(
+            e.to_string(),
+            "completions: 'push' is neither 'pushed' nor 'polled'"
+        );
     }
 
     proptest::proptest! {

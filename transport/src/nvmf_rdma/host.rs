@@ -14,7 +14,7 @@ use rdma::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::rdma_err;
+use super::queue_err;
 use crate::error::{Error, Result};
 use crate::fabrics::CmAccept;
 use crate::initiator::{cm_request, HostWire};
@@ -61,16 +61,13 @@ impl RdmaHost {
         icd_max: u32,
         timeout: Duration,
     ) -> Result<Self> {
-        let conn_err = |reason: String| Error::Transport { qid, reason };
-        let connector = Connector::resolve(dst, timeout).map_err(rdma_err("resolve"))?;
-        let ctx = connector
-            .context()
-            .ok_or_else(|| conn_err("no RDMA device for the route".into()))?;
-        let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
+        let connector = Connector::resolve(dst, timeout).map_err(queue_err(qid, "resolve"))?;
+        let ctx = connector.context().ok_or(Error::NoRouteDevice { dst })?;
+        let pd = ProtectionDomain::new(&ctx).map_err(queue_err(qid, "alloc PD"))?;
         let slots = u32::from(entries) + 1;
-        let chan = CompletionChannel::new(&ctx).map_err(rdma_err("completion channel"))?;
+        let chan = CompletionChannel::new(&ctx).map_err(queue_err(qid, "completion channel"))?;
         let cq = CompletionQueue::new(&ctx, 2 * slots + 8, Some(&chan))
-            .map_err(rdma_err("create CQ"))?;
+            .map_err(queue_err(qid, "create CQ"))?;
         let mut init = QpInit::new(&cq);
         init.max_send_wr = slots;
         init.max_recv_wr = slots;
@@ -78,9 +75,9 @@ impl RdmaHost {
         let send_stride = 64 + icd_max as usize;
         let send_ring =
             RegisteredBuffer::new(&pd, send_stride * usize::from(entries), Access::LOCAL_WRITE)
-                .map_err(rdma_err("send ring"))?;
+                .map_err(queue_err(qid, "send ring"))?;
         let recv_ring = RegisteredBuffer::new(&pd, 16 * slots as usize, Access::LOCAL_WRITE)
-            .map_err(rdma_err("recv ring"))?;
+            .map_err(queue_err(qid, "recv ring"))?;
         let req = cm_request(qid, entries);
         let conn = connector
             .connect(&pd, &init, req.as_bytes(), timeout)
@@ -90,7 +87,8 @@ impl RdmaHost {
                 } if private_data.len() >= 4 => Error::CmReject {
                     status: u16::from_le_bytes([private_data[2], private_data[3]]),
                 },
-                e => Error::Rdma {
+                e => Error::QueueRdma {
+                    qid,
                     op: "connect",
                     source: e,
                 },
@@ -135,7 +133,8 @@ impl RdmaHost {
 
     /// Registers `len` bytes the target may RDMA READ and WRITE (data buffers).
     pub fn register(&self, len: usize) -> Result<RegisteredBuffer> {
-        RegisteredBuffer::new(&self.pd, len, Access::ALL).map_err(rdma_err("data buffer"))
+        RegisteredBuffer::new(&self.pd, len, Access::ALL)
+            .map_err(queue_err(self.qid, "data buffer"))
     }
 
     /// With `on`, [`HostWire::send_capsule`] only stages a capsule in the send ring and
@@ -160,18 +159,18 @@ impl RdmaHost {
                     .send_ring
                     .mr()
                     .sge(usize::from(slot) * self.send_stride, len as usize)
-                    .map_err(rdma_err("send sge"))?;
+                    .map_err(queue_err(self.qid, "send sge"))?;
                 b.send(
                     WrId::new(KIND_SEND, u32::from(slot)),
                     Some(sge),
                     SendFlags::SIGNALED,
                 )
-                .map_err(rdma_err("send"))?;
+                .map_err(queue_err(self.qid, "send"))?;
             }
             let r = self.conn.qp().post_send(&mut b);
             if let Err(e) = r {
                 self.deferred.clear();
-                return Err(rdma_err("post send")(e));
+                return Err(queue_err(self.qid, "post send")(e));
             }
             done += n;
         }
@@ -184,37 +183,33 @@ impl RdmaHost {
             .recv_ring
             .mr()
             .sge(usize::from(i) * 16, 16)
-            .map_err(rdma_err("recv sge"))?;
+            .map_err(queue_err(self.qid, "recv sge"))?;
         let mut b = RecvBatch::<1>::new();
         b.recv(WrId::new(KIND_RECV, u32::from(i)), Some(sge))
-            .map_err(rdma_err("recv"))?;
+            .map_err(queue_err(self.qid, "recv"))?;
         self.conn
             .qp()
             .post_recv(&mut b)
-            .map_err(rdma_err("post recv"))
+            .map_err(queue_err(self.qid, "post recv"))
     }
 
     fn poll_cq(&mut self) -> Result<()> {
         let n = self
             .cq
             .poll(&mut self.wcs[..])
-            .map_err(rdma_err("poll CQ"))?;
+            .map_err(queue_err(self.qid, "poll CQ"))?;
         for i in 0..n {
             let wc = self.wcs[i];
             let id = wc.wr_id();
-            if !wc.is_ok() {
-                return Err(Error::Transport {
-                    qid: self.qid,
-                    reason: format!("work completion: {}", wc.status()),
-                });
-            }
+            wc.result()
+                .map_err(queue_err(self.qid, "work completion"))?;
             // Ring slots are u16: exact.
             let idx = id.tag() as u16;
             if id.kind() == KIND_RECV {
                 let mut raw = [0u8; 16];
                 self.recv_ring
                     .read(usize::from(idx) * 16, &mut raw)
-                    .map_err(rdma_err("read response"))?;
+                    .map_err(queue_err(self.qid, "read response"))?;
                 self.post_recv(idx)?;
                 self.responses
                     .push_back(Cqe::read_from_bytes(&raw).unwrap_or_default());
@@ -244,18 +239,19 @@ impl HostWire for RdmaHost {
         };
         if 64 + icd.len() > self.send_stride {
             self.send_free.push(slot);
-            return Err(Error::Transport {
+            return Err(Error::CapsuleTooLarge {
                 qid: self.qid,
-                reason: format!("{} bytes of in-capsule data do not fit", icd.len()),
+                len: icd.len(),
+                max: self.send_stride - 64,
             });
         }
         let off = usize::from(slot) * self.send_stride;
         self.send_ring
             .write(off, cmd)
-            .map_err(rdma_err("capsule"))?;
+            .map_err(queue_err(self.qid, "capsule"))?;
         self.send_ring
             .write(off + 64, icd)
-            .map_err(rdma_err("capsule"))?;
+            .map_err(queue_err(self.qid, "capsule"))?;
         if self.defer {
             self.deferred.push((slot, (64 + icd.len()) as u32));
             return Ok(());
@@ -264,18 +260,18 @@ impl HostWire for RdmaHost {
             .send_ring
             .mr()
             .sge(off, 64 + icd.len())
-            .map_err(rdma_err("send sge"))?;
+            .map_err(queue_err(self.qid, "send sge"))?;
         let mut b = SendBatch::<1>::new();
         b.send(
             WrId::new(KIND_SEND, u32::from(slot)),
             Some(sge),
             SendFlags::SIGNALED,
         )
-        .map_err(rdma_err("send"))?;
+        .map_err(queue_err(self.qid, "send"))?;
         self.conn
             .qp()
             .post_send(&mut b)
-            .map_err(rdma_err("post send"))
+            .map_err(queue_err(self.qid, "post send"))
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -286,7 +282,7 @@ impl HostWire for RdmaHost {
         // Armed once until the event is consumed: ibv_req_notify_cq is a system call on
         // rxe (FACTS.md), re-arming an armed CQ would only repeat it.
         if !self.armed {
-            self.cq.arm(false).map_err(rdma_err("arm CQ"))?;
+            self.cq.arm(false).map_err(queue_err(self.qid, "arm CQ"))?;
             self.armed = true;
         }
         Ok(true)

@@ -16,8 +16,11 @@
 //! transfer has been reported, then drops the queue pair: QP first, then the CM id, then
 //! the receive ring it covered.
 //!
-//! Not yet here (see the crate report): SRQ per poll group, send-with-invalidate, the
-//! `rdma::Engine` as the idle sleeper, registration of VFIO DMA memory as the pool.
+//! Each poll group has a shared receive queue (`RdmaTransport::set_srq_depth`; 0 gives
+//! every queue pair its own receive queue), its threads run on the `rdma::reactor`
+//! (`serve.rs`), and the buffer pool it registers may be a controller's DMA memory
+//! ([`WirePollGroup::register_memory`]). Not here: SEND_WITH_INVALIDATE (the host
+//! invalidates its key itself, see [`Qpair::send_response`]).
 
 mod host;
 mod serve;
@@ -55,6 +58,11 @@ fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
     move |source| Error::Rdma { op, source }
 }
 
+/// An rdma error of queue `qid` (initiator queues, which know their queue id).
+pub(crate) fn queue_err(qid: u16, op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
+    move |source| Error::QueueRdma { qid, op, source }
+}
+
 /// Connection state shared between the transport (which sees CM events) and the queue pair.
 struct Link {
     connected: AtomicBool,
@@ -74,10 +82,7 @@ pub struct RdmaTransport {
 impl RdmaTransport {
     /// Listens on `addrs` (all on one RDMA device: the first address picks it).
     pub fn listen(addrs: &[SocketAddr]) -> Result<Self> {
-        let first = addrs.first().ok_or_else(|| Error::Transport {
-            qid: u16::MAX,
-            reason: "no listen address".into(),
-        })?;
+        let first = addrs.first().ok_or(Error::NoListenAddress)?;
         let ctx = context_for(first.ip()).map_err(rdma_err("device for listen address"))?;
         let pd = ProtectionDomain::new(&ctx).map_err(rdma_err("alloc PD"))?;
         let channel = EventChannel::new().map_err(rdma_err("CM event channel"))?;
@@ -113,14 +118,10 @@ impl RdmaTransport {
         if !addr.ip().is_unspecified() {
             let ctx = context_for(addr.ip()).map_err(rdma_err("device for listen address"))?;
             if ctx.name() != self.ctx.name() {
-                return Err(Error::Transport {
-                    qid: u16::MAX,
-                    reason: format!(
-                        "{} is on RDMA device {}, the target serves on {}: one device per target",
-                        addr.ip(),
-                        ctx.name(),
-                        self.ctx.name()
-                    ),
+                return Err(Error::ListenerOnOtherDevice {
+                    addr: addr.ip(),
+                    device: ctx.name(),
+                    serving: self.ctx.name(),
                 });
             }
         }
@@ -460,10 +461,7 @@ impl WirePollGroup for RdmaPollGroup {
         entries: u16,
         icd_size: u32,
     ) -> Result<RdmaQpair> {
-        let pool = self.pool_mr.clone().ok_or_else(|| Error::Transport {
-            qid: u16::MAX,
-            reason: "buffer pool not registered".into(),
-        })?;
+        let pool = self.pool_mr.clone().ok_or(Error::PoolNotRegistered)?;
         let stride = 64 + icd_size as usize;
         let shared = self.srq_ring(stride)?;
         let ring = match &shared {
@@ -494,10 +492,12 @@ impl WirePollGroup for RdmaPollGroup {
         let gen = self.slots[slot]
             .as_ref()
             .map_or(0, |s| s.gen.wrapping_add(1));
-        let slot16 = u16::try_from(slot).map_err(|_| Error::Transport {
-            qid: u16::MAX,
-            reason: "too many queue pairs in one poll group".into(),
-        })?;
+        // SRQ_SLOT marks shared receives: queue pairs use the slots below it.
+        let slot16 = u16::try_from(slot).ok().filter(|&s| s != SRQ_SLOT).ok_or(
+            Error::TooManyQueuePairs {
+                max: usize::from(SRQ_SLOT),
+            },
+        )?;
         let sq_max = 2 * u32::from(entries) + 2;
         let init = QpInit {
             send_cq: self.cq.clone(),

@@ -81,9 +81,9 @@ const LISTENER_OP_WAIT: Duration = Duration::from_secs(5);
 impl ListenerControl {
     /// A control and the receiving side to pass to [`serve_with`].
     pub fn new() -> Result<(ListenerControl, ListenerOps)> {
-        let wake = Arc::new(EventFd::new().map_err(|e| Error::Transport {
-            qid: u16::MAX,
-            reason: format!("listener control eventfd: {e}"),
+        let wake = Arc::new(EventFd::new().map_err(|source| Error::Io {
+            op: "listener control eventfd",
+            source,
         })?);
         let (tx, rx) = unbounded();
         Ok((
@@ -97,13 +97,10 @@ impl ListenerControl {
 
     fn ask(&self, op: impl FnOnce(Sender<Result<()>>) -> ListenerOp) -> Result<()> {
         let (reply, rx) = bounded(1);
-        let gone = || Error::Transport {
-            qid: u16::MAX,
-            reason: "the serve loop is not running".into(),
-        };
-        self.tx.send(op(reply)).map_err(|_| gone())?;
+        self.tx.send(op(reply)).map_err(|_| Error::ServeLoopGone)?;
         self.wake.signal();
-        rx.recv_timeout(LISTENER_OP_WAIT).map_err(|_| gone())?
+        rx.recv_timeout(LISTENER_OP_WAIT)
+            .map_err(|_| Error::ServeLoopGone)?
     }
 
     /// Binds and listens on `addr` (an error if it cannot: the address is not local, or
@@ -129,10 +126,7 @@ fn apply_listener_ops(transport: &mut RdmaTransport, ops: &ListenerOps) {
                 let r = if transport.remove_listener(addr) {
                     Ok(())
                 } else {
-                    Err(Error::Transport {
-                        qid: u16::MAX,
-                        reason: format!("not listening on {addr}"),
-                    })
+                    Err(Error::NotListening { addr })
                 };
                 let _ = reply.send(r);
             }
@@ -180,10 +174,8 @@ pub fn serve_with_control(
     let mut reactors = Vec::with_capacity(groups.len());
     let mut extra = Some(pollers);
     for group in groups {
-        let mut reactor = Reactor::new(opts).map_err(|e| Error::Transport {
-            qid: u16::MAX,
-            reason: format!("cannot create a poll group's reactor: {e}"),
-        })?;
+        let mut reactor =
+            Reactor::new(opts).map_err(super::rdma_err("create a poll group's reactor"))?;
         reactor.add(Box::new(GroupPoller { group }));
         for p in extra.take().into_iter().flatten() {
             reactor.add(p);
@@ -199,9 +191,9 @@ pub fn serve_with_control(
                 .name(format!("nvmf-group{i}"))
                 .spawn_scoped(s, move || run_reactor(reactor, stop, core));
             if let Err(e) = spawned {
-                failed = Some(crate::error::Error::Transport {
-                    qid: u16::MAX,
-                    reason: format!("cannot start poll group thread {i}: {e}"),
+                failed = Some(crate::error::Error::Io {
+                    op: "start a poll group thread",
+                    source: e,
                 });
                 // The groups already running drain and end.
                 stop.store(true, Ordering::Relaxed);

@@ -10,7 +10,7 @@ use nvme::spec::{cns, IdentifyNamespace};
 use rdma::RegisteredBuffer;
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::RdmaHost;
+use super::{queue_err, RdmaHost};
 use crate::error::{Error, Result};
 use crate::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
 use crate::initiator::{cmd, enable_controller, execute, InitiatorQueue};
@@ -83,13 +83,6 @@ pub fn hostid_of(hostnqn: &str) -> [u8; 16] {
     id
 }
 
-fn buf_err(e: rdma::Error) -> Error {
-    Error::Rdma {
-        op: "admin buffer",
-        source: e,
-    }
-}
-
 impl Session {
     /// Connects the admin queue, enables the controller, identifies `opts.nsid` and asks
     /// for `opts.io_queues` I/O queues.
@@ -97,23 +90,24 @@ impl Session {
         let dst = opts.dst;
         let subnqn = opts.subnqn.as_str();
         let t = opts.timeout;
-        let host = RdmaHost::connect(dst, 0, 32, 0, t).map_err(|e| {
-            Error::Session(format!(
-                "cannot connect to {dst}: {e} (is a target listening there?)"
-            ))
+        let host = RdmaHost::connect(dst, 0, 32, 0, t).map_err(|e| Error::Unreachable {
+            dst,
+            qid: 0,
+            source: Box::new(e),
         })?;
         let abuf = host.register(8192)?;
         let mut admin = InitiatorQueue::new(host, 0, 31);
         let hostid = hostid_of(&opts.hostnqn);
         let data = cmd::connect_data(hostid, CNTLID_DYNAMIC, subnqn, &opts.hostnqn);
-        abuf.write(0, data.as_bytes()).map_err(buf_err)?;
+        abuf.write(0, data.as_bytes())
+            .map_err(queue_err(0, "admin buffer"))?;
         let c = execute(
             &mut admin,
             cmd::connect(0, 31, opts.kato_ms, keyed(&abuf, 0, 1024)),
             &[],
             t,
         )
-        .map_err(|e| crate::initiator::connect_error(e, dst, subnqn, &opts.hostnqn))?;
+        .map_err(|e| crate::initiator::connect_error(e, dst, 0, subnqn, &opts.hostnqn))?;
         let cntlid = c.cqe.dw0.get() as u16;
         enable_controller(&mut admin, t)?;
         execute(
@@ -122,21 +116,27 @@ impl Session {
             &[],
             t,
         )
-        .map_err(|e| Error::Session(format!("Identify namespace {}: {e}", opts.nsid)))?;
+        .map_err(|e| Error::Identify {
+            nsid: opts.nsid,
+            source: Box::new(e),
+        })?;
         let mut raw = [0u8; 4096];
-        abuf.read(0, &mut raw).map_err(buf_err)?;
-        let id = IdentifyNamespace::read_from_bytes(&raw[..])
-            .map_err(|_| Error::Session("short Identify data".into()))?;
+        abuf.read(0, &mut raw)
+            .map_err(queue_err(0, "admin buffer"))?;
+        let id = IdentifyNamespace::read_from_bytes(&raw[..]).map_err(|_| Error::Malformed {
+            what: "Identify Namespace data",
+            reason: format!("not {} bytes", raw.len()),
+        })?;
         let ns = Namespace {
             nsid: opts.nsid,
             block_size: id.block_size(),
             blocks: id.nsze.get(),
         };
         if ns.blocks == 0 || ns.block_size == 0 {
-            return Err(Error::Session(format!(
-                "namespace {} is not active on {subnqn}",
-                opts.nsid
-            )));
+            return Err(Error::NamespaceInactive {
+                nsid: opts.nsid,
+                subnqn: subnqn.to_string(),
+            });
         }
         let want = opts.io_queues.max(1);
         let granted = execute(&mut admin, cmd::set_num_queues(want), &[], t)?
@@ -188,14 +188,23 @@ impl Session {
             &self.opts.subnqn,
             &self.opts.hostnqn,
         );
-        cbuf.write(0, data.as_bytes()).map_err(buf_err)?;
+        cbuf.write(0, data.as_bytes())
+            .map_err(queue_err(qid, "Connect data buffer"))?;
         execute(
             &mut io,
             cmd::connect(qid, qd, 0, keyed(&cbuf, 0, 1024)),
             &[],
             t,
         )
-        .map_err(|e| Error::Session(format!("fabrics Connect of I/O queue {qid}: {e}")))?;
+        .map_err(|e| {
+            crate::initiator::connect_error(
+                e,
+                self.opts.dst,
+                qid,
+                &self.opts.subnqn,
+                &self.opts.hostnqn,
+            )
+        })?;
         Ok(io)
     }
 
@@ -208,7 +217,10 @@ impl Session {
         while let Some(c) = self.admin.poll_one() {
             let st = c.status();
             if !st.is_success() {
-                return Err(Error::Session(format!("Keep Alive failed: {st:?}")));
+                return Err(Error::KeepAliveFailed {
+                    sct: st.sct(),
+                    sc: st.sc(),
+                });
             }
         }
         let Some(due) = self.next_keep_alive else {
@@ -218,10 +230,9 @@ impl Session {
             return Ok(());
         }
         if self.admin.outstanding() > 0 {
-            return Err(Error::Session(format!(
-                "Keep Alive unanswered for {} ms: the target stopped answering",
-                self.opts.kato_ms / 2
-            )));
+            return Err(Error::KeepAliveUnanswered {
+                waited: Duration::from_millis(u64::from(self.opts.kato_ms / 2)),
+            });
         }
         self.admin.submit(cmd::keep_alive(), &[], 0)?;
         self.next_keep_alive = opts_kato(&self.opts).map(|half| now + half);
