@@ -241,7 +241,7 @@ pub enum Error {
         timeout: std::time::Duration,
     },
     /// The transport connection of an initiator queue could not be made.
-    #[error("cannot connect queue {qid} to {dst}: {source} (is a target listening there?)")]
+    #[error("cannot connect to {dst} (queue {qid}): {source} (is a target listening there?)")]
     Unreachable {
         /// Target address.
         dst: std::net::SocketAddr,

@@ -629,6 +629,20 @@ mod tests {
             ),
             "{e}"
         );
+        // fio's VM test and users look for "cannot connect to" (fio-plugin/tests/vm_fio.rs).
+        let e = Error::Unreachable {
+            dst,
+            qid: 0,
+            source: Box::new(Error::NoRouteDevice { dst }),
+        };
+        assert!(
+            e.to_string().starts_with("cannot connect to 10.0.0.1:4420"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().ends_with("(is a target listening there?)"),
+            "{e}"
+        );
     }
 
     #[test]
