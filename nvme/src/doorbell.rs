@@ -51,12 +51,14 @@ pub(crate) struct Doorbell {
 }
 
 // SAFETY: `reg` points into the register window `_regs` keeps mapped, the shadow pointers
-// into the DMA pages `_pages` keeps mapped; every access is a 32-bit volatile load or store
-// of device-shared memory, never a reference, so the value may move to and be shared with
-// other threads. (Ringing one doorbell from two threads at once is a logic error of the
-// caller — the published values would interleave — not a memory-safety one.)
+// into the DMA pages `_pages` keeps mapped, whichever thread holds the value; every access
+// is a 32-bit volatile load or store of device-shared memory (the crate's rule for memory
+// the device also touches, see dma.rs), never a reference.
 unsafe impl Send for Doorbell {}
-// SAFETY: as above; `ring` takes `&self` and does only volatile accesses.
+// SAFETY: as above; `ring` takes `&self` and does only volatile accesses. The owners ring
+// each doorbell from one thread at a time (IoQueuePair: `&mut self`; RawQueuePair: its one
+// driving thread, as documented): two threads ringing one doorbell at once would
+// interleave the published values.
 unsafe impl Sync for Doorbell {}
 
 impl Doorbell {
