@@ -20,7 +20,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::config::TargetConfig;
 use crate::direct::proto::{self, AttachRequest, ConnectPrivate, Descriptor};
-use crate::direct::DirectAttach;
+use crate::direct::{AttachReply, DirectAttach};
 use crate::fabrics::{
     validate_cm_request, CmLimits, ConnectData, DiscoveryLogEntry, DiscoveryLogHeader,
     SglDescriptor, CNTLID_DYNAMIC, DISCOVERY_NQN, LID_DISCOVERY,
@@ -950,15 +950,17 @@ impl DirectAttach for FuzzDirect {
         _hostnqn: &str,
         _nsid: u32,
         req: AttachRequest,
-    ) -> Result<Descriptor, Status> {
+        reply: AttachReply,
+    ) {
         if let Some(s) = self.status {
-            return Err(Status::from_field(s));
+            reply.send(Err(Status::from_field(s)));
+            return;
         }
         let _ = (req.depth, req.pool_bytes, req.polled_cq);
         let mut d = Descriptor::new_zeroed();
         let n = self.reply.len().min(256);
         d.as_mut_bytes()[..n].copy_from_slice(&self.reply[..n]);
-        Ok(d)
+        reply.send(Ok(d));
     }
 
     fn detach(&self, _hostnqn: &str, token: u64) -> Result<(), Status> {

@@ -1427,3 +1427,102 @@ fn volatile_write_cache_disabled_means_write_through() {
     assert_eq!(ns.flushes.load(SeqCst), 2, "write-back again");
     assert_eq!(ns.block_count(), 8192);
 }
+
+/// A direct-mode provider that answers attaches later, from another thread (as the
+/// direct service's control thread does).
+#[derive(Default)]
+struct LaterDirect {
+    replies: std::sync::Mutex<Vec<transport::direct::AttachReply>>,
+}
+
+impl transport::direct::DirectAttach for LaterDirect {
+    fn attach(
+        &self,
+        _subnqn: &str,
+        _hostnqn: &str,
+        _nsid: u32,
+        _req: transport::direct::proto::AttachRequest,
+        reply: transport::direct::AttachReply,
+    ) {
+        self.replies.lock().unwrap().push(reply);
+    }
+    fn detach(&self, _hostnqn: &str, _token: u64) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+#[test]
+fn direct_attach_waits_for_its_answer_without_holding_the_poll_group() {
+    use transport::direct::proto::{AttachRequest, Descriptor, Level};
+    use zerocopy::byteorder::little_endian::{U16, U64};
+    let mut rig = Rig::default_rig();
+    let provider = std::sync::Arc::new(LaterDirect::default());
+    rig.target.set_direct(provider.clone());
+    let (mut admin, _) = rig.admin(0);
+    let attach = |admin: &mut HostQ| {
+        let r = admin.wire().register(256);
+        let mut s = AttachRequest::default().to_sqe(1);
+        s.set_psdt(1);
+        let mut dptr = [0u8; 16];
+        dptr.copy_from_slice(keyed(r).as_bytes());
+        s.set_dptr(dptr);
+        (s, r)
+    };
+    let (sqe, r) = attach(&mut admin);
+    admin.submit(sqe, &[], 7).unwrap();
+    rig.pump();
+    assert!(
+        admin.poll_one().is_none(),
+        "the attach waits for its answer"
+    );
+    assert_eq!(provider.replies.lock().unwrap().len(), 1);
+    // The poll group goes on serving the queue meanwhile.
+    assert_eq!(
+        rig.exec(&mut admin, cmd::keep_alive(), &[]).status(),
+        Status::SUCCESS
+    );
+    // The answer comes from another thread and wakes the group's mailbox eventfd.
+    let reply = provider.replies.lock().unwrap().pop().unwrap();
+    std::thread::spawn(move || {
+        let mut d = Descriptor::new();
+        d.level = Level::Forwarded.to_u8();
+        d.token = U64::new(42);
+        d.depth = U16::new(16);
+        assert!(reply.send(Ok(d)), "the command still waits");
+    })
+    .join()
+    .unwrap();
+    let mut fd = libc::pollfd {
+        fd: rig.group.mailbox_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    assert_eq!(
+        unsafe { libc::poll(&mut fd, 1, 0) },
+        1,
+        "the group was woken"
+    );
+    rig.group.mailbox_woken();
+    let c = rig.wait(&mut admin);
+    assert_eq!(c.status(), Status::SUCCESS);
+    let d = Descriptor::parse(&admin.wire().read_region(r)).expect("descriptor");
+    assert_eq!(d.token.get(), 42);
+    // A refusal comes back as the command's status.
+    let (sqe, _) = attach(&mut admin);
+    admin.submit(sqe, &[], 8).unwrap();
+    rig.pump();
+    let reply = provider.replies.lock().unwrap().pop().unwrap();
+    assert!(reply.send(Err(Status::NAMESPACE_NOT_READY)));
+    assert_status(&rig.wait(&mut admin), Status::NAMESPACE_NOT_READY);
+    // The admin queue goes away while an attach is being built: the provider learns it
+    // when it answers (and drops what it built).
+    let (sqe, _) = attach(&mut admin);
+    admin.submit(sqe, &[], 9).unwrap();
+    rig.pump();
+    admin.wire().disconnect();
+    rig.pump();
+    assert_eq!(rig.group.queue_count(), 0);
+    let reply = provider.replies.lock().unwrap().pop().unwrap();
+    assert!(!reply.send(Err(Status::INTERNAL_ERROR)), "nobody waits");
+}

@@ -14,23 +14,77 @@ pub mod target;
 
 use std::sync::Arc;
 
+use crossbeam::channel::{bounded, Receiver, Sender, TryRecvError};
 use nvme::spec::Status;
+use nvme::EventFd;
 
 /// What the target core asks of a direct-mode provider (set with
-/// [`Target::set_direct`](crate::nvmf_target::Target::set_direct)). Both calls run on a poll
-/// group thread and must not block for long.
+/// [`Target::set_direct`](crate::nvmf_target::Target::set_direct)). Both calls come from a
+/// poll group thread and must not block: an attach (admin commands to the device, MR
+/// registrations — milliseconds) is answered later through its [`AttachReply`], and the
+/// attach admin command stays outstanding until then.
 pub trait DirectAttach: Send + Sync {
-    /// Handles an attach request from `hostnqn` on subsystem `subnqn`; returns the
-    /// descriptor (written to the host through the command's keyed SGL) or the status.
+    /// Starts an attach request from `hostnqn` on subsystem `subnqn`; the descriptor
+    /// (written to the host through the command's keyed SGL) or the status goes to
+    /// `reply`, from any thread, possibly before this returns.
     fn attach(
         &self,
         subnqn: &str,
         hostnqn: &str,
         nsid: u32,
         req: proto::AttachRequest,
-    ) -> Result<proto::Descriptor, Status>;
+        reply: AttachReply,
+    );
     /// Detaches the queue with `token` if `hostnqn` owns it.
     fn detach(&self, hostnqn: &str, token: u64) -> Result<(), Status>;
+}
+
+/// The answer to one attach request: the descriptor or the status.
+pub type AttachResult = Result<proto::Descriptor, Status>;
+
+/// Where a provider answers one attach (see [`attach_reply`]).
+pub struct AttachReply {
+    tx: Sender<AttachResult>,
+    /// Wakes the poll group that waits for the answer, if it sleeps.
+    wake: Option<Arc<EventFd>>,
+}
+
+impl AttachReply {
+    /// Answers the attach and wakes the waiting poll group. False when nobody waits any
+    /// more (the admin queue closed): the provider then drops what it attached.
+    pub fn send(self, r: AttachResult) -> bool {
+        if self.tx.send(r).is_err() {
+            return false;
+        }
+        if let Some(w) = &self.wake {
+            w.signal();
+        }
+        true
+    }
+}
+
+/// Where the attach command waits for its [`AttachReply`].
+pub struct AttachPending {
+    rx: Receiver<AttachResult>,
+}
+
+impl AttachPending {
+    /// The answer, once there. A provider that dropped its reply unanswered gives
+    /// Internal Error (the command never hangs on it).
+    pub fn try_take(&self) -> Option<AttachResult> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(Err(Status::INTERNAL_ERROR)),
+        }
+    }
+}
+
+/// A reply for a provider and the place its answer arrives; `wake` (the poll group's
+/// mailbox eventfd) is signalled with the answer.
+pub fn attach_reply(wake: Option<Arc<EventFd>>) -> (AttachReply, AttachPending) {
+    let (tx, rx) = bounded(1);
+    (AttachReply { tx, wake }, AttachPending { rx })
 }
 
 /// A shared provider.
@@ -55,6 +109,25 @@ pub fn pattern(seed: u64, lba: u64, out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_replies_arrive_once_and_say_when_nobody_waits() {
+        let wake = Arc::new(EventFd::new().unwrap());
+        let (reply, pending) = attach_reply(Some(wake.clone()));
+        assert!(pending.try_take().is_none(), "no answer yet");
+        assert!(reply.send(Err(Status::NAMESPACE_NOT_READY)));
+        assert!(matches!(pending.try_take(), Some(Err(s)) if s == Status::NAMESPACE_NOT_READY));
+        // The answer woke the group's eventfd.
+        assert_eq!(wake.clear(), 1);
+        // A provider that drops the reply unanswered: Internal Error, not a hang.
+        let (reply, pending) = attach_reply(None);
+        drop(reply);
+        assert!(matches!(pending.try_take(), Some(Err(s)) if s == Status::INTERNAL_ERROR));
+        // The command is gone: the provider learns it.
+        let (reply, pending) = attach_reply(None);
+        drop(pending);
+        assert!(!reply.send(Err(Status::INTERNAL_ERROR)));
+    }
 
     #[test]
     fn pattern_depends_on_seed_and_lba() {

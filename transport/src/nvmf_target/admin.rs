@@ -289,7 +289,7 @@ pub(crate) fn execute(
             }
         }
         crate::direct::proto::OPC_DIRECT_ATTACH | crate::direct::proto::OPC_DIRECT_DETACH => {
-            direct(ctx, ctrl, cmd, data)
+            direct(ctx, ctrl, cmd)
         }
         _ => Outcome::err(Status::INVALID_OPCODE, loc::OPCODE),
     }
@@ -720,26 +720,37 @@ fn get_features(ctrl: &Controller, cmd: &Sqe) -> Outcome {
     }
 }
 
-/// Direct-mode attach/detach (vendor specific; see `docs/direct-mode.md`).
-fn direct(ctx: &QueueCtx, ctrl: &Controller, cmd: &Sqe, data: &mut [u8]) -> Outcome {
+/// Direct-mode attach/detach (vendor specific; see `docs/direct-mode.md`). An attach is
+/// handed to the provider and answered later ([`direct_reply`]): the request waits in
+/// AWAIT_REPLY for `ctx.reply`.
+fn direct(ctx: &mut QueueCtx, ctrl: &Controller, cmd: &Sqe) -> Outcome {
     use crate::direct::proto;
     let Some(provider) = ctx.shared.direct.get() else {
         return Outcome::err(Status::INVALID_OPCODE, loc::OPCODE);
     };
     let sub = ctrl.subsystem();
-    let r = if cmd.opcode() == proto::OPC_DIRECT_ATTACH {
-        provider
-            .attach(
-                &sub.nqn,
-                ctrl.hostnqn(),
-                cmd.nsid.get(),
-                proto::AttachRequest::from_sqe(cmd),
-            )
-            .map(|d| copy_out(data, d.as_bytes()))
-    } else {
-        provider
-            .detach(ctrl.hostnqn(), proto::detach_token(cmd))
-            .map(|()| Outcome::ok())
-    };
-    r.unwrap_or_else(|st| Outcome::err(st, loc::OPCODE))
+    if cmd.opcode() == proto::OPC_DIRECT_ATTACH {
+        let (reply, pending) = crate::direct::attach_reply(ctx.wake.clone());
+        provider.attach(
+            &sub.nqn,
+            ctrl.hostnqn(),
+            cmd.nsid.get(),
+            proto::AttachRequest::from_sqe(cmd),
+            reply,
+        );
+        ctx.reply = Some(pending);
+        return Outcome::ok();
+    }
+    provider
+        .detach(ctrl.hostnqn(), proto::detach_token(cmd))
+        .map_or_else(|st| Outcome::err(st, loc::OPCODE), |()| Outcome::ok())
+}
+
+/// The outcome of an attach once its provider answered: the descriptor copied into the
+/// command's data buffer, or the status.
+pub(crate) fn direct_reply(r: crate::direct::AttachResult, data: &mut [u8]) -> Outcome {
+    match r {
+        Ok(d) => copy_out(data, d.as_bytes()),
+        Err(st) => Outcome::err(st, loc::OPCODE),
+    }
 }

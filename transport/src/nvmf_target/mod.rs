@@ -837,6 +837,7 @@ impl<T: Transport> PollGroup<T> {
                     entries,
                     self.target.shared.clone(),
                     key,
+                    Some(self.mailbox.wake.clone()),
                 ));
                 Ok(())
             }

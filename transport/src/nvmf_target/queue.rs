@@ -14,6 +14,11 @@
 //! back, when the group routes the channel's completion here, to TRANSFER_OUT (reads) or
 //! COMPLETING.
 //!
+//! A direct-mode attach leaves EXECUTING for AWAIT_REPLY: its provider builds the queue
+//! off the poll group (admin commands to the device take milliseconds) and answers through
+//! an [`AttachReply`](crate::direct::AttachReply), which wakes the group; the descriptor
+//! then goes out like any ctrl→host data (TRANSFER_OUT).
+//!
 //! In TRANSFER_OUT the response is sent right behind the posted RDMA WRITE (the
 //! connection is reliable and ordered); the request is freed when the WRITE completes.
 //!
@@ -27,11 +32,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvme::spec::{admin_opc, io_opc, Cqe, Sqe, Status, U16, U32};
+use nvme::EventFd;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::controller::Controller;
 use super::{admin, io, TargetShared};
 use crate::backend::{Backend, IoChannel};
+use crate::direct::AttachPending;
 use crate::fabrics::{
     DataSgl, SglDescriptor, FCTYPE_CONNECT, FCTYPE_DISCONNECT, FCTYPE_PROPERTY_GET,
     FCTYPE_PROPERTY_SET, OPC_FABRICS,
@@ -56,6 +63,9 @@ pub enum ReqState {
     Backend,
     /// An Asynchronous Event Request held until an event occurs.
     AwaitEvent,
+    /// A direct-mode attach waiting for its provider's answer (built off the poll group,
+    /// see [`DirectAttach`](crate::direct::DirectAttach)).
+    AwaitReply,
     /// Result data to send: RDMA WRITE posted (`posted`) or waiting for the wire.
     TransferOut,
     /// Response to send.
@@ -189,6 +199,8 @@ struct Request {
     dir: Dir,
     data: Data,
     out: Outcome,
+    /// AWAIT_REPLY: where the provider's answer arrives.
+    reply: Option<AttachPending>,
 }
 
 /// Counters of one queue.
@@ -228,6 +240,11 @@ pub(crate) struct QueueCtx {
     pub sqhd: u16,
     pub aers: usize,
     pub stats: QueueStats,
+    /// Set by an admin command answered later (a direct attach): the request waits in
+    /// AWAIT_REPLY for it.
+    pub reply: Option<AttachPending>,
+    /// The poll group's mailbox eventfd: an answer from another thread wakes the group.
+    pub wake: Option<Arc<EventFd>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,7 +290,14 @@ pub(crate) struct QueueHandler<Q: Qpair> {
 const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
 
 impl<Q: Qpair> QueueHandler<Q> {
-    pub fn new(qp: Q, qid: u16, entries: u16, shared: Arc<TargetShared>, key: u32) -> Self {
+    pub fn new(
+        qp: Q,
+        qid: u16,
+        entries: u16,
+        shared: Arc<TargetShared>,
+        key: u32,
+        wake: Option<Arc<EventFd>>,
+    ) -> Self {
         let icd = shared.limits.in_capsule_data_size as usize;
         let reqs = (0..entries)
             .map(|_| Request {
@@ -287,6 +311,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                 dir: Dir::None,
                 data: Data::None,
                 out: Outcome::ok(),
+                reply: None,
             })
             .collect();
         QueueHandler {
@@ -305,6 +330,8 @@ impl<Q: Qpair> QueueHandler<Q> {
                     qid,
                     ..Default::default()
                 },
+                reply: None,
+                wake,
             },
             phase: Phase::Live,
             next_ka_check: None,
@@ -636,6 +663,22 @@ impl<Q: Qpair> QueueHandler<Q> {
                     if out.park {
                         self.ctx.aers += 1;
                     }
+                    if let Some(p) = self.ctx.reply.take() {
+                        req.reply = Some(p);
+                        req.state = ReqState::AwaitReply;
+                    }
+                }
+                ReqState::AwaitReply => {
+                    let Some(r) = req.reply.as_ref().and_then(|p| p.try_take()) else {
+                        break;
+                    };
+                    req.reply = None;
+                    // SAFETY: an admin command that executed and has not moved on: no
+                    // transfer or device command on its buffer.
+                    let data = unsafe { req.data.bytes_mut(&mut req.icd) };
+                    let out = admin::direct_reply(r, data);
+                    req.out = out;
+                    req.state = out.next_state(req.dir);
                 }
                 ReqState::AwaitEvent => {
                     let ev = self.ctx.ctrl.as_ref().and_then(|c| c.take_event());
@@ -779,6 +822,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             pool.release(buf);
         }
         req.sgl = None;
+        req.reply = None;
         req.state = ReqState::Free;
         req.posted = false;
         req.responded = false;
@@ -812,6 +856,9 @@ impl<Q: Qpair> QueueHandler<Q> {
                 if let Data::Pool { buf, .. } = std::mem::replace(&mut req.data, Data::None) {
                     pool.release(buf);
                 }
+                // An attach still being built is dropped by its provider when the answer
+                // finds nobody waiting.
+                req.reply = None;
                 req.state = ReqState::Free;
                 self.free.push(tag as u16);
             }

@@ -1,19 +1,26 @@
 //! Attach: what one attachment pins (the [`PinLedger`]), and building it — the NVMe queue
 //! pair on fresh rings (P2P first, `forwarded` on any refusal), the MRs the descriptor
-//! names, the descriptor itself.
+//! names, the descriptor itself — on the service's control thread ([`control_thread`]),
+//! never on a poll group: admin commands to the device and MR registrations take
+//! milliseconds, and a poll group thread serves I/O.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crossbeam::channel::Receiver;
 use nvme::ctrl::RawQueuePair;
+use nvme::spec::Status;
 use nvme::DmaBuffer;
 use rdma::{Access, MemoryRegion, RegisteredBuffer};
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 
 use super::super::proto::{
     AttachRequest, Descriptor, Level, RemoteRegion, FLAG_CQE_PUSH, FLAG_CQ_POLL, FLAG_TAIL_IN_IMM,
+    STATUS_ATTACH_LIMIT,
 };
+use super::super::AttachReply;
 use super::p2p::{p2p_queue, P2pRefusal};
 use super::report::{QueueIdentity, QueueReport};
 use super::{held, DirectLimits, DirectNamespace, Inner};
@@ -148,6 +155,79 @@ pub(super) struct Attachment {
     pub created: Instant,
     /// This attachment's share of the pinned memory (last: given back after the rest).
     pub _pin: Pin,
+}
+
+/// An attach handed to the control thread: the allow list and the namespace were checked
+/// on the caller's thread.
+pub(super) struct AttachJob {
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub ns: DirectNamespace,
+    pub req: AttachRequest,
+    pub reply: AttachReply,
+}
+
+/// The service's control thread: builds the attachments handed to it, one at a time, off
+/// the poll groups (as SPDK sends such work to its management thread), and answers each
+/// through its reply. Ends when the service drops the sending side.
+pub(super) fn control_thread(inner: Arc<Inner>, jobs: Receiver<AttachJob>) {
+    for job in jobs.iter() {
+        run(&inner, job);
+    }
+}
+
+fn run(inner: &Inner, job: AttachJob) {
+    let AttachJob {
+        subnqn,
+        hostnqn,
+        ns,
+        req,
+        reply,
+    } = job;
+    if inner.paused.load(Ordering::SeqCst) {
+        reply.send(Err(Status::NAMESPACE_NOT_READY));
+        return;
+    }
+    let (att, desc) = match build(inner, &subnqn, &hostnqn, &ns, req) {
+        Ok(built) => built,
+        Err(AttachFail::Limit(why)) => {
+            tracing::warn!(subnqn, hostnqn, why = %why, "direct attach refused: limit");
+            held(&inner.control).report.limited += 1;
+            reply.send(Err(STATUS_ATTACH_LIMIT));
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(subnqn, hostnqn, error = %e, "direct attach failed");
+            reply.send(Err(Status::INTERNAL_ERROR));
+            return;
+        }
+    };
+    let token = desc.token.get();
+    {
+        let mut c = held(&inner.control);
+        // Checked under the lock a quiesce clears the parked attachments with: one that
+        // began during the build (a device reset) gets none of them.
+        if inner.paused.load(Ordering::SeqCst) {
+            drop(c);
+            drop(att);
+            reply.send(Err(Status::NAMESPACE_NOT_READY));
+            return;
+        }
+        c.report.attached += 1;
+        c.pending.insert(token, att);
+    }
+    if !reply.send(Ok(desc)) {
+        // The admin queue closed while the queue was built: nobody will connect to it.
+        let mut c = held(&inner.control);
+        if c.pending.remove(&token).is_some() {
+            c.report.attached -= 1;
+        }
+        tracing::info!(
+            subnqn,
+            hostnqn,
+            "direct attach built after its admin queue closed: dropped"
+        );
+    }
 }
 
 fn random_token() -> u64 {

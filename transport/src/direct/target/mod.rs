@@ -3,15 +3,17 @@
 //! One [`DirectService`] per target process. It owns an RDMA CM listener on the first
 //! listen address (ephemeral port, reported in the descriptor), a protection domain of its
 //! own — so no standard-mode queue pair can reach a direct MR — one CQ with a completion
-//! channel, and one poller thread.
+//! channel, one poller thread, and a control thread that builds attachments off the
+//! target's poll groups.
 //!
 //! Where things are:
 //! - this file: [`DirectService`] — start, [`quiesce`](DirectService::quiesce) /
 //!   [`resume`](DirectService::resume), [`set_subsystem`](DirectService::set_subsystem),
 //!   [`set_limits`](DirectService::set_limits), the [`DirectAttach`] entry points;
-//! - `attach.rs`: building an attachment (allow list checked here first): the SQ ring, CQ
-//!   ring and data pool in VFIO-mapped memory, the NVMe I/O queue pair on them, the MRs,
-//!   the descriptor; the pin ledger ([`DirectLimits`]);
+//! - `attach.rs`: building an attachment on the control thread (the allow list is checked
+//!   here first, on the caller's thread): the SQ ring, CQ ring and data pool in
+//!   VFIO-mapped memory, the NVMe I/O queue pair on them, the MRs, the descriptor; the pin
+//!   ledger ([`DirectLimits`]);
 //! - `p2p.rs`: the P2P attempt (`ibv_reg_dmabuf_mr` over the byte-exact doorbell range
 //!   of the queue, the SQ in the CMB) and the typed reasons for falling back to forwarded;
 //! - `forward.rs`: one forwarded queue's SQ tail / CQ head bookkeeping — bogus tails,
@@ -46,6 +48,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvme::spec::Status;
@@ -53,10 +56,12 @@ use nvme::vfio::NvmeDevice;
 use rdma::cm::{context_for, EventChannel, Listener};
 use rdma::{CompletionChannel, CompletionQueue, ProtectionDomain};
 
-use super::proto::{AttachRequest, Descriptor, STATUS_ACCESS_DENIED, STATUS_ATTACH_LIMIT};
-use super::DirectAttach;
+use crossbeam::channel::{unbounded, Sender};
+
+use super::proto::{AttachRequest, STATUS_ACCESS_DENIED};
+use super::{AttachReply, DirectAttach};
 use crate::error::{Error, Result};
-use attach::{AttachFail, Attachment, PinLedger};
+use attach::{AttachJob, Attachment, PinLedger};
 
 pub(crate) use forward::tail_advance;
 pub use report::{QueueReport, ServiceReport};
@@ -168,6 +173,19 @@ pub struct DirectService {
     inner: Arc<Inner>,
     /// The poller until [`DirectService::take_poller`] hands it to a reactor.
     parked: Mutex<Option<poller::Poller>>,
+    /// Attaches for the control thread (dropped first on shutdown: the thread ends).
+    jobs: Option<Sender<AttachJob>>,
+    control: Option<JoinHandle<()>>,
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::Transport {
+            qid: u16::MAX,
+            reason: format!("cannot start the {name} thread: {e}"),
+        })
 }
 
 impl DirectService {
@@ -204,10 +222,17 @@ impl DirectService {
             quiesce_req: AtomicU64::new(0),
             quiesce_ack: AtomicU64::new(0),
         });
+        let (jobs, rx) = unbounded();
+        let control = {
+            let inner = inner.clone();
+            spawn("direct-control", move || attach::control_thread(inner, rx))?
+        };
         let poller = poller::Poller::new(inner.clone(), cq, chan, events, listener);
         Ok(Arc::new(DirectService {
             inner,
             parked: Mutex::new(Some(poller)),
+            jobs: Some(jobs),
+            control: Some(control),
         }))
     }
 
@@ -323,17 +348,24 @@ impl Drop for DirectService {
     fn drop(&mut self) {
         // The poller (on a reactor) sees it, closes its connections and is dropped.
         self.inner.stop.store(true, Ordering::SeqCst);
+        drop(self.jobs.take());
+        if let Some(t) = self.control.take() {
+            let _ = t.join();
+        }
     }
 }
 
 impl DirectAttach for DirectService {
+    /// Checks the allow list, the quiesce and the namespace here (no device access) and
+    /// hands the build to the control thread.
     fn attach(
         &self,
         subnqn: &str,
         hostnqn: &str,
         nsid: u32,
         req: AttachRequest,
-    ) -> std::result::Result<Descriptor, Status> {
+        reply: AttachReply,
+    ) {
         let inner = &self.inner;
         let sub = inner
             .subsystems
@@ -348,7 +380,8 @@ impl DirectAttach for DirectService {
                 "direct attach refused: direct mode is off for this subsystem"
             );
             held(&inner.control).report.refused += 1;
-            return Err(STATUS_ACCESS_DENIED);
+            reply.send(Err(STATUS_ACCESS_DENIED));
+            return;
         };
         if !sub.hosts.iter().any(|h| h == hostnqn) {
             tracing::info!(
@@ -357,30 +390,27 @@ impl DirectAttach for DirectService {
                 "direct attach refused: host not on direct_hosts"
             );
             held(&inner.control).report.refused += 1;
-            return Err(STATUS_ACCESS_DENIED);
+            reply.send(Err(STATUS_ACCESS_DENIED));
+            return;
         }
         if inner.paused.load(Ordering::SeqCst) {
-            return Err(Status::NAMESPACE_NOT_READY);
+            reply.send(Err(Status::NAMESPACE_NOT_READY));
+            return;
         }
-        let Some(ns) = sub.namespaces.get(&nsid) else {
-            return Err(Status::INVALID_NAMESPACE);
+        let Some(ns) = sub.namespaces.get(&nsid).cloned() else {
+            reply.send(Err(Status::INVALID_NAMESPACE));
+            return;
         };
-        match attach::build(inner, subnqn, hostnqn, ns, req) {
-            Ok((att, desc)) => {
-                let mut c = held(&inner.control);
-                c.report.attached += 1;
-                c.pending.insert(desc.token.get(), att);
-                Ok(desc)
-            }
-            Err(AttachFail::Limit(why)) => {
-                tracing::warn!(subnqn, hostnqn, why = %why, "direct attach refused: limit");
-                held(&inner.control).report.limited += 1;
-                Err(STATUS_ATTACH_LIMIT)
-            }
-            Err(e) => {
-                tracing::warn!(subnqn, hostnqn, error = %e, "direct attach failed");
-                Err(Status::INTERNAL_ERROR)
-            }
+        let job = AttachJob {
+            subnqn: subnqn.to_owned(),
+            hostnqn: hostnqn.to_owned(),
+            ns,
+            req,
+            reply,
+        };
+        if let Some(Err(e)) = self.jobs.as_ref().map(|j| j.send(job)) {
+            // The control thread is gone (the service is stopping).
+            e.into_inner().reply.send(Err(Status::INTERNAL_ERROR));
         }
     }
 
