@@ -1,8 +1,12 @@
 //! Submit + complete through the NVMe driver against the in-process simulated controller.
 //! The simulator runs on its own thread, so these numbers include its processing and the
-//! cross-core cache-line handoff of SQEs, CQEs and doorbells.
+//! cross-core cache-line handoff of SQEs, CQEs and doorbells — except `cq_poll_*`, which
+//! time the completion side alone: a poll of an empty CQ (what an idle poller pays per
+//! look), and the reap of 32 CQEs the simulator has already posted (submission and the
+//! wait for the simulator are outside the timed part).
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nvme::sim::{SimConfig, Simulator};
@@ -67,6 +71,37 @@ fn bench(c: &mut Criterion) {
                     qp.read(1, i as u64, buf, i as u64).expect("submit");
                 }
                 reap(&mut qp, bufs.len());
+            })
+        });
+        g.bench_function("cq_poll_empty", |b| {
+            b.iter(|| {
+                qp.poll(usize::MAX, |c| {
+                    black_box(c);
+                })
+            })
+        });
+        g.throughput(Throughput::Elements(32));
+        g.bench_function("cq_poll_ready32", |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let before = sim.commands_processed();
+                    for (i, buf) in bufs.iter().enumerate() {
+                        qp.read(1, i as u64, buf, i as u64).expect("submit");
+                    }
+                    while sim.commands_processed() < before + bufs.len() as u64 {
+                        std::thread::yield_now();
+                    }
+                    let t0 = Instant::now();
+                    let mut done = 0;
+                    while done < bufs.len() {
+                        done += qp.poll(usize::MAX, |c| {
+                            black_box(c);
+                        });
+                    }
+                    timed += t0.elapsed();
+                }
+                timed
             })
         });
         g.finish();

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers for commands that run inside the testbed VM (sourced, not executed):
 # moving the NVMe between vfio-pci and the kernel driver, the kernel NVMe-oF target and
 # initiator, fio with JSON results, CPU accounting. Functions print errors to stderr and
@@ -101,4 +102,25 @@ fio_get() {
     p99) jq -r ".jobs[0].$dir.clat_ns.percentile[\"99.000000\"] / 1000 | floor" "$out" ;;
     ios) jq -r ".jobs[0].$dir.total_ios" "$out" ;;
   esac
+}
+
+# perftest_pair TOOL ARGS... — a perftest server (TOOL ARGS) in the background and its
+# client (TOOL ARGS $NVMF_P2P_ADDR, up to 3 tries); prints the client's output. Scratch
+# logs go to ${PERFTEST_LOGS:-/tmp}.
+perftest_pair() {
+  local tool=$1 logs=${PERFTEST_LOGS:-/tmp}; shift
+  "$tool" "$@" >"$logs/perftest-server.log" 2>&1 &
+  local srv=$! ok=0
+  sleep 1
+  for _ in 1 2 3; do
+    if "$tool" "$@" "$NVMF_P2P_ADDR" >"$logs/perftest-client.log" 2>&1; then ok=1; break; fi
+    sleep 1
+  done
+  wait "$srv" || true
+  if [ "$ok" = 0 ]; then
+    echo "perftest $tool $* failed:" >&2
+    cat "$logs/perftest-client.log" "$logs/perftest-server.log" >&2
+    return 1
+  fi
+  cat "$logs/perftest-client.log"
 }

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Inside the testbed VM (called by scripts/bench): the benchmark matrix of one boot.
+#   $1 = preset (full | quick | smoke), $2 = seconds per point, $3 = rounds,
+#   $4 = a regex over point names TARGET/INITIATOR/WORKLOAD (. = all)
+# Writes $NVMF_P2P_SCRATCH/bench/points.jsonl (one JSON record per measured point, failed
+# ones with ok=false and the reason) and meta.json (the guest's versions), and prints
+#   @@bench:scratch DIR            once, first
+#   @@bench:plan N                 the number of points to measure
+#   @@bench:point K N PHASE NAME R before each point (the host turns it into a progress line)
+# With BENCH_PLAN_ONLY set it prints the plan of one round and stops (scripts/bench --plan).
+# Rounds are interleaved: round 1 of every target, then round 2, ... so host-load drift
+# hits every target alike. Targets serve from vCPU1, initiators run on vCPU0.
+set -uo pipefail
+PRESET=${1:-quick} SECS=${2:-5} ROUNDS=${3:-3} ONLY=${4:-.}
+# shellcheck source=guest-lib.sh
+. "$(dirname "$0")/guest-lib.sh"
+OUT=$NVMF_P2P_SCRATCH/bench; mkdir -p "$OUT"
+POINTS=$OUT/points.jsonl; : > "$POINTS"
+export PERFTEST_LOGS=$OUT
+# shellcheck source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+echo "@@bench:scratch $OUT"
+
+# ---------------------------------------------------------------- the matrix
+# workload name -> "rw bs qd"
+declare -A WL=(
+  [randread-4k-qd1]="randread 4096 1"    [randread-4k-qd32]="randread 4096 32"
+  [randwrite-4k-qd1]="randwrite 4096 1"  [randwrite-4k-qd32]="randwrite 4096 32"
+  [read-128k-qd8]="read 131072 8"        [write-128k-qd8]="write 131072 8"
+  [randrw70-4k-qd16]="randrw 4096 16"
+)
+ALL_WL="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 read-128k-qd8 write-128k-qd8 randrw70-4k-qd16"
+CORE_WL="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32"
+# sessions: "TARGET INITIATOR,INITIATOR:core,..." — one target up, its initiators in turn;
+# INITIATOR:core runs only the core workloads ($CORE_WL), the others every workload
+case $PRESET in
+  full)
+    WORKLOADS=$ALL_WL
+    SESSIONS=("kernel fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core"
+              "spdk fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "spdk-irq fio-libaio:core"
+              "ours-vfio fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "ours-spdk fio-libaio,perf:core"
+              "ours-direct-pushed perf,fio-engine:core" "ours-direct-polled perf,fio-engine:core"
+              "local-ours perf,fio-engine:core" "local-spdk spdk_nvme_perf" "local-kernel fio-libaio")
+    RXE=("ib_write_bw 4096 2000" "ib_write_bw 131072 250" "ib_write_lat 4096 500") ;;
+  quick)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("kernel fio-libaio,perf" "spdk fio-libaio" "ours-vfio fio-libaio,perf" "ours-direct-pushed perf"
+              "local-ours perf" "local-kernel fio-libaio")
+    RXE=("ib_write_bw 4096 1000" "ib_write_lat 4096 300") ;;
+  smoke)
+    WORKLOADS="randread-4k-qd32"
+    SESSIONS=("kernel fio-libaio" "ours-vfio perf")
+    RXE=() ;;
+  *) echo "bench-guest: unknown preset $PRESET" >&2; exit 2 ;;
+esac
+# the plan: every selected point of one round, "TARGET INIT WORKLOAD" (rxe: "rxe TOOL BS ITERS")
+PLAN=()
+for s in "${SESSIONS[@]}"; do
+  t=${s%% *}
+  IFS=, read -ra inits <<< "${s#* }"
+  for i in "${inits[@]}"; do
+    wls=$WORKLOADS
+    case $i in *:core) i=${i%:core}; wls=$(for w in $WORKLOADS; do [[ " $CORE_WL " == *" $w "* ]] && echo "$w"; done) ;; esac
+    for w in $wls; do [[ "$t/$i/$w" =~ $ONLY ]] && PLAN+=("$t $i $w"); done
+  done
+done
+for x in "${RXE[@]}"; do
+  read -r tool bs iters <<< "$x"
+  [[ "rxe/$tool/${tool#ib_}-$((bs / 1024))k" =~ $ONLY ]] && PLAN+=("rxe $tool $bs $iters")
+done
+N=$(( ${#PLAN[@]} * ROUNDS ))
+echo "@@bench:plan $N"
+[ "$N" -gt 0 ] || { echo "bench-guest: no point matches '$ONLY' in preset $PRESET" >&2; exit 2; }
+# scripts/bench --plan: the points of one round, nothing run (works on the host)
+if [ -n "${BENCH_PLAN_ONLY:-}" ]; then printf '%s\n' "${PLAN[@]}"; exit 0; fi
+
+# the guest's side of the metadata
+jq -n --arg k "$(uname -r)" --arg fio "$(fio --version 2>/dev/null)" \
+  --arg spdk "$(basename "${SPDK:-none}")" --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
+  --argjson ncpu "$(nproc)" --arg mem "$(awk '/^MemTotal:/ {print $2 " kB"}' /proc/meminfo)" \
+  '{guest_kernel: $k, fio: $fio, spdk: $spdk, guest_cpu: $cpu, guest_vcpus: $ncpu, guest_mem: $mem}' > "$OUT/meta.json"
+
+# ---------------------------------------------------------------- run
+K=0
+declare -A WARM   # TARGET/INIT -> 1 once warmed up (TCG translates a code path on its first run)
+for r in $(seq "$ROUNDS"); do
+  cur=
+  for p in "${PLAN[@]}" END; do
+    read -r t i w x <<< "$p"
+    # a new target: the previous one down, this one up (failures become records)
+    if [ "$t" != "$cur" ]; then
+      if [ -n "$cur" ] && [ "$cur" != rxe ]; then target_down "$cur"; fi
+      cur=$t UP=1
+      [ "$t" = END ] && break
+      if [ "$t" != rxe ] && ! target_up "$t" 2> "$OUT/$t-up.err"; then
+        UP=0; bsay "$t: could not start: $(tail -2 "$OUT/$t-up.err" | tr '\n' ' ')"
+      fi
+    fi
+    K=$((K + 1))
+    if [ "$t" = rxe ]; then
+      echo "@@bench:point $K $N rxe rxe/$i/$w $r"
+      rxe_measure "$i" "$w" "$x" "$r"
+      continue
+    fi
+    read -r rw bs qd <<< "${WL[$w]}"
+    echo "@@bench:point $K $N $( [[ $t == local-* ]] && echo local || echo fabric ) $t/$i/$w $r"
+    if [ "$UP" = 0 ]; then
+      emit_failed "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS" "target did not start: $(tail -1 "$OUT/$t-up.err")"
+      continue
+    fi
+    if [ -z "${WARM[$t/$i]:-}" ]; then
+      init_run "$i" randread 4096 8 2 "$OUT/warmup" > /dev/null 2>&1; WARM[$t/$i]=1
+    fi
+    measure "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS"
+  done
+done
+nvme_rebind vfio-pci
+echo "@@bench:done $(grep -c '"ok":true' "$POINTS") of $N points measured"
