@@ -1497,12 +1497,9 @@ fn direct_attach_waits_for_its_answer_without_holding_the_poll_group() {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, zero timeout.
-    assert_eq!(
-        unsafe { libc::poll(&mut fd, 1, 0) },
-        1,
-        "the group was woken"
-    );
+    // SAFETY: `fd` is one valid pollfd that outlives the call; zero timeout.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    assert_eq!(ready, 1, "the group was woken");
     rig.group.mailbox_woken();
     let c = rig.wait(&mut admin);
     assert_eq!(c.status(), Status::SUCCESS);

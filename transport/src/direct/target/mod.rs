@@ -3,8 +3,8 @@
 //! One [`DirectService`] per target process. It owns an RDMA CM listener on the first
 //! listen address (ephemeral port, reported in the descriptor), a protection domain of its
 //! own — so no standard-mode queue pair can reach a direct MR — one CQ with a completion
-//! channel, one poller thread, and a control thread that builds attachments off the
-//! target's poll groups.
+//! channel, one poller (run by a core's reactor, [`DirectService::take_poller`]), and a
+//! control thread that builds attachments off the target's poll groups.
 //!
 //! Where things are:
 //! - this file: [`DirectService`] — start, [`quiesce`](DirectService::quiesce) /
@@ -18,8 +18,8 @@
 //!   of the queue, the SQ in the CMB) and the typed reasons for falling back to forwarded;
 //! - `forward.rs`: one forwarded queue's SQ tail / CQ head bookkeeping — bogus tails,
 //!   doorbells, the CQEs to push — over the rings, unit-tested against a ring model;
-//! - `poller.rs`: the poller thread — CM events, RDMA completions, control requests, and
-//!   the idle policy;
+//! - `poller.rs`: the poller — CM events, RDMA completions, control requests, and the
+//!   idle policy it gives its reactor;
 //! - `report.rs`: what `nvmf-p2p stats` shows ([`QueueReport`], [`ServiceReport`]).
 //!
 //! The host connects to the direct port with the token of its parked attachment; the

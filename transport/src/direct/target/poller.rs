@@ -1,15 +1,15 @@
-//! The direct poller: one thread for every direct queue of the target. Its work is three
-//! methods — [`Poller::poll`] (do what is ready: CM events, quiesce/detach requests, RDMA
-//! completions, mirror pages, CQE push; return how much), [`Poller::arm`] (nothing to do:
-//! arm the wake sources and list their fds, or say to poll again, yield or nap) and
-//! [`Poller::woken`] (a listed fd fired) — and [`run`], the small loop between them
-//! (spin, yield, nap, poll(2)) that a per-core reactor will replace.
+//! The direct poller: one [`rdma::Poller`] for every direct queue of the target, hosted
+//! on a core's reactor (`serve` puts it on the first core's, beside that core's poll
+//! group). `poll` does what is ready — CM events, quiesce/detach requests, RDMA
+//! completions, mirror pages, CQE push — and returns how much; `spell`, `arm` and `woken`
+//! tell the reactor how to wait.
 //!
 //! Idle policy (`docs/direct-mode.md`, "Poller"): while a pushed queue has commands in
-//! flight (or is on `p2p`), yield for 20 µs after the last work, then nap 25 µs doubling
-//! to 800 µs — or, when every such CQ has an MSI-X interrupt, sleep on those eventfds;
-//! otherwise sleep on the completion and CM channels (≤ 100 ms), at once when only polled
-//! queues are attached, after 200 µs of idleness with pushed queues.
+//! flight (or is on `p2p`), the reactor's short device spell, then sleep on the CQs'
+//! MSI-X eventfds when every such CQ has one, else nap 25 µs doubling to 800 µs;
+//! otherwise sleep on the completion and CM channels — after the idle spell with pushed
+//! queues (their hosts resubmit right after a CQE), at once when only polled queues are
+//! attached (the next doorbell is a receive completion that wakes the poller).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -527,7 +527,6 @@ impl Poller {
     }
 }
 
-/// Posts one zero-length receive (for a WRITE WITH IMMEDIATE doorbell).
 /// Wake-set tags of the direct poller.
 const TAG_CQ: u32 = 0;
 const TAG_CM: u32 = 1;
@@ -591,6 +590,7 @@ impl rdma::Poller for Poller {
     }
 }
 
+/// Posts one zero-length receive (for a WRITE WITH IMMEDIATE doorbell).
 fn post_recv(conn: &Connection) -> rdma::Result<()> {
     let mut b = RecvBatch::<1>::new();
     b.recv(WrId::new(KIND_RECV, 0), None)?;
