@@ -98,7 +98,7 @@ for r in $(seq "$ROUNDS"); do
     fi
     K=$((K + 1))
     if [ "$t" = rxe ]; then
-      echo "@@bench:point $K $N rxe rxe/$i/$w $r"
+      echo "@@bench:point $K $N rxe rxe/$i/${i#ib_}-$((w / 1024))k $r"
       rxe_measure "$i" "$w" "$x" "$r"
       continue
     fi
