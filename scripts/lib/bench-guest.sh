@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Inside the testbed VM (called by scripts/bench): the benchmark matrix of one boot.
 #   $1 = preset (full | quick | smoke), $2 = seconds per point, $3 = rounds,
-#   $4 = a regex over point names TARGET/INITIATOR/WORKLOAD (. = all)
+#   $4 = a regex over point names TARGET/INITIATOR/WORKLOAD (. = all), $5 = the directory of
+#   the release binaries (default $NVMF_P2P_ROOT/target/release)
 # Writes $NVMF_P2P_SCRATCH/bench/points.jsonl (one JSON record per measured point, failed
 # ones with ok=false and the reason) and meta.json (the guest's versions), and prints
 #   @@bench:scratch DIR            once, first
@@ -12,6 +13,7 @@
 # hits every target alike. Targets serve from vCPU1, initiators run on vCPU0.
 set -uo pipefail
 PRESET=${1:-quick} SECS=${2:-5} ROUNDS=${3:-3} ONLY=${4:-.}
+BENCH_BIN_DIR=${5:-$NVMF_P2P_ROOT/target/release}
 # shellcheck source=guest-lib.sh
 . "$(dirname "$0")/guest-lib.sh"
 OUT=$NVMF_P2P_SCRATCH/bench; mkdir -p "$OUT"

@@ -9,8 +9,8 @@
 # of bench-fio-guest.sh, the perf / spdk_nvme_perf invocations of bench-driver-guest.sh
 # and bench-direct-guest.sh, and the perftest pair of bench-rdma.
 
-BIN=$NVMF_P2P_ROOT/target/release/nvmf-p2p
-ENGINE=$NVMF_P2P_ROOT/target/release/libnvmf_p2p_fio.so
+BIN=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/nvmf-p2p
+ENGINE=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/libnvmf_p2p_fio.so
 SPDK=${NVMF_P2P_SPDK:-}
 BNQN=nqn.2026-12.io.nvmf-p2p:bench
 DHOST=nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d5
