@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject, CmRequest};
 use crate::pool::DataBuf;
 use crate::wire::{
-    Busy, Incoming, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
+    Busy, Incoming, QpId, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
 };
 
 /// Connection state as the host sees it.
@@ -323,8 +323,18 @@ impl Qpair for LoopbackQpair {
     }
 }
 
-/// The loopback poll group: nothing shared to poll.
-pub struct LoopbackPollGroup;
+/// The loopback poll group: its queue pairs (nothing shared to poll).
+#[derive(Default)]
+pub struct LoopbackPollGroup {
+    qps: Vec<Option<LoopbackQpair>>,
+}
+
+impl LoopbackPollGroup {
+    /// Queue pairs this group holds (a queue's goes when the core removes it).
+    pub fn qpair_count(&self) -> usize {
+        self.qps.iter().flatten().count()
+    }
+}
 
 impl WirePollGroup for LoopbackPollGroup {
     type Qpair = LoopbackQpair;
@@ -340,15 +350,36 @@ impl WirePollGroup for LoopbackPollGroup {
         accept: &CmAccept,
         entries: u16,
         icd_size: u32,
-    ) -> Result<LoopbackQpair> {
+    ) -> Result<QpId> {
         let mut l = lock(&incoming.link);
         l.state = LinkState::Established(*accept);
         l.entries = entries;
         l.icd_size = icd_size;
         drop(l);
-        Ok(LoopbackQpair {
+        let qp = Some(LoopbackQpair {
             link: incoming.link,
-        })
+        });
+        let slot = match self.qps.iter().position(Option::is_none) {
+            Some(i) => {
+                self.qps[i] = qp;
+                i
+            }
+            None => {
+                self.qps.push(qp);
+                self.qps.len() - 1
+            }
+        };
+        Ok(QpId(slot as u32))
+    }
+
+    fn qpair(&mut self, id: QpId) -> Option<&mut LoopbackQpair> {
+        self.qps.get_mut(id.0 as usize)?.as_mut()
+    }
+
+    fn remove(&mut self, id: QpId) {
+        if let Some(slot) = self.qps.get_mut(id.0 as usize) {
+            *slot = None;
+        }
     }
 
     fn poll(&mut self) -> usize {
@@ -376,6 +407,6 @@ impl Transport for LoopbackTransport {
     }
 
     fn create_poll_group(&mut self) -> Result<LoopbackPollGroup> {
-        Ok(LoopbackPollGroup)
+        Ok(LoopbackPollGroup::default())
     }
 }

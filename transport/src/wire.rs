@@ -45,6 +45,11 @@ impl RemoteBuf {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Busy;
 
+/// A queue pair in its poll group ([`WirePollGroup::accept`]); valid until
+/// [`WirePollGroup::remove`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QpId(pub u32);
+
 /// A finished data transfer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransferDone {
@@ -102,7 +107,10 @@ pub trait Incoming {
     fn reject(self, reject: &CmReject);
 }
 
-/// Per-core wire state: shared completion queue, shared receive queue, registered memory.
+/// Per-core wire state: shared completion queue, shared receive queue, registered memory,
+/// and the queue pairs on them. The group owns its queue pairs (its CQ dispatch fills
+/// their completion state directly: one thread, no lock, no shared ownership); the core
+/// reaches one by its [`QpId`] for each call.
 pub trait WirePollGroup {
     /// Queue pairs this group drives.
     type Qpair: Qpair;
@@ -126,7 +134,14 @@ pub trait WirePollGroup {
         accept: &CmAccept,
         entries: u16,
         icd_size: u32,
-    ) -> Result<Self::Qpair>;
+    ) -> Result<QpId>;
+
+    /// The queue pair `id` (`None` once removed).
+    fn qpair(&mut self, id: QpId) -> Option<&mut Self::Qpair>;
+
+    /// Drops queue pair `id`: the core calls it once every transfer posted on it was
+    /// reported (see the module documentation).
+    fn remove(&mut self, id: QpId);
 
     /// Processes wire events (shared CQ); returns how many were handled.
     fn poll(&mut self) -> usize;

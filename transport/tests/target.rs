@@ -1523,3 +1523,23 @@ fn direct_attach_waits_for_its_answer_without_holding_the_poll_group() {
     let reply = provider.replies.lock().unwrap().pop().unwrap();
     assert!(!reply.send(Err(Status::INTERNAL_ERROR)), "nobody waits");
 }
+
+/// The poll group's wire owns the queue pairs: a queue that closes gives its queue pair
+/// back (the core removes it once every transfer was reported), and a new connection
+/// takes the freed place and works.
+#[test]
+fn queue_pairs_live_in_the_wire_and_go_with_their_queue() {
+    let mut rig = Rig::default_rig();
+    let (_admin, cntlid) = rig.admin(0);
+    let io = rig.io(1, cntlid);
+    assert_eq!(rig.group.wire().qpair_count(), 2);
+    io.wire().disconnect();
+    rig.pump();
+    assert_eq!(rig.group.queue_count(), 1);
+    assert_eq!(rig.group.wire().qpair_count(), 1);
+    let mut io = rig.io(1, cntlid);
+    assert_eq!(rig.group.wire().qpair_count(), 2);
+    let r = io.wire().register(4096);
+    let c = rig.exec(&mut io, cmd::read(1, 0, 8, keyed(r)), &[]);
+    assert_eq!(c.status(), Status::SUCCESS);
+}

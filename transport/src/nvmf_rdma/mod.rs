@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use nvme::spec::Cqe;
 use rdma::cm::{context_for, CmEventKind, ConnectRequest, Connection, EventChannel, Listener};
@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::fabrics::{CmAccept, CmReject};
 use crate::pool::DataBuf;
 use crate::wire::{
-    Busy, Incoming, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
+    Busy, Incoming, QpId, Qpair, Received, RemoteBuf, TransferDone, Transport, WirePollGroup,
 };
 
 fn rdma_err(op: &'static str) -> impl FnOnce(rdma::Error) -> Error {
@@ -291,7 +291,8 @@ const fn wr_id(gen: u16, slot: u16, kind: u8, tag: u16) -> WrId {
     WrId::new(kind, tag as u32).with_queue(slot, gen)
 }
 
-/// Completion-side state of one queue pair, filled by the poll group's CQ dispatch.
+/// Completion-side state of one queue pair, filled by the poll group's CQ dispatch (the
+/// group owns the queue pair: one thread, no lock).
 struct QpState {
     recvs: VecDeque<(u16, u32)>,
     transfers: VecDeque<TransferDone>,
@@ -299,22 +300,22 @@ struct QpState {
     error: bool,
 }
 
+/// A queue pair of the group, or the place of one that is gone; `gen` tells a late
+/// completion for the old one from those of the queue pair reusing the slot.
 struct Slot {
     gen: u16,
-    state: Arc<Mutex<QpState>>,
-}
-
-fn lock(s: &Mutex<QpState>) -> MutexGuard<'_, QpState> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
+    qp: Option<RdmaQpair>,
 }
 
 /// Per-core RDMA state: one CQ for every queue pair of the group, the pool's MR.
+///
+/// Field order is drop order: the queue pairs first.
 pub struct RdmaPollGroup {
+    slots: Vec<Slot>,
     pd: Arc<ProtectionDomain>,
     cq: Arc<CompletionQueue>,
     chan: Arc<CompletionChannel>,
     pool_mr: Option<Arc<MemoryRegion>>,
-    slots: Vec<Option<Slot>>,
     wcs: Box<[WorkCompletion; 32]>,
     srq_depth: u32,
     srq: Option<Arc<RecvRing>>,
@@ -361,14 +362,14 @@ impl RdmaPollGroup {
         if slot == SRQ_SLOT && kind == KIND_RECV {
             return self.dispatch_srq_recv(wc, tag);
         }
-        let Some(Some(s)) = self.slots.get(usize::from(slot)) else {
+        let Some(s) = self.slots.get_mut(usize::from(slot)) else {
             return;
         };
-        if s.gen != gen {
+        let Some(qp) = s.qp.as_mut().filter(|_| s.gen == gen) else {
             return; // a late flush for a queue pair that is gone
-        }
+        };
         let ok = wc.is_ok();
-        let mut st = lock(&s.state);
+        let st = &mut qp.state;
         if !ok {
             if !st.error {
                 tracing::debug!(slot, kind, status = %wc.status(), "work completion error");
@@ -402,11 +403,10 @@ impl RdmaPollGroup {
         let live = self
             .qpn_slot
             .get(&wc.qp_num())
-            .and_then(|&slot| self.slots.get(usize::from(slot)))
-            .and_then(Option::as_ref)
-            .filter(|s| Arc::strong_count(&s.state) > 1);
+            .and_then(|&slot| self.slots.get_mut(usize::from(slot)))
+            .and_then(|s| s.qp.as_mut());
         match live {
-            Some(s) => lock(&s.state).recvs.push_back((idx, wc.byte_len())),
+            Some(qp) => qp.state.recvs.push_back((idx, wc.byte_len())),
             None => {
                 if let Err(e) = ring.post(RecvRing::srq_id(idx), idx, None) {
                     tracing::warn!(error = %e, "SRQ repost");
@@ -460,7 +460,7 @@ impl WirePollGroup for RdmaPollGroup {
         accept: &CmAccept,
         entries: u16,
         icd_size: u32,
-    ) -> Result<RdmaQpair> {
+    ) -> Result<QpId> {
         let pool = self.pool_mr.clone().ok_or(Error::PoolNotRegistered)?;
         let stride = 64 + icd_size as usize;
         let shared = self.srq_ring(stride)?;
@@ -477,21 +477,11 @@ impl WirePollGroup for RdmaPollGroup {
                 srq: None,
             }),
         };
-        // Reuse the slot of a queue pair that is gone (only the group holds its state).
-        let slot = match self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_none_or(|s| Arc::strong_count(&s.state) == 1))
-        {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
+        // Reuse the slot of a queue pair that is gone, in its next generation.
+        let (slot, gen) = match self.slots.iter().position(|s| s.qp.is_none()) {
+            Some(i) => (i, self.slots[i].gen.wrapping_add(1)),
+            None => (self.slots.len(), 0),
         };
-        let gen = self.slots[slot]
-            .as_ref()
-            .map_or(0, |s| s.gen.wrapping_add(1));
         // SRQ_SLOT marks shared receives: queue pairs use the slots below it.
         let slot16 = u16::try_from(slot).ok().filter(|&s| s != SRQ_SLOT).ok_or(
             Error::TooManyQueuePairs {
@@ -514,17 +504,12 @@ impl WirePollGroup for RdmaPollGroup {
             .req
             .accept(&self.pd, &init, accept.as_bytes())
             .map_err(rdma_err("accept"))?;
-        let state = Arc::new(Mutex::new(QpState {
+        let state = QpState {
             recvs: VecDeque::with_capacity(usize::from(entries)),
             transfers: VecDeque::with_capacity(2 * usize::from(entries)),
             sq_used: 0,
             error: false,
-        }));
-        self.slots[slot] = Some(Slot {
-            gen,
-            state: state.clone(),
-        });
-        self.qpn_slot.insert(conn.qp().qp_num(), slot16);
+        };
         let qp = RdmaQpair {
             conn,
             ring,
@@ -541,7 +526,25 @@ impl WirePollGroup for RdmaPollGroup {
                 qp.ring.post(qp.recv_id(idx), idx, Some(qp.conn.qp()))?;
             }
         }
-        Ok(qp)
+        self.qpn_slot.insert(qp.conn.qp().qp_num(), slot16);
+        let qp = Some(qp);
+        match self.slots.get_mut(slot) {
+            Some(s) => *s = Slot { gen, qp },
+            None => self.slots.push(Slot { gen, qp }),
+        }
+        Ok(QpId(u32::from(slot16)))
+    }
+
+    fn qpair(&mut self, id: QpId) -> Option<&mut RdmaQpair> {
+        self.slots.get_mut(id.0 as usize)?.qp.as_mut()
+    }
+
+    fn remove(&mut self, id: QpId) {
+        let Some(qp) = self.slots.get_mut(id.0 as usize).and_then(|s| s.qp.take()) else {
+            return;
+        };
+        self.qpn_slot.remove(&qp.conn.qp().qp_num());
+        drop(qp); // QP, CM id, then its receive ring (RdmaQpair's field order)
     }
 
     fn poll(&mut self) -> usize {
@@ -566,7 +569,7 @@ impl WirePollGroup for RdmaPollGroup {
 pub struct RdmaQpair {
     conn: Connection,
     ring: Arc<RecvRing>,
-    state: Arc<Mutex<QpState>>,
+    state: QpState,
     link: Arc<Link>,
     pool: Arc<MemoryRegion>,
     gen: u16,
@@ -604,10 +607,10 @@ impl RdmaQpair {
         }
     }
 
-    fn repost(&self, idx: u16) {
+    fn repost(&mut self, idx: u16) {
         if let Err(e) = self.ring.post(self.recv_id(idx), idx, Some(self.conn.qp())) {
             tracing::debug!(error = %e, "repost recv");
-            lock(&self.state).error = true;
+            self.state.error = true;
         }
     }
 
@@ -626,15 +629,16 @@ impl RdmaQpair {
         remote: RemoteBuf,
         local: Option<(*mut u8, usize)>,
     ) -> Result<(), Busy> {
-        let mut st = lock(&self.state);
-        if st.sq_used >= self.sq_max {
+        if self.state.sq_used >= self.sq_max {
             return Err(Busy);
         }
         let Some(sge) = local.and_then(|(ptr, len)| self.pool_sge(ptr, len)) else {
-            st.transfers.push_back(TransferDone { tag, ok: false });
+            self.state
+                .transfers
+                .push_back(TransferDone { tag, ok: false });
             return Ok(());
         };
-        st.sq_used += 1;
+        self.state.sq_used += 1;
         self.pending.push(PendingWr::Transfer {
             kind,
             tag,
@@ -707,13 +711,13 @@ impl RdmaQpair {
 
 impl Qpair for RdmaQpair {
     fn poll_capsule(&mut self, cmd: &mut [u8; 64], icd: &mut [u8]) -> Option<Received> {
-        let (idx, len) = lock(&self.state).recvs.pop_front()?;
+        let (idx, len) = self.state.recvs.pop_front()?;
         let off = usize::from(idx) * self.ring.stride;
         let len = len as usize;
         if len < 64 {
             tracing::warn!(len, "short command capsule: disconnecting");
             self.repost(idx);
-            lock(&self.state).error = true;
+            self.state.error = true;
             return None;
         }
         let n = (len - 64).min(icd.len());
@@ -727,14 +731,14 @@ impl Qpair for RdmaQpair {
             Ok(()) => Some(Received { icd_len: len - 64 }),
             Err(e) => {
                 tracing::warn!(error = %e, "copy capsule");
-                lock(&self.state).error = true;
+                self.state.error = true;
                 None
             }
         }
     }
 
     fn capsules_waiting(&self) -> usize {
-        lock(&self.state).recvs.len()
+        self.state.recvs.len()
     }
 
     fn post_read(&mut self, tag: u16, remote: RemoteBuf, local: &DataBuf) -> Result<(), Busy> {
@@ -746,13 +750,13 @@ impl Qpair for RdmaQpair {
     }
 
     fn poll_transfer(&mut self) -> Option<TransferDone> {
-        lock(&self.state).transfers.pop_front()
+        self.state.transfers.pop_front()
     }
 
     fn send_response(&mut self, cqe: &Cqe, _invalidate: Option<u32>) -> Result<(), Busy> {
         // The host invalidates its key itself when the response does not (Linux checks
         // IB_WC_WITH_INVALIDATE); SEND_WITH_INV needs a builder the rdma crate lacks yet.
-        let mut st = lock(&self.state);
+        let st = &mut self.state;
         if st.sq_used >= self.sq_max {
             return Err(Busy);
         }
@@ -786,7 +790,7 @@ impl Qpair for RdmaQpair {
         }
         if let Err((bad, e)) = self.post_pending(0) {
             tracing::debug!(error = %e, "post send chain");
-            let mut st = lock(&self.state);
+            let st = &mut self.state;
             st.error = true;
             // WRs from `bad` on were not posted: report their transfers as failed (a
             // chained WRITE that went out without its SEND has no completion either).
@@ -808,7 +812,7 @@ impl Qpair for RdmaQpair {
     }
 
     fn is_connected(&self) -> bool {
-        self.link.connected.load(Ordering::Acquire) && !lock(&self.state).error
+        self.link.connected.load(Ordering::Acquire) && !self.state.error
     }
 
     fn disconnect(&mut self) {
@@ -823,8 +827,7 @@ impl Drop for RdmaQpair {
     fn drop(&mut self) {
         // Receives taken from the shared queue but never consumed go back to it.
         if self.ring.srq.is_some() {
-            let pending: Vec<u16> = lock(&self.state).recvs.drain(..).map(|(i, _)| i).collect();
-            for idx in pending {
+            while let Some((idx, _)) = self.state.recvs.pop_front() {
                 if let Err(e) = self.ring.post(RecvRing::srq_id(idx), idx, None) {
                     tracing::warn!(error = %e, "SRQ repost at teardown");
                 }

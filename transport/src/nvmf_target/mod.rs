@@ -31,7 +31,7 @@ use crate::config::{ListenerConfig, SubsystemConfig, TargetConfig};
 use crate::error::{Error, Result};
 use crate::fabrics::{validate_cm_request, CmLimits, CmReject, DISCOVERY_NQN};
 use crate::pool::BufferPool;
-use crate::wire::{Incoming, Transport, WirePollGroup};
+use crate::wire::{Incoming, Qpair, Transport, WirePollGroup};
 use queue::{backend_id, Channel, QueueHandler};
 use zerocopy::byteorder::little_endian::U16;
 
@@ -795,12 +795,12 @@ impl<I> GroupInbox<I> {
 
 /// A poll group: the queues one core drives, with their wire state and buffer pool.
 ///
-/// Field order is drop order: queues (QPs) first, then the backend channels (a dropped
-/// NVMe queue pair is deleted on the device, ending its DMA), then the wire (CQ, MR), then
-/// the pool the MR covers.
+/// Field order is drop order: queues (their requests) first, then the backend channels
+/// (a dropped NVMe queue pair is deleted on the device, ending its DMA), then the wire
+/// (its queue pairs, CQ, MR), then the pool the MR covers.
 pub struct PollGroup<T: Transport> {
     target: Target,
-    queues: Vec<QueueHandler<T::Qpair>>,
+    queues: Vec<QueueHandler>,
     next_key: u32,
     mailbox: Mailbox<T::Incoming>,
     hold: Hold,
@@ -886,8 +886,11 @@ impl<T: Transport> PollGroup<T> {
         let io_held = !matches!(self.hold, Hold::Live);
         let chans: &mut [Channel] = if touch { &mut self.channels } else { &mut [] };
         for q in &mut self.queues {
-            work += q.poll(&mut self.pool, chans, now, io_held);
-            q.flush_wire();
+            let Some(qp) = self.wire.qpair(q.qp()) else {
+                continue; // not reached: a queue pair is removed with its queue
+            };
+            work += q.poll(qp, &mut self.pool, chans, now, io_held);
+            qp.flush();
         }
         if touch {
             for ch in &mut self.channels {
@@ -914,7 +917,13 @@ impl<T: Transport> PollGroup<T> {
             work += self.drop_drained_channels(now);
         }
         let before = self.queues.len();
-        self.queues.retain(|q| !q.is_closed());
+        let wire = &mut self.wire;
+        self.queues.retain(|q| {
+            if q.is_closed() {
+                wire.remove(q.qp());
+            }
+            !q.is_closed()
+        });
         work + (before - self.queues.len())
     }
 
@@ -1117,7 +1126,9 @@ impl<T: Transport> PollGroup<T> {
     /// Disconnects every queue (shutdown); poll until [`PollGroup::queue_count`] is 0.
     pub fn disconnect_all(&mut self) {
         for q in &mut self.queues {
-            q.begin_teardown("shutdown");
+            if let Some(qp) = self.wire.qpair(q.qp()) {
+                q.begin_teardown(qp, "shutdown");
+            }
         }
     }
 }

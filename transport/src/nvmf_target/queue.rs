@@ -44,7 +44,7 @@ use crate::fabrics::{
     FCTYPE_PROPERTY_SET, OPC_FABRICS,
 };
 use crate::pool::{BufferPool, DataBuf};
-use crate::wire::{Qpair, RemoteBuf, TransferDone};
+use crate::wire::{QpId, Qpair, RemoteBuf, TransferDone};
 
 /// Where a request is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,9 +268,12 @@ pub(crate) fn backend_id(b: &Arc<dyn Backend>) -> usize {
     Arc::as_ptr(b) as *const () as usize
 }
 
-/// A queue on the wire plus its preallocated requests.
-pub(crate) struct QueueHandler<Q: Qpair> {
-    qp: Q,
+/// A queue on the wire plus its preallocated requests. The queue pair itself lives in
+/// the poll group's wire (which fills its completion state from the shared CQ: no lock,
+/// no shared ownership); each method that touches it is handed it, `qp`, for the call.
+pub(crate) struct QueueHandler {
+    /// The queue pair in the poll group's wire ([`WirePollGroup::qpair`](crate::wire::WirePollGroup::qpair)).
+    qp: QpId,
     /// Key of this queue in its poll group (the high bits of backend channel tags).
     key: u32,
     reqs: Box<[Request]>,
@@ -289,9 +292,9 @@ pub(crate) struct QueueHandler<Q: Qpair> {
 
 const KA_CHECK_PERIOD: Duration = Duration::from_millis(10);
 
-impl<Q: Qpair> QueueHandler<Q> {
+impl QueueHandler {
     pub fn new(
-        qp: Q,
+        qp: QpId,
         qid: u16,
         entries: u16,
         shared: Arc<TargetShared>,
@@ -350,6 +353,11 @@ impl<Q: Qpair> QueueHandler<Q> {
         self.key
     }
 
+    /// Its queue pair in the poll group's wire.
+    pub fn qp(&self) -> QpId {
+        self.qp
+    }
+
     /// A backend channel finished request `tag` with `status`.
     pub fn backend_done(&mut self, tag: u16, status: Status) {
         let Some(req) = self.reqs.get_mut(usize::from(tag)) else {
@@ -379,24 +387,20 @@ impl<Q: Qpair> QueueHandler<Q> {
         s
     }
 
-    pub fn begin_teardown(&mut self, why: &str) {
+    pub fn begin_teardown<Q: Qpair>(&mut self, qp: &mut Q, why: &str) {
         if self.phase == Phase::Live {
             tracing::debug!(qid = self.ctx.qid, why, "queue teardown");
-            self.qp.disconnect();
+            qp.disconnect();
             self.phase = Phase::Draining;
         }
-    }
-
-    /// Hands what this pass queued on the wire to it ([`Qpair::flush`]).
-    pub fn flush_wire(&mut self) {
-        self.qp.flush();
     }
 
     /// Drives the queue once; returns the work done. `chans` are the poll group's
     /// asynchronous backend channels; with `io_held` (a device reset is under way) no
     /// I/O command starts on a backend — they wait in EXECUTING.
-    pub fn poll(
+    pub fn poll<Q: Qpair>(
         &mut self,
+        qp: &mut Q,
         pool: &mut BufferPool,
         chans: &mut [Channel],
         now: Instant,
@@ -404,12 +408,12 @@ impl<Q: Qpair> QueueHandler<Q> {
     ) -> usize {
         match self.phase {
             Phase::Closed => return 0,
-            Phase::Draining => return self.drain(pool),
+            Phase::Draining => return self.drain(qp, pool),
             Phase::Live => {}
         }
-        if !self.qp.is_connected() {
-            self.begin_teardown("disconnected by host");
-            return 1 + self.drain(pool);
+        if !qp.is_connected() {
+            self.begin_teardown(qp, "disconnected by host");
+            return 1 + self.drain(qp, pool);
         }
         if self.ctx.ctrl.is_none() {
             // A connection that never sends a (successful) Connect holds receive buffers
@@ -426,14 +430,14 @@ impl<Q: Qpair> QueueHandler<Q> {
                     .shared
                     .connect_timeouts
                     .fetch_add(1, Ordering::Relaxed);
-                self.begin_teardown("connect timeout");
-                return 1 + self.drain(pool);
+                self.begin_teardown(qp, "connect timeout");
+                return 1 + self.drain(qp, pool);
             }
         }
         if let Some(ctrl) = &self.ctx.ctrl {
             if !ctrl.is_alive() {
-                self.begin_teardown("controller gone");
-                return 1 + self.drain(pool);
+                self.begin_teardown(qp, "controller gone");
+                return 1 + self.drain(qp, pool);
             }
             if self.ctx.qid == 0 && self.next_ka_check.is_none_or(|t| now >= t) {
                 self.next_ka_check = Some(now + KA_CHECK_PERIOD);
@@ -443,20 +447,20 @@ impl<Q: Qpair> QueueHandler<Q> {
                         "keep-alive timeout: controller torn down"
                     );
                     ctrl.fail();
-                    self.begin_teardown("keep-alive timeout");
-                    return 1 + self.drain(pool);
+                    self.begin_teardown(qp, "keep-alive timeout");
+                    return 1 + self.drain(qp, pool);
                 }
             }
         }
         let mut work = 0;
-        while let Some(t) = self.qp.poll_transfer() {
+        while let Some(t) = qp.poll_transfer() {
             self.transfer_done(t, pool);
             work += 1;
         }
         while let Some(&tag) = self.free.last() {
             let req = &mut self.reqs[usize::from(tag)];
             let mut cmd = [0u8; 64];
-            let Some(r) = self.qp.poll_capsule(&mut cmd, &mut req.icd) else {
+            let Some(r) = qp.poll_capsule(&mut cmd, &mut req.icd) else {
                 break;
             };
             self.free.pop();
@@ -470,13 +474,13 @@ impl<Q: Qpair> QueueHandler<Q> {
             self.ctx.stats.commands += 1;
             work += 1;
         }
-        work += self.overflow_capsules();
+        work += self.overflow_capsules(qp);
         // Requests waiting for an event (RDMA transfer, backend completion) cannot move
         // until one arrives: skip the pass over the slots when nothing happened.
         if self.free.len() < self.reqs.len() && (work > 0 || self.kick) {
             self.kick = false;
             for tag in 0..self.reqs.len() {
-                work += self.advance(tag, pool, chans, now, io_held);
+                work += self.advance(qp, tag, pool, chans, now, io_held);
                 let r = &self.reqs[tag];
                 self.kick |= match r.state {
                     ReqState::Free | ReqState::TransferIn | ReqState::Backend => false,
@@ -497,12 +501,12 @@ impl<Q: Qpair> QueueHandler<Q> {
     /// Interrupted (retryable: the host may send it again once it keeps to its depth).
     /// The connection lives. (A host must not submit to a full SQ; we know of no status
     /// the NVMe-oF specification assigns to a capsule that arrives anyway.)
-    fn overflow_capsules(&mut self) -> usize {
+    fn overflow_capsules<Q: Qpair>(&mut self, qp: &mut Q) -> usize {
         let mut work = 0;
         let depth = usize::from(self.ctx.entries);
-        while self.free.is_empty() && self.qp.capsules_waiting() > depth {
+        while self.free.is_empty() && qp.capsules_waiting() > depth {
             let mut cmd = [0u8; 64];
-            if self.qp.poll_capsule(&mut cmd, &mut []).is_none() {
+            if qp.poll_capsule(&mut cmd, &mut []).is_none() {
                 break;
             }
             work += 1;
@@ -532,7 +536,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                 cid: U16::new(cid),
                 status: U16::new(Status::COMMAND_INTERRUPTED.to_field_with_phase(false)),
             };
-            if self.qp.send_response(&cqe, None).is_err() {
+            if qp.send_response(&cqe, None).is_err() {
                 self.ctx.stats.wire_busy += 1;
                 break;
             }
@@ -567,8 +571,9 @@ impl<Q: Qpair> QueueHandler<Q> {
     }
 
     /// Moves request `tag` forward as far as it can go now.
-    fn advance(
+    fn advance<Q: Qpair>(
         &mut self,
+        qp: &mut Q,
         tag: usize,
         pool: &mut BufferPool,
         chans: &mut [Channel],
@@ -608,7 +613,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                         };
                         let mut remote = remote_of(req.sgl);
                         remote.len = *len as u32;
-                        match self.qp.post_read(tag as u16, remote, buf) {
+                        match qp.post_read(tag as u16, remote, buf) {
                             Ok(()) => req.state = ReqState::TransferIn,
                             Err(_) => {
                                 self.ctx.stats.wire_busy += 1;
@@ -700,7 +705,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                         let n = req.out.out_len.min(*len);
                         let mut remote = remote_of(req.sgl);
                         remote.len = n as u32;
-                        match self.qp.post_write(tag as u16, remote, buf) {
+                        match qp.post_write(tag as u16, remote, buf) {
                             Ok(()) => req.posted = true,
                             Err(_) => {
                                 self.ctx.stats.wire_busy += 1;
@@ -713,7 +718,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                         // response that follows it, so the response need not wait for the
                         // WRITE's completion (Linux nvmet-rdma chains them the same way);
                         // the buffer stays the NIC's until that completion.
-                        if self.respond(tag) {
+                        if self.respond(qp, tag) {
                             self.reqs[tag].responded = true;
                             steps += 1;
                         }
@@ -721,7 +726,7 @@ impl<Q: Qpair> QueueHandler<Q> {
                     break;
                 }
                 ReqState::Completing => {
-                    if !self.complete(tag, pool) {
+                    if !self.complete(qp, tag, pool) {
                         break;
                     }
                 }
@@ -762,8 +767,8 @@ impl<Q: Qpair> QueueHandler<Q> {
     }
 
     /// Sends the response of request `tag` and frees it; false when the wire is busy.
-    fn complete(&mut self, tag: usize, pool: &mut BufferPool) -> bool {
-        if !self.respond(tag) {
+    fn complete<Q: Qpair>(&mut self, qp: &mut Q, tag: usize, pool: &mut BufferPool) -> bool {
+        if !self.respond(qp, tag) {
             return false;
         }
         self.finish(tag, pool);
@@ -771,7 +776,7 @@ impl<Q: Qpair> QueueHandler<Q> {
     }
 
     /// Sends the response of request `tag`; false when the wire is busy.
-    fn respond(&mut self, tag: usize) -> bool {
+    fn respond<Q: Qpair>(&mut self, qp: &mut Q, tag: usize) -> bool {
         let req = &self.reqs[tag];
         let out = req.out;
         let cid = req.cmd.cid();
@@ -791,7 +796,7 @@ impl<Q: Qpair> QueueHandler<Q> {
             }) => Some(key),
             _ => None,
         };
-        if self.qp.send_response(&cqe, invalidate).is_err() {
+        if qp.send_response(&cqe, invalidate).is_err() {
             self.ctx.stats.wire_busy += 1;
             return false;
         }
@@ -830,9 +835,9 @@ impl<Q: Qpair> QueueHandler<Q> {
     }
 
     /// Teardown: wait for posted transfers to be flushed, then free everything.
-    fn drain(&mut self, pool: &mut BufferPool) -> usize {
+    fn drain<Q: Qpair>(&mut self, qp: &mut Q, pool: &mut BufferPool) -> usize {
         let mut work = 0;
-        while let Some(t) = self.qp.poll_transfer() {
+        while let Some(t) = qp.poll_transfer() {
             if let Some(req) = self.reqs.get_mut(usize::from(t.tag)) {
                 if matches!(req.state, ReqState::TransferIn | ReqState::TransferOut) {
                     req.state = ReqState::Completing;
