@@ -396,6 +396,15 @@ fn readme_replaces_only_the_marked_section() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn the_readme_has_the_markers_once() {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&readme).unwrap();
+    assert_eq!(text.matches(BEGIN).count(), 1, "{BEGIN} in README.md");
+    assert_eq!(text.matches(END).count(), 1, "{END} in README.md");
+    assert!(text.find(BEGIN) < text.find(END));
+}
+
 /// A real run's results.json (set NVMF_P2P_BENCH_RESULTS), e.g. of `scripts/bench --only smoke`.
 #[test]
 fn a_real_run_follows_the_schema() {
