@@ -25,9 +25,9 @@ use crate::fabrics::{
     validate_cm_request, CmLimits, ConnectData, DiscoveryLogEntry, DiscoveryLogHeader,
     SglDescriptor, CNTLID_DYNAMIC, DISCOVERY_NQN, LID_DISCOVERY,
 };
-use crate::initiator::{cm_request, cmd};
-use crate::loopback::{HostRegion, LinkState, LoopbackConnector, LoopbackHost, LoopbackTransport};
-use crate::nvmf_target::{PollGroup, Target};
+use crate::initiator::cmd;
+use crate::loopback::{HostRegion, LinkState, LoopbackHost, TargetRig};
+use crate::nvmf_target::Target;
 
 /// `NVMF_P2P_FUZZ_DEBUG` set: print the decoded input and every capsule sent (to read a
 /// finding; docs/reliability.md).
@@ -107,11 +107,21 @@ backend = "ram:16KiB"
 /// A target on the loopback transport, polled from the calling thread at a clock the
 /// input moves (keep-alive expiry is reachable, runs are reproducible).
 struct Rig {
-    target: Target,
-    transport: LoopbackTransport,
-    connector: LoopbackConnector,
-    group: PollGroup<LoopbackTransport>,
+    lb: TargetRig,
     now: Instant,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = TargetRig;
+    fn deref(&self) -> &TargetRig {
+        &self.lb
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut TargetRig {
+        &mut self.lb
+    }
 }
 
 impl Rig {
@@ -129,33 +139,24 @@ impl Rig {
         let target =
             Target::from_config(&configs[extra_subsystems.min(MAX_EXTRA_SUBSYSTEMS)], None)
                 .expect("fuzz target");
-        let (mut transport, connector) = LoopbackTransport::new();
-        let group = target
-            .create_poll_group(&mut transport)
-            .expect("poll group");
         Rig {
-            target,
-            transport,
-            connector,
-            group,
+            lb: TargetRig::new(target).expect("poll group"),
             now: Instant::now(),
         }
     }
 
     /// Accepts pending connections and polls until the group is idle.
     fn pump(&mut self) {
-        self.group.accept_pending(&mut self.transport);
-        for _ in 0..10_000 {
-            if self.group.poll_at(self.now) == 0 {
-                return;
-            }
-        }
-        panic!("the poll group never went idle");
+        let now = self.now;
+        assert!(
+            self.lb.pump_at(now, 10_000),
+            "the poll group never went idle"
+        );
     }
 
     /// A transport connection (CM level only) for `qid`.
     fn open(&mut self, qid: u16) -> Host {
-        let wire = self.connector.connect(&cm_request(qid, DEPTH));
+        let wire = self.lb.connect(qid, DEPTH);
         self.pump();
         assert!(
             matches!(wire.state(), LinkState::Established(_)),
@@ -573,7 +574,7 @@ pub fn commands(data: &[u8]) {
                 sqsize,
             } => {
                 let qid = u16::from(*qid % 4);
-                let wire = rig.connector.connect(&cm_request(qid, DEPTH));
+                let wire = rig.connect(qid, DEPTH);
                 rig.pump();
                 if matches!(wire.state(), LinkState::Established(_)) {
                     let mut q = Host::new(wire, qid);

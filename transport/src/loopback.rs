@@ -410,3 +410,45 @@ impl Transport for LoopbackTransport {
         Ok(LoopbackPollGroup::default())
     }
 }
+
+/// A target with one poll group on a loopback transport, driven from the calling thread:
+/// the rig under the host tests (`transport/tests/common`) and the fuzz targets
+/// (`transport/src/fuzzing.rs`), which add their own hosts and clocks.
+pub struct TargetRig {
+    /// The target.
+    pub target: crate::nvmf_target::Target,
+    /// Its transport (connections wait here until accepted).
+    pub transport: LoopbackTransport,
+    /// Where hosts connect.
+    pub connector: LoopbackConnector,
+    /// The poll group.
+    pub group: crate::nvmf_target::PollGroup<LoopbackTransport>,
+}
+
+impl TargetRig {
+    /// A rig around `target`: one poll group on a new loopback transport.
+    pub fn new(target: crate::nvmf_target::Target) -> Result<TargetRig> {
+        let (mut transport, connector) = LoopbackTransport::new();
+        let group = target.create_poll_group(&mut transport)?;
+        Ok(TargetRig {
+            target,
+            transport,
+            connector,
+            group,
+        })
+    }
+
+    /// Accepts pending connections, then polls at `now` until the group is idle; false
+    /// when it still worked after `passes` polls.
+    pub fn pump_at(&mut self, now: std::time::Instant, passes: usize) -> bool {
+        self.group.accept_pending(&mut self.transport);
+        (0..passes).any(|_| self.group.poll_at(now) == 0)
+    }
+
+    /// Starts the connection of queue `qid` with `entries` entries (CM level only); pump
+    /// to have it accepted, then check [`LoopbackHost::state`].
+    pub fn connect(&self, qid: u16, entries: u16) -> LoopbackHost {
+        self.connector
+            .connect(&crate::initiator::cm_request(qid, entries))
+    }
+}

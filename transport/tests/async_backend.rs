@@ -33,27 +33,6 @@ fn fake_rig(depth: usize) -> (Rig, Arc<FakeDev>) {
     (rig, dev)
 }
 
-/// Polls until `n` completions arrived (or panics after a few seconds).
-fn collect(rig: &mut Rig, q: &mut HostQ, n: usize) -> Vec<transport::initiator::Completion> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while out.len() < n {
-        while let Some(c) = q.poll_one() {
-            out.push(c);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} completions",
-            out.len()
-        );
-        rig.group.accept_pending(&mut rig.transport);
-        if rig.group.poll() == 0 {
-            std::thread::yield_now();
-        }
-    }
-    out
-}
-
 #[test]
 fn fake_async_io_out_of_order_zero_copy() {
     let (mut rig, dev) = fake_rig(64);
@@ -76,7 +55,7 @@ fn fake_async_io_out_of_order_zero_copy() {
         0,
     )
     .unwrap();
-    let cs = collect(&mut rig, &mut io, 17);
+    let cs = rig.collect(&mut io, 17);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     for i in 0..16u64 {
         assert_eq!(dev.bytes(i as usize * 4096, 4096), pattern(4096, i as u8));
@@ -88,7 +67,7 @@ fn fake_async_io_out_of_order_zero_copy() {
         let d = SglDescriptor::keyed(back.addr + (15 - i) * 4096, 4096, back.key, false);
         io.submit(cmd::read(1, i * 8, 8, d), &[], 0).unwrap();
     }
-    let cs = collect(&mut rig, &mut io, 16);
+    let cs = rig.collect(&mut io, 16);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     let got = io.wire().read_region(back);
     for i in 0..16usize {
@@ -100,7 +79,7 @@ fn fake_async_io_out_of_order_zero_copy() {
     // Flush and Write Zeroes go through the channel too; nothing took the sync path.
     io.submit(cmd::flush(1), &[], 0).unwrap();
     io.submit(cmd::write_zeroes(1, 0, 8), &[], 0).unwrap();
-    let cs = collect(&mut rig, &mut io, 2);
+    let cs = rig.collect(&mut io, 2);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     assert!(dev.bytes(0, 4096).iter().all(|&b| b == 0));
     let ctl = dev.ctl();
@@ -128,7 +107,7 @@ fn fake_async_busy_backpressure_never_drops() {
         let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
         io.submit(cmd::write(1, i * 8, 8, d), &[], 0).unwrap();
     }
-    let cs = collect(&mut rig, &mut io, 24);
+    let cs = rig.collect(&mut io, 24);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     for i in 0..24usize {
         assert_eq!(dev.bytes(i * 4096, 4096), pattern(4096, 7 + i as u8));
@@ -302,7 +281,7 @@ fn nvme_backend_on_simulator_zero_copy() {
     )
     .unwrap();
     n += 1;
-    let cs = collect(&mut rig, &mut io, n);
+    let cs = rig.collect(&mut io, n);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     for i in 0..16usize {
         assert_eq!(sim.namespace_bytes(i * 4096, 4096), pattern(4096, i as u8));
@@ -319,7 +298,7 @@ fn nvme_backend_on_simulator_zero_copy() {
     }
     let d = SglDescriptor::keyed(back.addr + 16 * 4096, 65536, back.key, false);
     io.submit(cmd::read(1, 116, 16, d), &[], 0).unwrap();
-    let cs = collect(&mut rig, &mut io, 17);
+    let cs = rig.collect(&mut io, 17);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     let got = io.wire().read_region(back);
     for i in 0..16usize {
@@ -330,7 +309,7 @@ fn nvme_backend_on_simulator_zero_copy() {
     // Flush, Write Zeroes (asynchronous) and Dataset Management (synchronous path).
     io.submit(cmd::flush(1), &[], 0).unwrap();
     io.submit(cmd::write_zeroes(1, 0, 2), &[], 0).unwrap();
-    let cs = collect(&mut rig, &mut io, 2);
+    let cs = rig.collect(&mut io, 2);
     assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     assert!(sim.namespace_bytes(0, 8192).iter().all(|&b| b == 0));
     let range = DsmRange::new(5, 1);
@@ -340,14 +319,14 @@ fn nvme_backend_on_simulator_zero_copy() {
         0,
     )
     .unwrap();
-    let cs = collect(&mut rig, &mut io, 1);
+    let cs = rig.collect(&mut io, 1);
     assert_eq!(cs[0].status(), Status::SUCCESS);
 
     // A device error comes back as the device's status.
     sim.faults().fail_next_io(1, Status::UNRECOVERED_READ_ERROR);
     let d = SglDescriptor::keyed(back.addr, 4096, back.key, false);
     io.submit(cmd::read(1, 3, 1, d), &[], 0).unwrap();
-    let cs = collect(&mut rig, &mut io, 1);
+    let cs = rig.collect(&mut io, 1);
     assert!(cs[0].status().same_code(Status::UNRECOVERED_READ_ERROR));
 
     let s = rig.group.queue_stats();
@@ -406,7 +385,7 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
         if !interrupts {
             assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Nap);
             assert!(ctrl.abort(2, 0).unwrap());
-            let cs = collect(&mut rig, &mut io, 1);
+            let cs = rig.collect(&mut io, 1);
             assert!(cs[0].status().same_code(Status::ABORT_REQUESTED));
             continue;
         }
@@ -427,7 +406,7 @@ fn nvme_backend_interrupts_let_a_poll_group_sleep_until_the_device_completes() {
         );
         // Arming again clears the event but finds the CQE: poll, do not sleep.
         assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Ready);
-        let cs = collect(&mut rig, &mut io, 1);
+        let cs = rig.collect(&mut io, 1);
         assert!(cs[0].status().same_code(Status::ABORT_REQUESTED));
         assert_eq!(rig.group.arm_backends(&mut fds), BackendWait::Idle);
         assert!(sim.interrupts_raised() >= 1);
@@ -483,7 +462,7 @@ fn device_resets_with_io_held_lose_no_command() {
             let d = SglDescriptor::keyed(region.addr + i * 4096, 4096, region.key, false);
             io.submit(cmd::write(1, i, 1, d), &[], 0).unwrap();
         }
-        let cs = collect(&mut rig, &mut io, 16);
+        let cs = rig.collect(&mut io, 16);
         for c in &cs {
             assert_eq!(c.status(), Status::SUCCESS, "round {rounds}");
         }
@@ -537,7 +516,7 @@ fn stuck_read(rig: &mut Rig, sim: &Simulator, io: &mut HostQ) -> transport::init
             "the read never reached the device"
         );
     }
-    collect(rig, io, 1).remove(0)
+    rig.collect(io, 1).remove(0)
 }
 
 #[test]
@@ -571,7 +550,7 @@ fn a_fatal_controller_is_reset_and_the_host_may_retry() {
     let region = io.wire().register(4096);
     io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
         .unwrap();
-    assert_eq!(collect(&mut rig, &mut io, 1)[0].status(), Status::SUCCESS);
+    assert_eq!(rig.collect(&mut io, 1)[0].status(), Status::SUCCESS);
 }
 
 #[test]
@@ -597,7 +576,7 @@ fn a_command_timeout_resets_the_device() {
     let region = io.wire().register(4096);
     io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
         .unwrap();
-    assert_eq!(collect(&mut rig, &mut io, 1)[0].status(), Status::SUCCESS);
+    assert_eq!(rig.collect(&mut io, 1)[0].status(), Status::SUCCESS);
 }
 
 #[test]
@@ -643,7 +622,7 @@ fn compare_on_a_namespace_with_an_async_channel() {
     let a = pattern(4096, 5);
     let ic = SglDescriptor::in_capsule(0, 4096);
     io.submit(cmd::write(1, 64, 8, ic), &a, 0).unwrap();
-    let cs = collect(&mut rig, &mut io, 1);
+    let cs = rig.collect(&mut io, 1);
     assert_eq!(cs[0].status(), Status::SUCCESS);
     assert_eq!(dev.ctl().submitted, 1, "the write went through the channel");
     // Compare reads the device's blocks (its synchronous path) and compares.
@@ -660,7 +639,7 @@ fn compare_on_a_namespace_with_an_async_channel() {
     io.wire().write_region(r, 0, &a);
     io.submit(compare(cmd::write(1, 64, 8, keyed(r))), &[], 2)
         .unwrap();
-    let mut cs = collect(&mut rig, &mut io, 3);
+    let mut cs = rig.collect(&mut io, 3);
     cs.sort_by_key(|c| c.user);
     assert_eq!(cs[0].status(), Status::SUCCESS);
     assert_status(&cs[1], Status::COMPARE_FAILURE);

@@ -184,18 +184,8 @@ fn removing_a_namespace_drains_its_commands_in_the_device() {
     assert_status(&c, Status::INVALID_NAMESPACE);
     // The device completes: the four reads succeed, then the channel goes.
     dev.ctl().hold = false;
-    let mut ok = 0;
-    for _ in 0..100 {
-        rig.pump();
-        while let Some(c) = io.poll_one() {
-            assert_eq!(c.status(), Status::SUCCESS);
-            ok += 1;
-        }
-        if ok == 4 {
-            break;
-        }
-    }
-    assert_eq!(ok, 4);
+    let cs = rig.collect(&mut io, 4);
+    assert!(cs.iter().all(|c| c.status() == Status::SUCCESS));
     rig.pump();
     assert_eq!(done.pending_drains(), 0);
     assert_eq!(rig.group.channel_count(), 0);

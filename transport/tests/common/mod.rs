@@ -9,11 +9,9 @@ use nvme::spec::{reg, Cqe, Sqe, Status};
 use transport::backend::{open_backend, Backend};
 use transport::config::{BackendSpec, TargetConfig};
 use transport::fabrics::{SglDescriptor, CNTLID_DYNAMIC};
-use transport::initiator::{cm_request, cmd, Completion, InitiatorQueue};
-use transport::loopback::{
-    HostRegion, LinkState, LoopbackConnector, LoopbackHost, LoopbackTransport,
-};
-use transport::nvmf_target::{PollGroup, Target};
+use transport::initiator::{cmd, Completion, InitiatorQueue};
+use transport::loopback::{HostRegion, LinkState, LoopbackHost, TargetRig};
+use transport::nvmf_target::Target;
 use zerocopy::IntoBytes;
 
 pub const SUBNQN: &str = "nqn.2026-11.io.nvmf-p2p:test";
@@ -55,13 +53,25 @@ backend = "ram:1MiB"
     )
 }
 
+/// The library's loopback rig ([`TargetRig`]: target, transport, connector, poll group,
+/// reached through `Deref`) with the tests' clock and host helpers.
 pub struct Rig {
-    pub target: Target,
-    pub transport: LoopbackTransport,
-    pub connector: LoopbackConnector,
-    pub group: PollGroup<LoopbackTransport>,
+    pub lb: TargetRig,
     /// When set, polls use this fixed time (keep-alive never expires by itself).
     pub frozen: Option<Instant>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = TargetRig;
+    fn deref(&self) -> &TargetRig {
+        &self.lb
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut TargetRig {
+        &mut self.lb
+    }
 }
 
 pub type HostQ = InitiatorQueue<LoopbackHost>;
@@ -83,15 +93,8 @@ impl Rig {
 
     /// A rig around `target`: one poll group on a loopback transport.
     pub fn with_target(target: Target) -> Rig {
-        let (mut transport, connector) = LoopbackTransport::new();
-        let group = target
-            .create_poll_group(&mut transport)
-            .expect("poll group");
         Rig {
-            target,
-            transport,
-            connector,
-            group,
+            lb: TargetRig::new(target).expect("poll group"),
             frozen: None,
         }
     }
@@ -102,19 +105,35 @@ impl Rig {
 
     /// Accepts pending connections and polls until the group is idle.
     pub fn pump(&mut self) {
-        self.group.accept_pending(&mut self.transport);
-        for _ in 0..1000 {
+        let now = self.frozen.unwrap_or_else(Instant::now);
+        assert!(self.lb.pump_at(now, 1000), "target never went idle");
+    }
+
+    /// Polls until `n` completions arrived on `q` (or panics after a few seconds), in
+    /// the order they came.
+    pub fn collect(&mut self, q: &mut HostQ, n: usize) -> Vec<Completion> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while out.len() < n {
+            while let Some(c) = q.poll_one() {
+                out.push(c);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} completions",
+                out.len()
+            );
             let now = self.frozen.unwrap_or_else(Instant::now);
-            if self.group.poll_at(now) == 0 {
-                return;
+            if !self.lb.pump_at(now, 1) {
+                std::thread::yield_now();
             }
         }
-        panic!("target never went idle");
+        out
     }
 
     /// Opens the transport connection of queue `qid` (CM level only).
     pub fn open(&mut self, qid: u16, entries: u16) -> HostQ {
-        let host = self.connector.connect(&cm_request(qid, entries));
+        let host = self.lb.connect(qid, entries);
         self.pump();
         assert!(
             matches!(host.state(), LinkState::Established(_)),
