@@ -843,3 +843,32 @@ fn sync_and_async_namespaces_count_alike() {
     );
     assert_eq!(a_q, s_q + 1);
 }
+
+/// A poll group that does not answer a hold (its thread is stuck) makes the hold fail
+/// with Quiesce, so the caller does not reset a device the group may still drive; the
+/// hold is taken back, and the group, once it polls again, serves I/O as before.
+#[test]
+fn a_hold_no_group_answers_fails_and_is_taken_back() {
+    let (mut rig, _sim, ctrl) = sim_rig(None);
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    let t0 = Instant::now();
+    let err = rig
+        .target
+        .hold_backend_io(Duration::from_millis(50))
+        .err()
+        .expect("nobody answered: the hold fails");
+    assert!(
+        matches!(err, transport::Error::Quiesce { groups: 1, .. }),
+        "{err}"
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    assert_eq!(ctrl.generation(), 0);
+    rig.group.poll(); // takes the hold and its release
+    assert!(!rig.group.backend_io_held(), "the failed hold was released");
+    let region = io.wire().register(4096);
+    io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
+        .unwrap();
+    assert_eq!(rig.collect(&mut io, 1)[0].status(), Status::SUCCESS);
+    assert_eq!(rig.group.backend_in_flight(), 0);
+}

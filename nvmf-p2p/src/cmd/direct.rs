@@ -430,14 +430,23 @@ pub fn with_report(mut stats: serde_json::Value, svc: Option<&DirectService>) ->
 /// Direct queues dropped (and attaches refused) while this lives: around a device reset.
 pub struct Quiesced<'a>(Option<&'a DirectService>);
 
+/// How long a device reset waits for the direct poller to drop its queues.
+const QUIESCE_WAIT: Duration = Duration::from_secs(5);
+
 impl<'a> Quiesced<'a> {
-    pub fn new(svc: Option<&'a DirectService>) -> Self {
+    /// Stops direct mode; an error when the direct poller did not confirm within
+    /// [`QUIESCE_WAIT`] (it may still ring the device's doorbells: a reset now would race
+    /// with it, so the caller does not reset). Attaches are allowed again on the error.
+    pub fn new(svc: Option<&'a DirectService>) -> Result<Self, String> {
+        let quiesced = Quiesced(svc);
         if let Some(s) = svc {
-            if !s.quiesce(Duration::from_secs(5)) {
-                tracing::warn!("direct poller did not quiesce within 5 s");
+            if !s.quiesce(QUIESCE_WAIT) {
+                return Err(format!(
+                    "the direct poller did not drop its queues within {QUIESCE_WAIT:?}: device not reset"
+                ));
             }
         }
-        Quiesced(svc)
+        Ok(quiesced)
     }
 }
 

@@ -408,7 +408,7 @@ fn reset_devices(
         return Err("no vfio: namespace in this target: nothing to reset".into());
     }
     // Drop order: the poll groups go on first, then direct attaches are allowed again.
-    let _direct = super::direct::Quiesced::new(direct);
+    let _direct = super::direct::Quiesced::new(direct)?;
     let held = target
         .hold_backend_io(RESET_DRAIN)
         .map_err(|e| e.to_string())?;
