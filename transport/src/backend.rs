@@ -199,6 +199,22 @@ pub enum Fault {
     DeviceGone,
 }
 
+impl Fault {
+    /// The fault behind a failed synchronous command of a device backend (the same the
+    /// channel's [`IoChannel::check_health`] reports), if the error is one.
+    pub fn of(e: &Error) -> Option<Fault> {
+        let Error::Nvme { source, .. } = e else {
+            return None;
+        };
+        match **source {
+            nvme::Error::Timeout { after, .. } => Some(Fault::Timeout { after }),
+            nvme::Error::ControllerFatal { .. } => Some(Fault::ControllerFatal),
+            nvme::Error::DeviceGone { .. } => Some(Fault::DeviceGone),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -21,7 +21,8 @@ use nvme::{Controller, DmaBuffer, IoQueuePair, QueueOptions};
 use crate::backend::{check_range, AsyncOp, Backend, DeviceRef, Fault, IoChannel, SubmitError};
 use crate::error::{Error, Result};
 
-/// Timeout of one synchronous command.
+/// Timeout of one synchronous command (or the asynchronous one, when shorter: see
+/// [`NvmeBackend::with_command_timeout`]).
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default timeout of a poll group's asynchronous commands (Linux nvme's io_timeout);
@@ -130,10 +131,15 @@ impl NvmeBackend {
     }
 
     /// How long a poll group's asynchronous command may stay in the device before the
-    /// group reports [`Fault::Timeout`] (default [`ASYNC_TIMEOUT`]).
+    /// group reports [`Fault::Timeout`] (default [`ASYNC_TIMEOUT`]); a synchronous
+    /// command waits at most that long too (and at most 10 s), and its timeout is reported the same way.
     pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    fn sync_timeout(&self) -> Duration {
+        self.timeout.min(IO_TIMEOUT)
     }
 
     fn with_io<T>(
@@ -142,6 +148,15 @@ impl NvmeBackend {
         op: &'static str,
     ) -> Result<T> {
         let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        if io.qp.in_flight() > 0 {
+            // A command that timed out before: reap its late completion, or its abort by
+            // the controller reset since, so the queue pair takes commands again (while
+            // it is still in the device, `execute` refuses and the command fails).
+            let name = &self.name;
+            io.qp.poll(usize::MAX, |c| {
+                tracing::debug!(backend = %name, status = %c.status, "late synchronous completion");
+            });
+        }
         f(&mut io).map_err(|e| nvme_err(&self.name, op, e))
     }
 
@@ -187,8 +202,11 @@ impl Backend for NvmeBackend {
         self.chunked(slba, buf.len(), "read", |io, lba, off, n| {
             let b = io.bounce.slice(0, n)?;
             let nlb0 = (n / self.block_size as usize - 1) as u16;
-            io.qp
-                .execute(Sqe::read(nsid, lba, nlb0, 0, 0), Some(&b), IO_TIMEOUT)?;
+            io.qp.execute(
+                Sqe::read(nsid, lba, nlb0, 0, 0),
+                Some(&b),
+                self.sync_timeout(),
+            )?;
             b.read(0, &mut buf[off..off + n])
         })
     }
@@ -198,8 +216,11 @@ impl Backend for NvmeBackend {
             let b = io.bounce.slice(0, n)?;
             b.write(0, &buf[off..off + n])?;
             let nlb0 = (n / self.block_size as usize - 1) as u16;
-            io.qp
-                .execute(Sqe::write(nsid, lba, nlb0, 0, 0), Some(&b), IO_TIMEOUT)?;
+            io.qp.execute(
+                Sqe::write(nsid, lba, nlb0, 0, 0),
+                Some(&b),
+                self.sync_timeout(),
+            )?;
             Ok(())
         })
     }
@@ -208,7 +229,7 @@ impl Backend for NvmeBackend {
         self.with_io(
             |io| {
                 io.qp
-                    .execute(Sqe::flush(nsid), None, IO_TIMEOUT)
+                    .execute(Sqe::flush(nsid), None, self.sync_timeout())
                     .map(|_| ())
             },
             "flush",
@@ -223,7 +244,7 @@ impl Backend for NvmeBackend {
                 while done < nlb {
                     let n = (nlb - done).min(65536);
                     let sqe = Sqe::write_zeroes(nsid, slba + done, (n - 1) as u16);
-                    io.qp.execute(sqe, None, IO_TIMEOUT)?;
+                    io.qp.execute(sqe, None, self.sync_timeout())?;
                     done += n;
                 }
                 Ok(())

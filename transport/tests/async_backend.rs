@@ -872,3 +872,53 @@ fn a_hold_no_group_answers_fails_and_is_taken_back() {
     assert_eq!(rig.collect(&mut io, 1)[0].status(), Status::SUCCESS);
     assert_eq!(rig.group.backend_in_flight(), 0);
 }
+
+/// A synchronous command that times out in the device (Dataset Management takes the
+/// backend's synchronous path) asks for the same recovery as an asynchronous one: the
+/// host gets an error, the device is reset with the poll group's I/O held, and it serves
+/// again.
+#[test]
+fn a_synchronous_command_timeout_resets_the_device_too() {
+    let timeout = Duration::from_millis(200);
+    let (mut rig, sim, ctrl) = sim_rig(Some(timeout));
+    let (tx, faults) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let dev = ctrl.clone();
+    rig.target.set_recovery(Arc::new(
+        move |target: &Target, _b: &Arc<dyn Backend>, fault| {
+            let held = target.hold_backend_io(Duration::from_millis(200)).unwrap();
+            dev.reset_device().unwrap();
+            drop(held);
+            tx.lock().unwrap().send(fault).unwrap();
+        },
+    ));
+    let (_admin, cntlid) = rig.admin(0);
+    let mut io = rig.io(1, cntlid);
+    sim.faults().stall_next_io(1);
+    let range = DsmRange::new(5, 1);
+    let dsm = cmd::deallocate(1, 1, SglDescriptor::in_capsule(0, 16));
+    let c = rig.exec(&mut io, dsm, range.as_bytes());
+    assert!(!c.status().is_success(), "the stalled command failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fault = loop {
+        if let Ok(f) = faults.try_recv() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no recovery");
+        rig.group.poll();
+        std::thread::yield_now();
+    };
+    assert_eq!(fault, Fault::Timeout { after: timeout });
+    assert_eq!(ctrl.generation(), 1);
+    rig.group.poll(); // takes the release
+    let region = io.wire().register(4096);
+    io.submit(cmd::read(1, 0, 1, keyed(region)), &[], 0)
+        .unwrap();
+    assert_eq!(rig.collect(&mut io, 1)[0].status(), Status::SUCCESS);
+    let c = rig.exec(&mut io, dsm, range.as_bytes());
+    assert_eq!(
+        c.status(),
+        Status::SUCCESS,
+        "synchronous commands work again"
+    );
+}

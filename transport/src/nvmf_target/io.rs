@@ -10,13 +10,15 @@
 //! done (`QueueHandler::backend_done`). Ranges were checked once, by `parse` (`io_shape`:
 //! Read, Write, Compare, Write Zeroes); Dataset Management's ranges, which are data, here.
 
+use std::sync::Arc;
+
 use nvme::spec::{dsm, io_opc, DsmRange, Sqe, Status};
 use zerocopy::FromBytes;
 
 use super::controller::Controller;
 use super::queue::{loc, Channel, Data, Outcome, QueueStats};
-use super::{Namespace, Subsystem};
-use crate::backend::{AsyncOp, SubmitError};
+use super::{Namespace, Subsystem, Target, TargetShared};
+use crate::backend::{AsyncOp, Fault, SubmitError};
 use crate::error::Error;
 use crate::pool::BufferPool;
 
@@ -43,9 +45,12 @@ enum Route {
 
 /// Starts I/O command `cmd` whose data (if any) is `data` (`icd`: the request's in-capsule
 /// data). `chans` are the poll group's asynchronous channels (none while backend I/O is
-/// held), `key` the tag their completion carries.
+/// held), `key` the tag their completion carries. A synchronous command failing with a
+/// device fault (a timeout, a fatal controller) goes to the target's recovery, as a
+/// channel's does (`IoChannel::check_health`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
+    shared: &Arc<TargetShared>,
     ctrl: &Controller,
     cmd: &Sqe,
     data: &mut Data,
@@ -59,7 +64,7 @@ pub(crate) fn start(
     let nsid = cmd.nsid.get();
     let opc = cmd.opcode();
     if opc == io_opc::FLUSH && nsid == u32::MAX {
-        return Started::Done(flush_all(sub));
+        return Started::Done(flush_all(shared, sub));
     }
     let Some(ns) = sub.namespace(nsid) else {
         return Started::Done(Outcome::err(Status::INVALID_NAMESPACE, loc::NSID));
@@ -90,7 +95,7 @@ pub(crate) fn start(
             // SAFETY: the request is in EXECUTING (its data transfer done, none posted)
             // and this command goes to no channel.
             let bytes = unsafe { data.bytes_mut(icd) };
-            let out = execute(ctrl, &ns, cmd, bytes);
+            let out = execute(shared, ctrl, &ns, cmd, bytes);
             Started::Done(complete(ctrl, cmd, len, out))
         }
     }
@@ -193,10 +198,11 @@ fn route(
     Route::Channel(ch.chan.submit(key, op))
 }
 
-fn flush_all(sub: &Subsystem) -> Outcome {
+fn flush_all(shared: &Arc<TargetShared>, sub: &Subsystem) -> Outcome {
     for ns in sub.namespaces() {
         if let Err(e) = ns.backend.flush() {
             tracing::warn!(error = %e, "flush");
+            report(shared, &ns, &e);
             return Outcome::err(Status::WRITE_FAULT, loc::OPCODE);
         }
     }
@@ -211,8 +217,25 @@ fn backend_status(e: &Error, write: bool) -> Status {
     }
 }
 
+/// Hands a device fault behind `e` (a failed synchronous command of `ns`) to the target's
+/// recovery.
+fn report(shared: &Arc<TargetShared>, ns: &Namespace, e: &Error) {
+    if let Some(fault) = Fault::of(e) {
+        let target = Target {
+            shared: shared.clone(),
+        };
+        target.report_fault(super::queue::backend_id(&ns.backend), fault);
+    }
+}
+
 /// Runs an I/O command on `ns`'s synchronous methods with its data (if any) in `data`.
-fn execute(ctrl: &Controller, ns: &Namespace, cmd: &Sqe, data: &mut [u8]) -> Outcome {
+fn execute(
+    shared: &Arc<TargetShared>,
+    ctrl: &Controller,
+    ns: &Namespace,
+    cmd: &Sqe,
+    data: &mut [u8],
+) -> Outcome {
     let b = &*ns.backend;
     let res = match cmd.opcode() {
         io_opc::READ => b.read(cmd.slba(), data).map(|_| Outcome::ok()),
@@ -267,6 +290,7 @@ fn execute(ctrl: &Controller, ns: &Namespace, cmd: &Sqe, data: &mut [u8]) -> Out
     };
     res.unwrap_or_else(|e| {
         tracing::warn!(error = %e, nsid = ns.nsid, "backend I/O failed");
+        report(shared, ns, &e);
         Outcome::err(backend_status(&e, cmd.opcode() != io_opc::READ), loc::CDW10)
     })
 }

@@ -633,6 +633,7 @@ impl QueueHandler {
                             }
                             let key = (u64::from(self.key) << 16) | tag as u64;
                             let started = io::start(
+                                &self.ctx.shared,
                                 ctrl,
                                 &cmd,
                                 &mut req.data,
