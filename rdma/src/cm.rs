@@ -573,7 +573,8 @@ fn create_cm_qp(
 /// An established (or being established) RC connection: its QP and CM id.
 ///
 /// Dropping it destroys the QP, then the CM id (then the private event channel of an
-/// active-side connection). Move the QP to error and drain first (STYLE 13).
+/// active-side connection). Move the QP to error and drain first: destroying a QP with work
+/// requests still posted leaves completions that point at freed buffers.
 pub struct Connection {
     // Field order is drop order: QP before the id it was created on.
     qp: QueuePair,

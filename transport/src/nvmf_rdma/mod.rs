@@ -11,7 +11,7 @@
 //!   slot right after the core has copied it out), posts RDMA READ/WRITE on pool
 //!   buffers, and sends responses inline (16 bytes: no MR, no buffer to recycle).
 //!
-//! Teardown follows STYLE 13: the core calls [`Qpair::disconnect`] (`rdma_disconnect`
+//! Teardown drains before it destroys: the core calls [`Qpair::disconnect`] (`rdma_disconnect`
 //! moves the QP to ERROR, posted WRs flush into the CQ), waits until every posted
 //! transfer has been reported, then drops the queue pair: QP first, then the CM id, then
 //! the receive ring it covered.
