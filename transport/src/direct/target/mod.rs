@@ -143,7 +143,87 @@ pub struct DirectConfig {
 struct Control {
     pending: HashMap<u64, Attachment>,
     detach: Vec<u64>,
+    /// Queues that closed by themselves (host disconnect, device reset), newest last, so
+    /// a host's detach that races its own disconnect still succeeds.
+    closed: std::collections::VecDeque<(u64, String)>,
     report: ServiceReport,
+}
+
+/// Most closed queues [`Control::closed`] remembers.
+const CLOSED_KEPT: usize = 256;
+
+impl Control {
+    /// Remembers that queue `token` of `hostnqn` closed.
+    fn note_closed(&mut self, token: u64, hostnqn: &str) {
+        if self.closed.len() == CLOSED_KEPT {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((token, hostnqn.to_owned()));
+    }
+
+    /// A host's detach of queue `token`: an attachment not yet connected is dropped, a
+    /// connected queue is handed to the poller to disconnect, one that closed already is
+    /// done; another host's queue is refused.
+    fn detach(&mut self, hostnqn: &str, token: u64) -> std::result::Result<(), Status> {
+        if let Some(a) = self.pending.get(&token) {
+            if a.report.hostnqn != hostnqn {
+                return Err(STATUS_ACCESS_DENIED);
+            }
+            self.pending.remove(&token);
+            return Ok(());
+        }
+        match self.report.queues.iter().find(|q| q.token == token) {
+            Some(q) if q.hostnqn == hostnqn => {
+                self.detach.push(token);
+                Ok(())
+            }
+            Some(_) => Err(STATUS_ACCESS_DENIED),
+            None => match self.closed.iter().position(|(t, _)| *t == token) {
+                // Closed already (the host's disconnect beat its detach): done.
+                Some(i) if self.closed[i].1 == hostnqn => {
+                    self.closed.remove(i);
+                    Ok(())
+                }
+                Some(_) => Err(STATUS_ACCESS_DENIED),
+                None => Err(Status::INVALID_FIELD),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    fn control() -> Control {
+        Control {
+            pending: HashMap::new(),
+            detach: Vec::new(),
+            closed: std::collections::VecDeque::new(),
+            report: ServiceReport::default(),
+        }
+    }
+
+    #[test]
+    fn a_detach_after_the_queue_closed_succeeds_once_for_its_host_only() {
+        let mut c = control();
+        c.note_closed(7, "nqn.a");
+        assert_eq!(c.detach("nqn.b", 7), Err(STATUS_ACCESS_DENIED));
+        assert_eq!(c.detach("nqn.a", 7), Ok(()));
+        assert_eq!(c.detach("nqn.a", 7), Err(Status::INVALID_FIELD));
+        assert_eq!(c.detach("nqn.a", 8), Err(Status::INVALID_FIELD));
+    }
+
+    #[test]
+    fn closed_queues_are_remembered_up_to_a_bound() {
+        let mut c = control();
+        for t in 0..(CLOSED_KEPT as u64 + 10) {
+            c.note_closed(t, "nqn.a");
+        }
+        assert_eq!(c.closed.len(), CLOSED_KEPT);
+        assert_eq!(c.detach("nqn.a", 0), Err(Status::INVALID_FIELD));
+        assert_eq!(c.detach("nqn.a", CLOSED_KEPT as u64 + 9), Ok(()));
+    }
 }
 
 /// What the service, the attach path and the poller share.
@@ -209,6 +289,7 @@ impl DirectService {
             control: Mutex::new(Control {
                 pending: HashMap::new(),
                 detach: Vec::new(),
+                closed: std::collections::VecDeque::new(),
                 report: ServiceReport {
                     port,
                     ..Default::default()
@@ -325,22 +406,7 @@ impl DirectService {
     }
 
     fn detach_token(&self, hostnqn: &str, token: u64) -> std::result::Result<(), Status> {
-        let mut c = held(&self.inner.control);
-        if let Some(a) = c.pending.get(&token) {
-            if a.report.hostnqn != hostnqn {
-                return Err(STATUS_ACCESS_DENIED);
-            }
-            c.pending.remove(&token);
-            return Ok(());
-        }
-        match c.report.queues.iter().find(|q| q.token == token) {
-            Some(q) if q.hostnqn == hostnqn => {
-                c.detach.push(token);
-                Ok(())
-            }
-            Some(_) => Err(STATUS_ACCESS_DENIED),
-            None => Err(Status::INVALID_FIELD),
-        }
+        held(&self.inner.control).detach(hostnqn, token)
     }
 }
 

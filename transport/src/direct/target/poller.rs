@@ -164,6 +164,12 @@ impl Poller {
             work += self.push_completions(i);
         }
         if self.active.iter().any(|a| a.dead) {
+            {
+                let mut c = held(&self.inner.control);
+                for a in self.active.iter().filter(|a| a.dead) {
+                    c.note_closed(a.att.report.token, &a.att.report.hostnqn);
+                }
+            }
             self.active.retain(|a| !a.dead);
             self.publish();
         }
