@@ -139,7 +139,11 @@ impl Drop for Counting {
 }
 
 fn say(msg: &str) {
-    eprintln!("{WHO}: {msg}");
+    // One write(2) for the whole line: eprintln! writes its pieces one by one, and fio's
+    // threads write to the same stderr in between.
+    use std::io::Write;
+    let line = format!("{WHO}: {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Runs a callback body, turning a panic into `fail`.
