@@ -191,41 +191,6 @@ impl Control {
     }
 }
 
-#[cfg(test)]
-mod control_tests {
-    use super::*;
-
-    fn control() -> Control {
-        Control {
-            pending: HashMap::new(),
-            detach: Vec::new(),
-            closed: std::collections::VecDeque::new(),
-            report: ServiceReport::default(),
-        }
-    }
-
-    #[test]
-    fn a_detach_after_the_queue_closed_succeeds_once_for_its_host_only() {
-        let mut c = control();
-        c.note_closed(7, "nqn.a");
-        assert_eq!(c.detach("nqn.b", 7), Err(STATUS_ACCESS_DENIED));
-        assert_eq!(c.detach("nqn.a", 7), Ok(()));
-        assert_eq!(c.detach("nqn.a", 7), Err(Status::INVALID_FIELD));
-        assert_eq!(c.detach("nqn.a", 8), Err(Status::INVALID_FIELD));
-    }
-
-    #[test]
-    fn closed_queues_are_remembered_up_to_a_bound() {
-        let mut c = control();
-        for t in 0..(CLOSED_KEPT as u64 + 10) {
-            c.note_closed(t, "nqn.a");
-        }
-        assert_eq!(c.closed.len(), CLOSED_KEPT);
-        assert_eq!(c.detach("nqn.a", 0), Err(Status::INVALID_FIELD));
-        assert_eq!(c.detach("nqn.a", CLOSED_KEPT as u64 + 9), Ok(()));
-    }
-}
-
 /// What the service, the attach path and the poller share.
 struct Inner {
     cfg: DirectConfig,
@@ -482,5 +447,40 @@ impl DirectAttach for DirectService {
 
     fn detach(&self, hostnqn: &str, token: u64) -> std::result::Result<(), Status> {
         self.detach_token(hostnqn, token)
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    fn control() -> Control {
+        Control {
+            pending: HashMap::new(),
+            detach: Vec::new(),
+            closed: std::collections::VecDeque::new(),
+            report: ServiceReport::default(),
+        }
+    }
+
+    #[test]
+    fn a_detach_after_the_queue_closed_succeeds_once_for_its_host_only() {
+        let mut c = control();
+        c.note_closed(7, "nqn.a");
+        assert_eq!(c.detach("nqn.b", 7), Err(STATUS_ACCESS_DENIED));
+        assert_eq!(c.detach("nqn.a", 7), Ok(()));
+        assert_eq!(c.detach("nqn.a", 7), Err(Status::INVALID_FIELD));
+        assert_eq!(c.detach("nqn.a", 8), Err(Status::INVALID_FIELD));
+    }
+
+    #[test]
+    fn closed_queues_are_remembered_up_to_a_bound() {
+        let mut c = control();
+        for t in 0..(CLOSED_KEPT as u64 + 10) {
+            c.note_closed(t, "nqn.a");
+        }
+        assert_eq!(c.closed.len(), CLOSED_KEPT);
+        assert_eq!(c.detach("nqn.a", 0), Err(Status::INVALID_FIELD));
+        assert_eq!(c.detach("nqn.a", CLOSED_KEPT as u64 + 9), Ok(()));
     }
 }
