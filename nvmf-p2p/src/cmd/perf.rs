@@ -417,6 +417,21 @@ struct RemoteRun {
 /// How long a run waits for any completion before it calls the target dead.
 const STALL: Duration = Duration::from_secs(30);
 
+/// The error of a run (standard or direct) that has seen no completion since
+/// `last_progress` for longer than [`STALL`] with `outstanding` commands out.
+pub(super) fn stalled(
+    now: Instant,
+    last_progress: Instant,
+    outstanding: usize,
+) -> Option<CliError> {
+    (now.duration_since(last_progress) > STALL).then(|| {
+        CliError::new(format!(
+            "no completion for {}s with {outstanding} commands outstanding: the target stopped answering",
+            STALL.as_secs(),
+        ))
+    })
+}
+
 impl RemoteRun {
     fn issue(&mut self, lane: usize, slot: u64) -> transport::Result<u16> {
         let (slba, read) = self.pattern.next();
@@ -463,11 +478,8 @@ impl RemoteRun {
         }
         if work > 0 {
             self.last_progress = now;
-        } else if now.duration_since(self.last_progress) > STALL {
-            self.failed = Some(CliError::new(format!(
-                "no completion for {}s with {outstanding} commands outstanding: the target stopped answering",
-                STALL.as_secs(),
-            )));
+        } else if let Some(e) = stalled(now, self.last_progress, outstanding) {
+            self.failed = Some(e);
             return None;
         }
         Some(work)

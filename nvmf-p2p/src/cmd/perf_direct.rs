@@ -13,7 +13,7 @@ use transport::direct::host::{
 };
 use transport::initiator::LatencyHistogram;
 
-use super::perf::{drive, Args, Pattern, Report, Run};
+use super::perf::{drive, stalled, Args, Pattern, Report, Run};
 use super::CliError;
 
 /// Largest I/O a direct queue carries (pool slot: PRP1 + PRP2, no PRP list).
@@ -203,9 +203,6 @@ struct DirectRun {
     failed: Option<CliError>,
 }
 
-/// How long a run waits for any completion before it calls the target dead.
-const STALL: Duration = Duration::from_secs(30);
-
 impl Run for DirectRun {
     // The reactor yields the CPU between empty steps (the default `arm`): on a 2-vCPU
     // guest soft-RoCE, the target and the device emulation need the CPU a spinning
@@ -281,11 +278,8 @@ impl Run for DirectRun {
         }
         if progress > 0 {
             self.last_progress = now;
-        } else if now.duration_since(self.last_progress) > STALL {
-            self.failed = Some(CliError::new(format!(
-                "no completion for {}s with {busy} commands outstanding: the target stopped answering",
-                STALL.as_secs()
-            )));
+        } else if let Some(e) = stalled(now, self.last_progress, busy) {
+            self.failed = Some(e);
             return None;
         }
         Some(progress)
