@@ -13,9 +13,13 @@
 //! bindgen wrapper.h --allowlist-function 'spdk_.*' --allowlist-type 'spdk_.*' \
 //!   --allowlist-var 'SPDK_.*' --with-derive-default -- $(pkg-config --cflags spdk_nvme spdk_env_dpdk)
 //! ```
-//! with `wrapper.h` including `<spdk/nvme.h>` and `<spdk/env.h>`. Neither header has a
-//! `static inline` the backend needs (only `spdk_nvme_trtype_is_fabrics`), so there is no
-//! C shim.
+//! with `wrapper.h` including `<spdk/nvme.h>`, `<spdk/env.h>`, DPDK's `<rte_vfio.h>` (for
+//! `rte_vfio_get_group_fd`: direct mode exports dma-bufs from the VFIO device SPDK opened)
+//! and `shim/shim.h`. Neither SPDK header has a `static inline` the backend needs (only
+//! `spdk_nvme_trtype_is_fabrics`). The one C shim, `shim/shim.c`, reads a field SPDK keeps
+//! in its private `lib/nvme/nvme_internal.h` (the controller's shadow doorbell pages, which
+//! a direct queue created behind SPDK's back must ring through); it is compiled with `cc`
+//! against that header of the same SPDK tree.
 //!
 //! Linking (FACTS.md "SPDK"): every library of `pkg-config --libs spdk_nvme spdk_env_dpdk`
 //! without `--as-needed` (DPDK's mempool ring driver, for one, registers itself from a
@@ -131,14 +135,32 @@ mod spdk {
             prefix.join(".nvmf-p2p-stamp").display()
         );
 
+        let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("shim");
+        println!("cargo:rerun-if-changed={}", shim.join("shim.c").display());
+        println!("cargo:rerun-if-changed={}", shim.join("shim.h").display());
+        let dpdk_include = prefix.join("dpdk/build/include");
+        cc::Build::new()
+            .file(shim.join("shim.c"))
+            .include(&shim)
+            .include(prefix.join("lib/nvme"))
+            .include(prefix.join("include"))
+            .include(prefix.join("build/include"))
+            .include(&dpdk_include)
+            .warnings(false)
+            .compile("nvmf_p2p_spdk_shim");
+
         let bindings = bindgen::Builder::default()
             .header_contents(
                 "wrapper.h",
-                "#include <spdk/nvme.h>\n#include <spdk/env.h>\n",
+                "#include <spdk/nvme.h>\n#include <spdk/env.h>\n#include <rte_vfio.h>\n#include \"shim.h\"\n",
             )
             .clang_args(cflags.split_whitespace())
             .clang_arg(format!("-I{}", prefix.join("include").display()))
+            .clang_arg(format!("-I{}", dpdk_include.display()))
+            .clang_arg(format!("-I{}", shim.display()))
             .allowlist_function("spdk_.*")
+            .allowlist_function("rte_vfio_get_group_fd")
+            .allowlist_function("nvmf_p2p_spdk_.*")
             .allowlist_type("spdk_.*")
             .allowlist_var("SPDK_.*")
             .derive_default(true)

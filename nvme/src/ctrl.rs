@@ -13,6 +13,7 @@ use crate::doorbell::{DoorbellPair, ShadowPages};
 use crate::error::{Error, Result};
 use crate::irq::EventFd;
 use crate::queue::{Completion, IoQueuePair, QueueParts};
+use crate::raw_queue::QueueOwner;
 pub use crate::raw_queue::RawQueuePair;
 use crate::spec::{
     self, cns, reg, Aqa, Cap, Cc, CmbLoc, CmbMsc, CmbSts, CmbSz, Cqe, Csts, IdentifyController,
@@ -868,7 +869,13 @@ impl Controller {
             ));
         }
         let q = s.create_queue(sq.iova(), &cq, depth, interrupts)?;
-        Ok(RawQueuePair::new(q, depth, sq, cq, s.clone()))
+        Ok(RawQueuePair::new(
+            q,
+            depth,
+            sq,
+            cq,
+            s.clone() as Arc<dyn QueueOwner>,
+        ))
     }
 
     /// Send Abort for `cid` on queue `qid`. Returns whether the controller says it aborted
@@ -1122,6 +1129,15 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+impl QueueOwner for Shared {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+    fn release_queue(&self, qid: u16, generation: u64) {
+        Shared::release_queue(self, qid, generation)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::spec::{self, reg};
 /// The shadow doorbell page and the EventIdx page given to the controller with Doorbell
 /// Buffer Config; the slot of a doorbell sits at its register's offset from
 /// [`reg::DOORBELL_BASE`] in each.
-pub(crate) struct ShadowPages {
+pub struct ShadowPages {
     /// Written by the host (the values the controller reads instead of the registers).
     pub doorbells: DmaBuffer,
     /// Written by the controller (the value at which it wants an MMIO write).
@@ -139,16 +139,16 @@ impl Doorbell {
 }
 
 /// The SQ tail and CQ head doorbells of one queue.
-pub(crate) struct DoorbellPair {
-    pub sq: Doorbell,
-    pub cq: Doorbell,
+pub struct DoorbellPair {
+    pub(crate) sq: Doorbell,
+    pub(crate) cq: Doorbell,
 }
 
 impl DoorbellPair {
     /// Queue `qid`'s doorbells for CAP.DSTRD `dstrd`. `shadow`: the Doorbell Buffer
     /// Config pages when they are in use; a queue whose slots fall outside them (and the
     /// admin queue, always) rings MMIO only.
-    pub(crate) fn new(
+    pub fn new(
         regs: &Mmio,
         dstrd: u8,
         qid: u16,

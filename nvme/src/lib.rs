@@ -52,7 +52,8 @@ pub use ctrl::{
     QueueOptions, Recovery, DRIVER_MAX_TRANSFER,
 };
 pub use dma::{BarMapping, DmaAllocator, DmaBuffer, DmaRegion, Mmio, Platform};
+pub use doorbell::{DoorbellPair, ShadowPages};
 pub use error::{Error, Result};
 pub use irq::EventFd;
 pub use queue::{Batch, Completion, IoQueuePair, QueueStats};
-pub use raw_queue::RawQueuePair;
+pub use raw_queue::{QueueOwner, RawQueuePair};

@@ -2,13 +2,24 @@
 //! mode: a remote host writes the SQEs and reads the CQEs by RDMA); the driver creates the
 //! queues, re-creates them after a reset, rings their doorbells and deletes them.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::ctrl::{NewQueue, Shared};
+use crate::ctrl::NewQueue;
 use crate::dma::DmaBuffer;
 use crate::doorbell::DoorbellPair;
 use crate::irq::EventFd;
+
+/// Who created a [`RawQueuePair`]'s queues on the controller and deletes them: our driver
+/// ([`Controller::create_raw_queue_pair`](crate::Controller::create_raw_queue_pair)), or
+/// another driver that owns the controller (SPDK's, in the binary).
+pub trait QueueOwner: Send + Sync {
+    /// Controller resets so far; when it changes, the controller's queues were lost (or
+    /// re-created empty).
+    fn generation(&self) -> u64;
+    /// Deletes queue pair `qid` (created in `generation`) from the controller and gives
+    /// the qid back. Called once, when the [`RawQueuePair`] is dropped.
+    fn release_queue(&self, qid: u16, generation: u64);
+}
 
 /// An I/O queue pair whose rings the caller drives (see
 /// [`Controller::create_raw_queue_pair`](crate::Controller::create_raw_queue_pair)).
@@ -21,7 +32,9 @@ pub struct RawQueuePair {
     sq: DmaBuffer,
     cq: DmaBuffer,
     doorbells: DoorbellPair,
-    shared: Arc<Shared>,
+    /// The generation the queues were created in.
+    created: u64,
+    owner: Arc<dyn QueueOwner>,
 }
 
 impl RawQueuePair {
@@ -30,7 +43,7 @@ impl RawQueuePair {
         depth: u16,
         sq: DmaBuffer,
         cq: DmaBuffer,
-        shared: Arc<Shared>,
+        owner: Arc<dyn QueueOwner>,
     ) -> Self {
         RawQueuePair {
             qid: q.qid,
@@ -39,7 +52,32 @@ impl RawQueuePair {
             sq,
             cq,
             doorbells: q.doorbells,
-            shared,
+            created: q.generation,
+            owner,
+        }
+    }
+
+    /// A queue pair another driver created: queue `qid` of `depth` entries on the rings
+    /// `sq` and `cq`, rung through `doorbells`, created in generation `created` of
+    /// `owner`, which deletes it when this is dropped. Its CQ is polled (no interrupt).
+    pub fn from_parts(
+        qid: u16,
+        depth: u16,
+        sq: DmaBuffer,
+        cq: DmaBuffer,
+        doorbells: DoorbellPair,
+        created: u64,
+        owner: Arc<dyn QueueOwner>,
+    ) -> Self {
+        RawQueuePair {
+            qid,
+            depth,
+            irq: None,
+            sq,
+            cq,
+            doorbells,
+            created,
+            owner,
         }
     }
 
@@ -59,7 +97,7 @@ impl RawQueuePair {
     }
     /// Controller resets so far; when it changes, the queues were recreated empty.
     pub fn generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Acquire)
+        self.owner.generation()
     }
     /// The eventfd the CQ's interrupt signals (shared by every queue on its vector), or
     /// None for a polled CQ. To sleep: clear it, look at the ring once more (a completion
@@ -90,7 +128,6 @@ impl RawQueuePair {
 
 impl Drop for RawQueuePair {
     fn drop(&mut self) {
-        let g = self.generation();
-        self.shared.release_queue(self.qid, g);
+        self.owner.release_queue(self.qid, self.created);
     }
 }

@@ -8,7 +8,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -365,15 +365,143 @@ impl Drop for BarRegion {
     }
 }
 
+/// A VFIO device fd with its regions: the one place that exports BAR ranges as dma-bufs,
+/// for our own driver ([`VfioPlatform`]) and for a device another driver in this process
+/// opened (SPDK's, through DPDK's VFIO group fd: the group path lets a device be opened
+/// more than once).
+pub struct VfioDevice {
+    bdf: String,
+    file: File,
+    flags: u32,
+    regions: Vec<RegionInfo>,
+}
+
+impl VfioDevice {
+    /// Opens `bdf` (normalised) on the VFIO group `group` (VFIO_GROUP_GET_DEVICE_FD) and
+    /// reads its flags and regions.
+    pub fn from_group(group: BorrowedFd<'_>, bdf: &str) -> Result<VfioDevice> {
+        let vfio_err = |op: &'static str| {
+            let bdf = bdf.to_string();
+            move |source: io::Error| Error::Vfio { bdf, op, source }
+        };
+        let name = CString::new(bdf).map_err(|_| Error::BadAddress {
+            bdf: bdf.to_string(),
+        })?;
+        let dfd = sys::get_device_fd(group.as_raw_fd(), &name)
+            .map_err(vfio_err("VFIO_GROUP_GET_DEVICE_FD"))?;
+        // SAFETY: a fresh fd returned by the kernel that nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(dfd) });
+        let mut info = vb::vfio_device_info {
+            argsz: std::mem::size_of::<vb::vfio_device_info>() as u32,
+            ..Default::default()
+        };
+        let mut b = struct_buf(&info);
+        sys::ioctl_buf(dfd, sys::DEVICE_GET_INFO, &mut b)
+            .map_err(vfio_err("VFIO_DEVICE_GET_INFO"))?;
+        info.flags = u32_at(&b, 4);
+        info.num_regions = u32_at(&b, 8);
+        let mut regions = Vec::new();
+        for index in 0..info.num_regions.min(9) {
+            let ri = vb::vfio_region_info {
+                argsz: std::mem::size_of::<vb::vfio_region_info>() as u32,
+                index,
+                ..Default::default()
+            };
+            let mut b = struct_buf(&ri);
+            if sys::ioctl_buf(dfd, sys::DEVICE_GET_REGION_INFO, &mut b).is_ok() {
+                regions.push(RegionInfo {
+                    index,
+                    flags: u32_at(&b, 4),
+                    size: u64_at(&b, 16),
+                    offset: u64_at(&b, 24),
+                });
+            }
+        }
+        Ok(VfioDevice {
+            bdf: bdf.to_string(),
+            file,
+            flags: info.flags,
+            regions,
+        })
+    }
+
+    /// The device's PCI address.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    /// VFIO region `index` (0–5 BARs, 7 config space).
+    pub fn region(&self, index: u32) -> Option<RegionInfo> {
+        self.regions.iter().find(|r| r.index == index).copied()
+    }
+
+    fn dma_buf_request(
+        &self,
+        region: u32,
+        offset: u64,
+        length: u64,
+        probe: bool,
+    ) -> Result<Option<OwnedFd>> {
+        let mut b = Vec::with_capacity(48);
+        let total = 8 + 16 + 16;
+        b.extend_from_slice(&(total as u32).to_le_bytes());
+        let mut flags = vb::VFIO_DEVICE_FEATURE_GET | vb::VFIO_DEVICE_FEATURE_DMA_BUF;
+        if probe {
+            flags |= vb::VFIO_DEVICE_FEATURE_PROBE;
+        }
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&region.to_le_bytes());
+        b.extend_from_slice(&((libc::O_CLOEXEC | libc::O_RDWR) as u32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        b.extend_from_slice(&length.to_le_bytes());
+        match sys::ioctl_buf(self.file.as_raw_fd(), sys::DEVICE_FEATURE, &mut b) {
+            Ok(_) if probe => Ok(None),
+            // SAFETY: the kernel returned a new dma-buf fd that we now own.
+            Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)) || (probe && e.raw_os_error() == Some(libc::EINVAL)) => {
+                Err(Error::Unsupported {
+                    what: format!(
+                        "dma-buf export of {}: this kernel's vfio-pci lacks VFIO_DEVICE_FEATURE_DMA_BUF (needs CONFIG_VFIO_PCI_DMABUF, Linux >= 6.19): {e}",
+                        self.bdf
+                    ),
+                })
+            }
+            Err(e) => Err(Error::Vfio { bdf: self.bdf.clone(), op: "VFIO_DEVICE_FEATURE(DMA_BUF)", source: e }),
+        }
+    }
+
+    /// Export `length` bytes at `offset` of BAR `region` as a dma-buf (page aligned).
+    pub fn export_dma_buf(&self, region: u32, offset: u64, length: u64) -> Result<OwnedFd> {
+        let pg = PAGE_SIZE as u64;
+        if region > 5 || length == 0 || !offset.is_multiple_of(pg) || !length.is_multiple_of(pg) {
+            return Err(Error::InvalidArgument(format!("dma-buf range {offset:#x}+{length:#x} of region {region} must be page aligned in a BAR")));
+        }
+        let r = self
+            .region(region)
+            .ok_or_else(|| Error::InvalidArgument(format!("no region {region}")))?;
+        if offset.checked_add(length).is_none_or(|e| e > r.size) {
+            return Err(Error::InvalidArgument(format!(
+                "dma-buf range {offset:#x}+{length:#x} outside BAR {region} ({:#x} bytes)",
+                r.size
+            )));
+        }
+        self.dma_buf_request(region, offset, length, true)?;
+        self.dma_buf_request(region, offset, length, false)?
+            .ok_or_else(|| Error::Unsupported {
+                what: "dma-buf export returned no fd".into(),
+            })
+    }
+}
+
 /// A PCI device opened through VFIO, as a [`Platform`] for the controller.
 pub struct VfioPlatform {
     bdf: String,
     // Field order matters for drop: device, then group, then container.
-    device: File,
+    device: VfioDevice,
     _group: File,
     dma: VfioDma,
-    regions: Vec<RegionInfo>,
-    flags: u32,
     regs: Mmio,
     bars: Mutex<Vec<(u8, BarMapping)>>,
     /// MSI-X vectors VFIO offers (VFIO_DEVICE_GET_IRQ_INFO, index MSI-X).
@@ -512,37 +640,7 @@ impl VfioPlatform {
             .map_err(vfio_err("VFIO_GROUP_SET_CONTAINER"))?;
         sys::ioctl_val(cfd, sys::SET_IOMMU, vb::VFIO_TYPE1v2_IOMMU as libc::c_ulong)
             .map_err(vfio_err("VFIO_SET_IOMMU"))?;
-        let name = CString::new(bdf.clone()).map_err(|_| Error::BadAddress { bdf: bdf.clone() })?;
-        let dfd = sys::get_device_fd(gfd, &name).map_err(vfio_err("VFIO_GROUP_GET_DEVICE_FD"))?;
-        // SAFETY: a fresh fd returned by the kernel that nothing else owns.
-        let device = File::from(unsafe { OwnedFd::from_raw_fd(dfd) });
-
-        let mut info = vb::vfio_device_info {
-            argsz: std::mem::size_of::<vb::vfio_device_info>() as u32,
-            ..Default::default()
-        };
-        let mut b = struct_buf(&info);
-        sys::ioctl_buf(dfd, sys::DEVICE_GET_INFO, &mut b)
-            .map_err(vfio_err("VFIO_DEVICE_GET_INFO"))?;
-        info.flags = u32_at(&b, 4);
-        info.num_regions = u32_at(&b, 8);
-        let mut regions = Vec::new();
-        for index in 0..info.num_regions.min(9) {
-            let ri = vb::vfio_region_info {
-                argsz: std::mem::size_of::<vb::vfio_region_info>() as u32,
-                index,
-                ..Default::default()
-            };
-            let mut b = struct_buf(&ri);
-            if sys::ioctl_buf(dfd, sys::DEVICE_GET_REGION_INFO, &mut b).is_ok() {
-                regions.push(RegionInfo {
-                    index,
-                    flags: u32_at(&b, 4),
-                    size: u64_at(&b, 16),
-                    offset: u64_at(&b, 24),
-                });
-            }
-        }
+        let device = VfioDevice::from_group(group.as_fd(), &bdf)?;
 
         // IOVA ranges the IOMMU accepts.
         let mut b = vec![0u8; 4096];
@@ -583,8 +681,6 @@ impl VfioPlatform {
             bdf: bdf.clone(),
             device,
             _group: group,
-            regions,
-            flags: info.flags,
             // Placeholder until BAR0 is mapped below.
             regs: empty_mmio(),
             bars: Mutex::new(Vec::new()),
@@ -623,14 +719,14 @@ impl VfioPlatform {
     }
     /// VFIO regions (0–5 BARs, 7 config space).
     pub fn regions(&self) -> &[RegionInfo] {
-        &self.regions
+        &self.device.regions
     }
     pub fn region(&self, index: u32) -> Option<RegionInfo> {
-        self.regions.iter().find(|r| r.index == index).copied()
+        self.device.region(index)
     }
     /// Whether VFIO_DEVICE_RESET is available.
     pub fn supports_reset(&self) -> bool {
-        self.flags & vb::VFIO_DEVICE_FLAGS_RESET != 0
+        self.device.flags & vb::VFIO_DEVICE_FLAGS_RESET != 0
     }
 
     /// Vectors of VFIO interrupt index `index` (0 INTx, 1 MSI, 2 MSI-X) that can signal
@@ -643,7 +739,11 @@ impl VfioPlatform {
             count: 0,
         };
         let mut b = struct_buf(&info);
-        match sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_GET_IRQ_INFO, &mut b) {
+        match sys::ioctl_buf(
+            self.device.file.as_raw_fd(),
+            sys::DEVICE_GET_IRQ_INFO,
+            &mut b,
+        ) {
             Ok(_) if u32_at(&b, 4) & vb::VFIO_IRQ_INFO_EVENTFD != 0 => u32_at(&b, 12),
             _ => 0,
         }
@@ -687,7 +787,7 @@ impl VfioPlatform {
         for f in &fds {
             b.extend_from_slice(&f.as_raw_fd().to_le_bytes());
         }
-        sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b).map_err(|e| {
+        sys::ioctl_buf(self.device.file.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b).map_err(|e| {
             Error::Vfio {
                 bdf: self.bdf.clone(),
                 op: "VFIO_DEVICE_SET_IRQS (MSI-X eventfds; the IOMMU may lack interrupt remapping: see vfio_iommu_type1.allow_unsafe_interrupts)",
@@ -712,7 +812,7 @@ impl VfioPlatform {
         b.extend_from_slice(&vb::VFIO_PCI_MSIX_IRQ_INDEX.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
-        if let Err(e) = sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b) {
+        if let Err(e) = sys::ioctl_buf(self.device.file.as_raw_fd(), sys::DEVICE_SET_IRQS, &mut b) {
             tracing::warn!(bdf = %self.bdf, "disabling MSI-X: {e}");
         }
         irqs.clear();
@@ -726,6 +826,7 @@ impl VfioPlatform {
                 what: "config space region".into(),
             })?;
         self.device
+            .file
             .read_exact_at(buf, r.offset + off)
             .map_err(|e| Error::Vfio {
                 bdf: self.bdf.clone(),
@@ -741,6 +842,7 @@ impl VfioPlatform {
                 what: "config space region".into(),
             })?;
         self.device
+            .file
             .write_all_at(buf, r.offset + off)
             .map_err(|e| Error::Vfio {
                 bdf: self.bdf.clone(),
@@ -787,72 +889,19 @@ impl VfioPlatform {
             });
         }
         let len = r.size as usize;
-        let ptr =
-            sys::mmap_region(self.device.as_raw_fd(), r.offset, len).map_err(|e| Error::Vfio {
+        let ptr = sys::mmap_region(self.device.file.as_raw_fd(), r.offset, len).map_err(|e| {
+            Error::Vfio {
                 bdf: self.bdf.clone(),
                 op: "mmap of a BAR",
                 source: e,
-            })?;
-        Ok((ptr, len, Arc::new(BarRegion { ptr, len })))
-    }
-
-    fn dma_buf_request(
-        &self,
-        region: u32,
-        offset: u64,
-        length: u64,
-        probe: bool,
-    ) -> Result<Option<OwnedFd>> {
-        let mut b = Vec::with_capacity(48);
-        let total = 8 + 16 + 16;
-        b.extend_from_slice(&(total as u32).to_le_bytes());
-        let mut flags = vb::VFIO_DEVICE_FEATURE_GET | vb::VFIO_DEVICE_FEATURE_DMA_BUF;
-        if probe {
-            flags |= vb::VFIO_DEVICE_FEATURE_PROBE;
-        }
-        b.extend_from_slice(&flags.to_le_bytes());
-        b.extend_from_slice(&region.to_le_bytes());
-        b.extend_from_slice(&((libc::O_CLOEXEC | libc::O_RDWR) as u32).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        b.extend_from_slice(&length.to_le_bytes());
-        match sys::ioctl_buf(self.device.as_raw_fd(), sys::DEVICE_FEATURE, &mut b) {
-            Ok(_) if probe => Ok(None),
-            // SAFETY: the kernel returned a new dma-buf fd that we now own.
-            Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP)) || (probe && e.raw_os_error() == Some(libc::EINVAL)) => {
-                Err(Error::Unsupported {
-                    what: format!(
-                        "dma-buf export of {}: this kernel's vfio-pci lacks VFIO_DEVICE_FEATURE_DMA_BUF (needs CONFIG_VFIO_PCI_DMABUF, Linux >= 6.19): {e}",
-                        self.bdf
-                    ),
-                })
             }
-            Err(e) => Err(Error::Vfio { bdf: self.bdf.clone(), op: "VFIO_DEVICE_FEATURE(DMA_BUF)", source: e }),
-        }
+        })?;
+        Ok((ptr, len, Arc::new(BarRegion { ptr, len })))
     }
 
     /// Export `length` bytes at `offset` of BAR `region` as a dma-buf (page aligned).
     pub fn export_dma_buf(&self, region: u32, offset: u64, length: u64) -> Result<OwnedFd> {
-        let pg = PAGE_SIZE as u64;
-        if region > 5 || length == 0 || !offset.is_multiple_of(pg) || !length.is_multiple_of(pg) {
-            return Err(Error::InvalidArgument(format!("dma-buf range {offset:#x}+{length:#x} of region {region} must be page aligned in a BAR")));
-        }
-        let r = self
-            .region(region)
-            .ok_or_else(|| Error::InvalidArgument(format!("no region {region}")))?;
-        if offset.checked_add(length).is_none_or(|e| e > r.size) {
-            return Err(Error::InvalidArgument(format!(
-                "dma-buf range {offset:#x}+{length:#x} outside BAR {region} ({:#x} bytes)",
-                r.size
-            )));
-        }
-        self.dma_buf_request(region, offset, length, true)?;
-        self.dma_buf_request(region, offset, length, false)?
-            .ok_or_else(|| Error::Unsupported {
-                what: "dma-buf export returned no fd".into(),
-            })
+        self.device.export_dma_buf(region, offset, length)
     }
 }
 
@@ -911,10 +960,12 @@ impl Platform for VfioPlatform {
                 what: format!("VFIO_DEVICE_RESET on {} (no reset method)", self.bdf),
             });
         }
-        sys::ioctl_val(self.device.as_raw_fd(), sys::DEVICE_RESET, 0).map_err(|e| Error::Vfio {
-            bdf: self.bdf.clone(),
-            op: "VFIO_DEVICE_RESET",
-            source: e,
+        sys::ioctl_val(self.device.file.as_raw_fd(), sys::DEVICE_RESET, 0).map_err(|e| {
+            Error::Vfio {
+                bdf: self.bdf.clone(),
+                op: "VFIO_DEVICE_RESET",
+                source: e,
+            }
         })?;
         self.enable_decode_and_master()
     }

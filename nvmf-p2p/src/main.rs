@@ -3,11 +3,14 @@
 
 mod cmd;
 mod control;
+mod devices;
 mod metrics;
 mod reconfig;
 mod sd_notify;
 #[cfg(feature = "spdk")]
 mod spdk_backend;
+#[cfg(feature = "spdk")]
+mod spdk_direct;
 mod vfio_backend;
 
 use std::process::ExitCode;

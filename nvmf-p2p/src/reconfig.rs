@@ -19,7 +19,7 @@ use transport::nvmf_rdma::ListenerControl;
 use transport::nvmf_target::Target;
 
 use crate::control::Request;
-use crate::vfio_backend::VfioOpener;
+use crate::devices::Devices;
 
 /// Opens a namespace backend (the same opener `serve` used at startup).
 pub type Opener = dyn Fn(&BackendSpec) -> transport::Result<Arc<dyn Backend>> + Send + Sync;
@@ -205,7 +205,7 @@ pub struct Running {
     /// The serve loop's listener control, once it runs.
     pub listeners: OnceLock<ListenerControl>,
     direct: Option<Arc<DirectService>>,
-    opener: Arc<VfioOpener>,
+    devices: Arc<Devices>,
     /// Command-line overrides of `serve` applied to a reloaded file as at startup.
     overrides: Box<Overrides>,
 }
@@ -223,7 +223,7 @@ impl Running {
         target: Arc<Target>,
         open: Arc<Opener>,
         direct: Option<Arc<DirectService>>,
-        opener: Arc<VfioOpener>,
+        devices: Arc<Devices>,
         overrides: Box<Overrides>,
     ) -> Running {
         Running {
@@ -232,7 +232,7 @@ impl Running {
             open,
             listeners: OnceLock::new(),
             direct,
-            opener,
+            devices,
             overrides,
         }
     }
@@ -347,7 +347,7 @@ impl Running {
         if let Some(svc) = &self.direct {
             for s in &direct_changed {
                 let settings = (!s.direct_hosts.is_empty())
-                    .then(|| crate::cmd::direct::direct_subsystem(s, &self.opener));
+                    .then(|| crate::cmd::direct::direct_subsystem(s, &self.devices));
                 revoked += svc.set_subsystem(&s.nqn, settings);
             }
             for gone in cur
@@ -589,7 +589,7 @@ mod tests {
             target,
             open,
             None,
-            Arc::new(VfioOpener::new(true, true)),
+            Arc::new(Devices::none()),
             Box::new(|c: &mut TargetConfig| c.shadow_doorbells = false),
         )
     }

@@ -212,6 +212,44 @@ fn alloc_dma(len: usize) -> Result<DmaBuffer> {
     Ok(unsafe { DmaBuffer::from_raw_parts(ptr, iova, len, region) })
 }
 
+/// `len` bytes (rounded up to pages) of zeroed SPDK DMA memory that is contiguous in the
+/// device's address space, so that its [`DmaBuffer::iova`] holds for every byte: what a
+/// ring or a direct queue's data pool needs (the remote host builds PRPs from it). Up to
+/// one hugepage (2 MiB) it is aligned to its size rounded up to a power of two, so it
+/// never straddles two hugepages; larger allocations are checked with `spdk_vtophys`.
+pub(crate) fn alloc_contiguous(len: usize) -> std::result::Result<DmaBuffer, nvme::Error> {
+    let len = len.max(1).next_multiple_of(nvme::spec::PAGE_SIZE);
+    let align = len.next_power_of_two().min(2 << 20);
+    let oom = |why: String| nvme::Error::OutOfDmaMemory { len, why };
+    // SAFETY: plain allocation call; SPDK_MALLOC_DMA asks for registered hugepage memory.
+    let p = unsafe {
+        sys::spdk_zmalloc(
+            len,
+            align,
+            null_mut(),
+            sys::SPDK_ENV_NUMA_ID_ANY,
+            sys::SPDK_MALLOC_DMA,
+        )
+    };
+    let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| {
+        oom("spdk_zmalloc failed: reserve more hugepages (/proc/sys/vm/nr_hugepages)".into())
+    })?;
+    let region: Arc<dyn DmaRegion> = Arc::new(SpdkMemory { ptr });
+    let mut contiguous = len as u64;
+    // SAFETY: `p` is a live SPDK allocation of `len` bytes; SPDK writes the contiguous
+    // length into `contiguous`.
+    let iova = unsafe { sys::spdk_vtophys(p, &mut contiguous) };
+    if iova == sys::SPDK_VTOPHYS_ERROR as u64 || contiguous < len as u64 {
+        return Err(oom(format!(
+            "SPDK memory is contiguous for {contiguous} bytes only; ask for at most 2 MiB"
+        )));
+    }
+    // SAFETY: ptr..ptr+len is SPDK memory valid for reads and writes until `region` (held
+    // by every DmaBuffer cloned from this one) is dropped; the device sees all of it at
+    // iova..iova+len (checked above).
+    Ok(unsafe { DmaBuffer::from_raw_parts(ptr, iova, len, region) })
+}
+
 /// The DMA domain every SPDK controller of the process shares: SPDK memory is registered
 /// with all of them.
 fn spdk_domain() -> usize {
@@ -229,8 +267,13 @@ pub struct SpdkController {
     ctrlr: NonNull<sys::spdk_nvme_ctrlr>,
     /// Attached with `enable_interrupts`: queue pairs have an eventfd (spdk_nvme_qpair_get_fd).
     interrupts: bool,
-    /// Serialises admin commands and their completion polling.
+    /// Serialises admin commands and their completion polling (and resets).
     admin: Mutex<()>,
+    /// Controller resets so far ([`SpdkController::reset`]): direct queues created
+    /// before a reset are gone (`spdk_direct.rs`).
+    pub(crate) generation: std::sync::atomic::AtomicU64,
+    /// The VFIO device fd direct mode exports dma-bufs from, opened on first use.
+    pub(crate) vfio: OnceLock<std::result::Result<Arc<nvme::vfio::VfioDevice>, String>>,
 }
 
 // SAFETY: SPDK's controller functions used here (get_ns, alloc/free qpair, admin commands
@@ -325,6 +368,8 @@ impl SpdkController {
             ctrlr,
             interrupts: with_irq,
             admin: Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            vfio: OnceLock::new(),
         })
     }
 
@@ -417,6 +462,28 @@ impl SpdkController {
         }
     }
 
+    /// Resets the controller with SPDK's driver (`spdk_nvme_ctrlr_reset`: CC.EN cleared and
+    /// set, the admin queue and SPDK's own I/O queue pairs re-created). The caller holds
+    /// every queue pair of it idle (the poll groups hold their backend I/O) and has
+    /// dropped every direct queue: the generation is bumped first, so a direct queue that
+    /// is still dropped later neither deletes nor frees a qid SPDK gave out again.
+    pub fn reset(&self) -> Result<()> {
+        let _serial = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        // SAFETY: the controller is attached; admin use is serialised by `admin` and the
+        // caller keeps the I/O queue pairs idle, as spdk_nvme_ctrlr_reset requires.
+        let rc = unsafe { sys::spdk_nvme_ctrlr_reset(self.ctrlr.as_ptr()) };
+        if rc != 0 {
+            return Err(backend_err(
+                &format!("spdk:{}", self.bdf),
+                "reset",
+                format!("spdk_nvme_ctrlr_reset failed ({rc})"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Sends Identify Controller through [`SpdkController::admin_raw`] and compares the
     /// answer with SPDK's cached copy: proves the raw admin path (and our Sqe layout)
     /// once per controller. A mismatch or failure is logged, not fatal — I/O does not use
@@ -452,7 +519,7 @@ impl SpdkController {
     }
 
     /// SPDK's namespace handle for `nsid`, if that namespace is active.
-    fn namespace(&self, nsid: u32) -> Option<NonNull<sys::spdk_nvme_ns>> {
+    pub(crate) fn namespace(&self, nsid: u32) -> Option<NonNull<sys::spdk_nvme_ns>> {
         // SAFETY: the controller is attached; the handle lives as long as it.
         let ns = NonNull::new(unsafe { sys::spdk_nvme_ctrlr_get_ns(self.ctrlr.as_ptr(), nsid) })?;
         // SAFETY: `ns` is a handle SPDK just returned.
@@ -1131,6 +1198,14 @@ impl SpdkOpener {
     pub fn controllers(&self) -> Vec<(String, Arc<SpdkController>)> {
         let map = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The controller at `bdf`, if SPDK attached it.
+    pub fn controller(&self, bdf: &str) -> Option<Arc<SpdkController>> {
+        let map = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .find(|(k, _)| same_bdf(k, bdf))
+            .map(|(_, c)| c.clone())
     }
 
     /// Whether the controller at `bdf` is attached by SPDK.

@@ -6,7 +6,6 @@
 //! acknowledged write in either variant. Prints direct-mode figures (both variants next to
 //! standard mode) when `NVMF_P2P_FIGURES` is set.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,121 +13,33 @@ use std::time::{Duration, Instant};
 use transport::direct::host::{Completions, DirectHost, DirectQueue, HostOptions};
 
 mod common;
+use common::direct::{dd_read, dd_write, expected, DirectTarget, DIRECT_HOST, OTHER_HOST};
 use common::serve::{Serve, BIN};
-use common::{blockdev_of, env, sh, sh_ok};
+use common::{blockdev_of, env, sh_ok};
 const NQN: &str = "nqn.2026-11.io.nvmf-p2p:vm-direct";
-const DIRECT_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d1";
-const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000e2";
 const PORT: u16 = 4430;
+const T: DirectTarget = DirectTarget {
+    port: PORT,
+    nqn: NQN,
+};
+
+/// serve with the direct-mode subsystem on the `vfio:` namespace, once direct mode is up.
+fn start_serve() -> Serve {
+    T.start_serve("vm-direct", &format!("vfio:{}", env("NVMF_P2P_BDF")))
+}
+
+fn direct(serve: &Serve, extra: &[&str]) -> serde_json::Value {
+    T.run(serve, extra)
+}
+
+fn direct_args(host: &str, extra: &[&str]) -> Vec<String> {
+    T.args(host, extra)
+}
 
 /// Counts heap allocations of this process (the in-process direct host's I/O path must
 /// not allocate).
 #[global_allocator]
 static GLOBAL: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
-
-/// serve with the direct-mode subsystem, once direct mode is up.
-fn start_serve() -> Serve {
-    let subsystems = format!(
-        "[[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\ndirect_hosts = [\"{DIRECT_HOST}\"]\n\
-         [[subsystem.namespace]]\nbackend = \"vfio:{}\"\n",
-        env("NVMF_P2P_BDF"),
-    );
-    let mut s = Serve::start("vm-direct", PORT, &subsystems);
-    let t0 = Instant::now();
-    while !s.log_text().contains("direct mode on") {
-        if let Some(st) = s.child_status() {
-            panic!("serve exited early ({st}):\n{}", s.log_text());
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "direct mode did not come up:\n{}",
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    s
-}
-
-fn direct_args(host: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "direct",
-        "--traddr",
-        &env("NVMF_P2P_ADDR"),
-        "--trsvcid",
-        &PORT.to_string(),
-        "--subnqn",
-        NQN,
-        "--hostnqn",
-        host,
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-fn direct(serve: &Serve, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(direct_args(DIRECT_HOST, extra))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "direct {extra:?} failed ({}):\n{}\n{}\n--- serve log ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        serve.log_text()
-    );
-    serde_json::from_slice(&out.stdout).expect("direct --json is JSON")
-}
-
-fn expected(seed: u64, lba: u64, blocks: u64, lba_size: usize) -> Vec<u8> {
-    let mut v = vec![0u8; blocks as usize * lba_size];
-    for (i, c) in v.chunks_mut(lba_size).enumerate() {
-        transport::direct::pattern(seed, lba + i as u64, c);
-    }
-    v
-}
-
-fn dd_read(dev: &str, lba: u64, blocks: u64, lba_size: usize) -> Vec<u8> {
-    let out = sh(
-        "dd",
-        &[
-            &format!("if={dev}"),
-            "iflag=direct,skip_bytes,count_bytes",
-            "bs=64k",
-            &format!("skip={}", lba * lba_size as u64),
-            &format!("count={}", blocks * lba_size as u64),
-            "status=none",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "dd read: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn dd_write(dev: &str, lba: u64, data: &[u8], lba_size: usize) {
-    let mut child = Command::new("dd")
-        .args([
-            &format!("of={dev}"),
-            "oflag=direct,seek_bytes",
-            "bs=64k",
-            "iflag=fullblock",
-            &format!("seek={}", lba * lba_size as u64),
-            "status=none",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    assert!(child.wait().unwrap().success(), "dd write failed");
-}
 
 #[test]
 fn direct_mode_end_to_end() {
@@ -471,8 +382,8 @@ fn direct_mode_end_to_end() {
 
     // 7. Device reset under direct-mode load, pushed then polled: the host notices the
     //    dead queue, re-attaches and retries; every acknowledged write reads back.
-    reset_under_load(&serve, "pushed", "55", "65536");
-    reset_under_load(&serve, "polled", "56", "65536");
+    T.reset_under_load(&serve, "pushed", "55", "65536");
+    T.reset_under_load(&serve, "polled", "56", "65536");
 }
 
 fn host_io_does_not_allocate(completions: Completions) {
@@ -575,86 +486,6 @@ fn assert_polled(r: &serde_json::Value, reads: bool) {
     } else {
         assert_eq!(n("reads"), 0, "{r}");
     }
-}
-
-fn reset_under_load(serve: &Serve, completions: &str, seed: &str, lba: &str) {
-    let load = Command::new(BIN)
-        .args(direct_args(
-            DIRECT_HOST,
-            &[
-                "--completions",
-                completions,
-                "--fill",
-                seed,
-                "--lba",
-                lba,
-                "--blocks",
-                "65536",
-                "--qd",
-                "32",
-            ],
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Reset once the load's direct queue is up and I/O flows.
-    let t0 = Instant::now();
-    loop {
-        let st: serde_json::Value = serde_json::from_str(&sh_ok(
-            BIN,
-            &[
-                "stats",
-                "--json",
-                "--socket",
-                serve.sock().to_str().unwrap(),
-            ],
-        ))
-        .unwrap();
-        let flowing = st["direct"]["queues"].as_array().is_some_and(|q| {
-            q.iter().any(|q| {
-                q["completions"] == completions && q["doorbells_forwarded"].as_u64() > Some(20)
-            })
-        });
-        if flowing {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "direct load ({completions}) never started: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let reset = sh_ok(
-        BIN,
-        &[
-            "ctl",
-            "--socket",
-            serve.sock().to_str().unwrap(),
-            "reset-device",
-        ],
-    );
-    eprintln!("reset ({completions}): {}", reset.trim());
-    let out = load.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "direct load ({completions}) across the reset failed:\n{}\n{}\n--- serve log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        serve.log_text()
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("across reset ({completions}): {r}");
-    assert!(
-        r["reattaches"].as_u64().unwrap() >= 1,
-        "the load ({completions}) did not see the reset: {r}"
-    );
-    direct(
-        serve,
-        &[
-            "--check", seed, "--lba", lba, "--blocks", "65536", "--qd", "32",
-        ],
-    );
 }
 
 /// `ctl add-host --direct` lets a host attach at run time; `ctl remove-host --direct`

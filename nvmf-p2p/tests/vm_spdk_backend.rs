@@ -187,3 +187,129 @@ fn a_bdf_spdk_cannot_claim_is_a_clear_error_at_config_load() {
     let err = serve_refuses("spdk-nons", &subsystem(NQN, &format!("spdk:{bdf}:9"), None));
     assert!(err.contains("no active namespace 9"), "{err}");
 }
+
+/// Direct mode on the controller SPDK's driver owns (`spdk:` namespace): a host not on
+/// `direct_hosts` is refused; the doorbell page is exported as a dma-buf from SPDK's VFIO
+/// device (rxe then refuses the MR: `forwarded`, EOPNOTSUPP); data written by direct mode
+/// reads back through standard mode with the kernel initiator and with our initiator, and
+/// what they write reads back through direct mode (pushed and polled completions, QD1 and
+/// QD32); a device reset (SPDK's controller reset) under QD32 direct writes loses no
+/// acknowledged block, and standard mode serves on after it.
+#[test]
+fn direct_mode_on_an_spdk_namespace() {
+    use common::direct::{dd_read, dd_write, expected, DirectTarget, OTHER_HOST};
+    require_hugepages();
+    let t = DirectTarget {
+        port: 4452,
+        nqn: "nqn.2026-12.io.nvmf-p2p:spdk-direct",
+    };
+    let bdf = env("NVMF_P2P_BDF");
+    let mut serve = t.start_serve("spdk-direct", &format!("spdk:{bdf}"));
+    attach_line(&serve.log_text());
+
+    // 1. refused
+    t.assert_refused(OTHER_HOST);
+
+    // 2. the P2P attempt got as far as registering the exported doorbell page
+    let a = t.run(&serve, &["--attach-only"]);
+    eprintln!("attach on spdk: {a}");
+    assert_eq!(a["level"], "forwarded", "{a}");
+    let reason = a["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("EOPNOTSUPP"),
+        "the doorbell dma-buf was not exported from SPDK's VFIO device (or refused otherwise): {a}\n{}",
+        serve.log_text()
+    );
+    assert!(a["qid"].as_u64().unwrap_or(0) >= 1, "{a}");
+    let lba_size = a["lba_size"].as_u64().unwrap() as usize;
+
+    // 3. direct writes (pushed at QD32, polled at QD1) → standard reads: kernel, ours
+    let blocks = 1024u64;
+    let nb = blocks.to_string();
+    t.run(
+        &serve,
+        &["--fill", "61", "--lba", "0", "--blocks", &nb, "--qd", "32"],
+    );
+    t.run(
+        &serve,
+        &[
+            "--completions",
+            "polled",
+            "--fill",
+            "62",
+            "--lba",
+            "4096",
+            "--blocks",
+            &nb,
+            "--qd",
+            "1",
+        ],
+    );
+    let addr = env("NVMF_P2P_ADDR");
+    let port = t.port.to_string();
+    common::sh_ok(
+        "nvme",
+        &[
+            "connect", "-t", "rdma", "-n", t.nqn, "-a", &addr, "-s", &port, "-q", OTHER_HOST,
+        ],
+    );
+    let dev = blockdev_of(t.nqn);
+    for (seed, lba) in [(61, 0), (62, 4096)] {
+        assert!(
+            dd_read(&dev, lba, blocks, lba_size) == expected(seed, lba, blocks, lba_size),
+            "direct-written blocks at {lba} differ through the kernel initiator"
+        );
+        assert!(
+            t.ours_io(lba, blocks, lba_size, None) == expected(seed, lba, blocks, lba_size),
+            "direct-written blocks at {lba} differ through our initiator"
+        );
+    }
+
+    // 4. standard writes (kernel, ours) → direct reads (pushed, polled)
+    dd_write(&dev, 8192, &expected(63, 8192, blocks, lba_size), lba_size);
+    t.ours_io(
+        12288,
+        blocks,
+        lba_size,
+        Some(&expected(64, 12288, blocks, lba_size)),
+    );
+    common::sh_ok("nvme", &["disconnect", "-n", t.nqn]);
+    t.run(
+        &serve,
+        &[
+            "--check", "63", "--lba", "8192", "--blocks", &nb, "--qd", "32",
+        ],
+    );
+    t.run(
+        &serve,
+        &[
+            "--completions",
+            "polled",
+            "--check",
+            "64",
+            "--lba",
+            "12288",
+            "--blocks",
+            &nb,
+            "--qd",
+            "32",
+        ],
+    );
+
+    // 5. SPDK's controller reset under QD32 direct writes; then standard mode still
+    //    serves, and sees every block the load wrote
+    t.reset_under_load(&serve, "pushed", "65", "65536");
+    assert!(
+        t.ours_io(65536, 4096, lba_size, None) == expected(65, 65536, 4096, lba_size),
+        "blocks written by direct mode across the reset differ through our initiator after it"
+    );
+    let st = serve.stats();
+    eprintln!("direct on spdk: {}", st["direct"]);
+    assert!(st["direct"]["refused"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert!(
+        serve.child_status().is_none(),
+        "serve died:\n{}",
+        serve.log_text()
+    );
+    serve.stop();
+}

@@ -42,6 +42,7 @@ case $PRESET in
               "spdk fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "spdk-irq fio-libaio:core"
               "ours-vfio fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "ours-spdk fio-libaio,perf:core"
               "ours-direct-pushed perf,fio-engine:core" "ours-direct-polled perf,fio-engine:core"
+              "ours-spdk-direct-pushed perf:core" "ours-spdk-direct-polled perf:core"
               "local-ours perf,fio-engine:core" "local-spdk spdk_nvme_perf" "local-kernel fio-libaio")
     RXE=("ib_write_bw 4096 2000" "ib_write_bw 131072 250" "ib_write_lat 4096 500") ;;
   quick)

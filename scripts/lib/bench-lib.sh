@@ -56,11 +56,11 @@ JSON
       T_PID=$!
       wait_up $T_PID "nvme discover -t rdma -a $NVMF_P2P_ADDR -s 4420 >/dev/null 2>&1" ||
         { echo "nvmf_tgt did not come up: $(tail -3 "$OUT/$name-tgt.log")" >&2; target_down "$name"; return 1; } ;;
-    ours-vfio|ours-spdk|ours-direct-pushed|ours-direct-polled)
+    ours-vfio|ours-spdk|ours-direct-pushed|ours-direct-polled|ours-spdk-direct-pushed|ours-spdk-direct-polled)
       nvme_rebind vfio-pci || return 1
-      backend=vfio:$NVMF_P2P_BDF; [ "$name" = ours-spdk ] && backend=spdk:$NVMF_P2P_BDF
+      backend=vfio:$NVMF_P2P_BDF; [[ $name == ours-spdk* ]] && backend=spdk:$NVMF_P2P_BDF
       local direct=
-      case $name in ours-direct-*) direct="direct_hosts = [\"$DHOST\"]"; T_COMPLETIONS=${name#ours-direct-} ;; esac
+      case $name in *direct-*) direct="direct_hosts = [\"$DHOST\"]"; T_COMPLETIONS=${name##*direct-} ;; esac
       cat > "$OUT/$name.toml" <<TOML
 control_socket = "$BSOCK"
 cores = [1]

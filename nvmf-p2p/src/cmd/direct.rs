@@ -15,13 +15,13 @@ use transport::initiator::LatencyHistogram;
 use transport::nvmf_target::Target;
 
 use super::{print_json, CliError, CliResult};
-use crate::vfio_backend::VfioOpener;
+use crate::devices::Devices;
 
 /// Starts the direct-mode service when some subsystem lists `direct_hosts` and hooks it
-/// into `target`. Only `vfio:` namespaces can be attached.
+/// into `target`. `vfio:` and `spdk:` namespaces can be attached.
 pub fn start_service(
     cfg: &TargetConfig,
-    opener: &VfioOpener,
+    devices: &Devices,
     target: &Target,
 ) -> Result<Option<Arc<DirectService>>, CliError> {
     if cfg.subsystems.iter().all(|s| s.direct_hosts.is_empty()) {
@@ -32,7 +32,7 @@ pub fn start_service(
     };
     let mut subsystems = HashMap::new();
     for sub in cfg.subsystems.iter().filter(|s| !s.direct_hosts.is_empty()) {
-        subsystems.insert(sub.nqn.clone(), direct_subsystem(sub, opener));
+        subsystems.insert(sub.nqn.clone(), direct_subsystem(sub, devices));
     }
     let svc = DirectService::start(DirectConfig {
         address: l.address,
@@ -48,30 +48,29 @@ pub fn start_service(
     Ok(Some(svc))
 }
 
-/// Direct-mode settings of `sub`: its `direct_hosts` and its `vfio:` namespaces (at
-/// startup, and when a reconfiguration changes them).
-pub fn direct_subsystem(sub: &SubsystemConfig, opener: &VfioOpener) -> DirectSubsystem {
-    let devices: HashMap<String, _> = opener.devices().into_iter().collect();
+/// Direct-mode settings of `sub`: its `direct_hosts` and its `vfio:` and `spdk:`
+/// namespaces (at startup, and when a reconfiguration changes them).
+pub fn direct_subsystem(sub: &SubsystemConfig, devices: &Devices) -> DirectSubsystem {
     let mut namespaces = HashMap::new();
     for (nsid, ns) in TargetConfig::nsids(sub) {
-        if let BackendSpec::Vfio {
-            bdf,
-            nsid: dev_nsid,
-        } = &ns.backend
-        {
-            if let Some(d) = devices.get(bdf) {
-                namespaces.insert(
-                    nsid,
-                    DirectNamespace {
-                        device: d.clone(),
-                        nsid: *dev_nsid,
-                    },
-                );
-            }
+        let dev_nsid = match &ns.backend {
+            BackendSpec::Vfio { nsid, .. } => *nsid,
+            #[cfg(feature = "spdk")]
+            BackendSpec::Spdk { nsid, .. } => *nsid,
+            _ => continue,
+        };
+        if let Some(device) = devices.direct_device(&ns.backend) {
+            namespaces.insert(
+                nsid,
+                DirectNamespace {
+                    device,
+                    nsid: dev_nsid,
+                },
+            );
         }
     }
     if namespaces.is_empty() {
-        tracing::warn!(subnqn = %sub.nqn, "direct_hosts set but no vfio: namespace: direct mode cannot attach anything");
+        tracing::warn!(subnqn = %sub.nqn, "direct_hosts set but no vfio: or spdk: namespace: direct mode cannot attach anything");
     }
     DirectSubsystem {
         hosts: sub.direct_hosts.clone(),

@@ -11,6 +11,7 @@ use transport::nvmf_target::Target;
 
 use super::{CliError, CliResult};
 use crate::control::{self, Request};
+use crate::devices::Devices;
 use crate::reconfig::{Opener, Running};
 use crate::vfio_backend::VfioOpener;
 
@@ -104,13 +105,18 @@ pub fn run(a: Args) -> CliResult {
     let target = Arc::new(
         Target::with_backends(&cfg, |spec| open(spec)).map_err(|e| CliError(e.to_string()))?,
     );
-    let direct = super::direct::start_service(&cfg, &opener, &target)?;
+    let devices = Arc::new(Devices {
+        vfio: opener.clone(),
+        #[cfg(feature = "spdk")]
+        spdk: spdk.clone(),
+    });
+    let direct = super::direct::start_service(&cfg, &devices, &target)?;
     let running = Arc::new(Running::new(
         cfg.clone(),
         target.clone(),
         open.clone(),
         direct.clone(),
-        opener.clone(),
+        devices.clone(),
         Box::new(overrides),
     ));
     let (listener_control, listener_ops) =
@@ -126,7 +132,7 @@ pub fn run(a: Args) -> CliResult {
 
     let handler: control::Handler = {
         let target = target.clone();
-        let opener = opener.clone();
+        let devices = devices.clone();
         let direct = direct.clone();
         let running = running.clone();
         #[cfg(feature = "spdk")]
@@ -148,7 +154,7 @@ pub fn run(a: Args) -> CliResult {
                 Ok(super::direct::with_report(report, direct.as_deref()))
             }
             Request::ResetDevice => {
-                let done = reset_devices(&target, &opener, direct.as_deref())?;
+                let done = reset_devices(&target, &devices, direct.as_deref())?;
                 Ok(json!({ "reset": done }))
             }
             Request::SaveConfig => Ok(json!({ "config": running.config().to_toml() })),
@@ -162,11 +168,11 @@ pub fn run(a: Args) -> CliResult {
     {
         // A poll group that sees a command time out or the controller go fatal asks for
         // the same reset (on a thread of its own).
-        let opener = opener.clone();
+        let devices = devices.clone();
         let direct = direct.as_ref().map(Arc::downgrade);
         target.set_recovery(Arc::new(move |target, backend, fault| {
             let direct = direct.as_ref().and_then(|d| d.upgrade());
-            match reset_devices(target, &opener, direct.as_deref()) {
+            match reset_devices(target, &devices, direct.as_deref()) {
                 Ok(done) => tracing::warn!(backend = %backend.describe(), %fault, reset = ?done, "device reset after a fault"),
                 Err(e) => tracing::error!(backend = %backend.describe(), %fault, error = %e, "device reset after a fault failed"),
             }
@@ -396,16 +402,15 @@ const RESET_DRAIN: Duration = Duration::from_secs(2);
 /// `ctl reset-device` and the fault recovery both come here.
 fn reset_devices(
     target: &Target,
-    opener: &VfioOpener,
+    devices: &Devices,
     direct: Option<&transport::direct::target::DirectService>,
 ) -> Result<Vec<String>, String> {
     // One reset at a time (`ctl` and a fault may ask together): a second one's resume
     // would let direct queues back while the first still resets.
     static RESETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = RESETS.lock().unwrap_or_else(|p| p.into_inner());
-    let devs = opener.devices();
-    if devs.is_empty() {
-        return Err("no vfio: namespace in this target: nothing to reset".into());
+    if devices.is_empty() {
+        return Err("no vfio: or spdk: namespace in this target: nothing to reset".into());
     }
     // Drop order: the poll groups go on first, then direct attaches are allowed again.
     let _direct = super::direct::Quiesced::new(direct)?;
@@ -417,14 +422,7 @@ fn reset_devices(
         left_in_device = held.left_in_device(),
         "poll groups hold their backend I/O: resetting"
     );
-    let mut done = Vec::new();
-    for (bdf, dev) in devs {
-        dev.controller()
-            .reset_device()
-            .map_err(|e| format!("reset of {bdf} failed: {e}"))?;
-        done.push(bdf);
-    }
-    Ok(done)
+    devices.reset_all()
 }
 
 #[cfg(test)]
@@ -449,7 +447,7 @@ mod tests {
             target.clone(),
             open,
             None,
-            Arc::new(VfioOpener::new(true, true)),
+            Arc::new(Devices::none()),
             Box::new(|_: &mut TargetConfig| {}),
         ));
         start_reload_on_sighup(&running, &file).unwrap();

@@ -2,6 +2,7 @@
 //! testbed, running commands, finding the kernel initiator's block device.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod direct;
 pub mod serve;
 
 use std::path::Path;

@@ -23,7 +23,7 @@ use super::super::proto::{
 use super::super::AttachReply;
 use super::p2p::{p2p_queue, P2pRefusal};
 use super::report::{QueueIdentity, QueueReport};
-use super::{held, DirectLimits, DirectNamespace, Inner};
+use super::{held, DirectDevice, DirectLimits, DirectNamespace, Inner};
 
 const PAGE: usize = 4096;
 
@@ -257,21 +257,18 @@ pub(super) fn build(
     ns: &DirectNamespace,
     req: AttachRequest,
 ) -> Result<(Attachment, Descriptor), AttachFail> {
-    let ctrl = ns.device.controller();
-    let info = ctrl.info();
-    let nsinfo = info
-        .namespaces
-        .iter()
-        .find(|n| n.nsid == ns.nsid)
+    let ctrl = &*ns.device;
+    let (block_size, blocks) = ctrl
+        .namespace(ns.nsid)
         .ok_or(AttachFail::NoNamespace(ns.nsid))?;
-    let mqes = info.max_queue_entries.min(1024) as u16;
+    let mqes = ctrl.max_queue_entries().min(1024) as u16;
     let depth = if req.depth == 0 {
         inner.cfg.default_depth
     } else {
         req.depth
     }
     .clamp(2, mqes);
-    let max_io = info.max_transfer.min(128 * 1024);
+    let max_io = ctrl.max_transfer().min(128 * 1024);
     let pool_len = if req.pool_bytes == 0 {
         usize::from(depth) * 8192
     } else {
@@ -287,7 +284,7 @@ pub(super) fn build(
     let cq = ctrl.alloc_dma(cq_len)?;
     let pool = ctrl.alloc_dma(pool_len)?;
     let reg = |buf: &DmaBuffer, access: Access, what: &'static str| {
-        // SAFETY: `buf` is VFIO-mapped memory kept alive by the attachment (the queue
+        // SAFETY: `buf` is DMA memory of the controller's driver, kept alive by the attachment (the queue
         // pair holds the rings, `_pool` the pool) until after the MR is dropped (field
         // order of `Attachment`); the target touches it only through DmaBuffer's
         // volatile/raw-pointer accessors, never through references.
@@ -359,9 +356,9 @@ pub(super) fn build(
     d.qid = U16::new(qid);
     d.depth = U16::new(depth);
     d.nsid = U32::new(ns.nsid);
-    d.lba_size = U32::new(nsinfo.block_size);
+    d.lba_size = U32::new(block_size);
     d.max_transfer = U32::new(max_io as u32);
-    d.blocks = U64::new(nsinfo.blocks);
+    d.blocks = U64::new(blocks);
     d.sq = RemoteRegion::new(sq_mr.addr(), sq_mr.rkey());
     d.cq = RemoteRegion::new(cq_mr.addr(), cq_mr.rkey());
     match &db_mr {
@@ -389,7 +386,7 @@ pub(super) fn build(
         raw,
         pool_iova: pool.iova(),
         pool_len: pool_len as u64,
-        lba_size: nsinfo.block_size,
+        lba_size: block_size,
         _pool: pool,
         generation: ctrl.generation(),
         report: QueueReport::attached(QueueIdentity {
@@ -412,19 +409,19 @@ pub(super) fn build(
 /// A raw queue pair, with an interrupt when `irq` (falling back to a polled CQ when the
 /// controller refuses one: the poller then polls it).
 pub(super) fn create_raw(
-    ctrl: &nvme::Controller,
+    ctrl: &dyn DirectDevice,
     sq: &DmaBuffer,
     cq: &DmaBuffer,
     depth: u16,
     irq: bool,
 ) -> nvme::Result<RawQueuePair> {
     if irq {
-        match ctrl.create_raw_queue_pair_with_interrupts(sq.clone(), cq.clone(), depth) {
+        match ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth, true) {
             Ok(r) => return Ok(r),
             Err(e) => tracing::warn!(error = %e, "direct queue without interrupt: polled CQ"),
         }
     }
-    ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth)
+    ctrl.create_raw_queue_pair(sq.clone(), cq.clone(), depth, false)
 }
 
 #[cfg(test)]

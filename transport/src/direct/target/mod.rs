@@ -14,6 +14,8 @@
 //!   here first, on the caller's thread): the SQ ring, CQ ring and data pool in
 //!   VFIO-mapped memory, the NVMe I/O queue pair on them, the MRs, the descriptor; the pin
 //!   ledger ([`DirectLimits`]);
+//! - `device.rs`: [`DirectDevice`], what an attach needs from the controller, for our
+//!   driver's `vfio:` devices and (implemented in the binary) SPDK's `spdk:` ones;
 //! - `p2p.rs`: the P2P attempt (`ibv_reg_dmabuf_mr` over the byte-exact doorbell range
 //!   of the queue, the SQ in the CMB) and the typed reasons for falling back to forwarded;
 //! - `forward.rs`: one forwarded queue's SQ tail / CQ head bookkeeping — bogus tails,
@@ -39,6 +41,7 @@
 //! poller does the same for the queue concerned.
 
 mod attach;
+mod device;
 mod forward;
 mod p2p;
 mod poller;
@@ -52,7 +55,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nvme::spec::Status;
-use nvme::vfio::NvmeDevice;
 use rdma::cm::{context_for, EventChannel, Listener};
 use rdma::{CompletionChannel, CompletionQueue, ProtectionDomain};
 
@@ -63,6 +65,7 @@ use super::{AttachReply, DirectAttach};
 use crate::error::{Error, Result};
 use attach::{AttachJob, Attachment, PinLedger};
 
+pub use device::{CmbSqs, DirectDevice};
 pub(crate) use forward::tail_advance;
 pub use report::{QueueReport, ServiceReport};
 
@@ -103,8 +106,9 @@ fn held<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A namespace that direct mode may expose.
 #[derive(Clone)]
 pub struct DirectNamespace {
-    /// The backing controller (shared with the standard-mode backend).
-    pub device: Arc<NvmeDevice>,
+    /// The backing controller (shared with the standard-mode backend): ours (`vfio:`)
+    /// or SPDK's (`spdk:`).
+    pub device: Arc<dyn DirectDevice>,
     /// Namespace id on that controller.
     pub nsid: u32,
 }
@@ -114,7 +118,7 @@ pub struct DirectNamespace {
 pub struct DirectSubsystem {
     /// Host NQNs allowed to attach (the subsystem's `direct_hosts`).
     pub hosts: Vec<String>,
-    /// NVMe-oF nsid → backing namespace (only `vfio:` namespaces).
+    /// NVMe-oF nsid → backing namespace (`vfio:` and `spdk:` namespaces).
     pub namespaces: HashMap<u32, DirectNamespace>,
 }
 

@@ -12,6 +12,7 @@ use nvme::DmaBuffer;
 use rdma::{Access, MemoryRegion, ProtectionDomain};
 
 use super::attach::create_raw;
+use super::device::CmbSqs;
 use super::DirectNamespace;
 
 /// Where the P2P attempt put the SQ ring, and why not in the CMB.
@@ -25,6 +26,8 @@ pub(super) enum SqPlace {
     CmbTakesNoSqs,
     /// Host memory: the controller has no CMB.
     NoCmb,
+    /// Host memory: the CMB belongs to the controller's driver (SPDK).
+    CmbOwners,
     /// Host memory: the controller refused the queue pair with the SQ in the CMB.
     CmbRefused(nvme::Error),
 }
@@ -43,6 +46,7 @@ impl fmt::Display for SqPlace {
             SqPlace::CmbFull(e) => write!(f, "SQ in host memory ({e})"),
             SqPlace::CmbTakesNoSqs => f.write_str("SQ in host memory (the CMB does not take SQs)"),
             SqPlace::NoCmb => f.write_str("SQ in host memory (no CMB)"),
+            SqPlace::CmbOwners => f.write_str("SQ in host memory (the CMB is SPDK's)"),
             SqPlace::CmbRefused(e) => write!(f, "SQ in host memory (CMB SQ refused: {e})"),
         }
     }
@@ -138,19 +142,19 @@ pub(super) fn p2p_queue(
     sq_len: usize,
     irq: bool,
 ) -> Result<P2pQueue, Box<P2pRefusal>> {
-    let ctrl = ns.device.controller();
-    let info = ctrl.info();
+    let ctrl = &*ns.device;
     let alloc_host = || {
         ctrl.alloc_dma(sq_len)
             .map_err(|e| Box::new(P2pRefusal::SqMemory(e)))
     };
-    let (mut sq, mut place) = match info.cmb.as_ref() {
-        Some(c) if c.sqs => match ctrl.alloc_cmb(sq_len) {
+    let (mut sq, mut place) = match ctrl.cmb_sqs() {
+        CmbSqs::Yes => match ctrl.alloc_cmb(sq_len) {
             Ok(b) => (b, SqPlace::Cmb),
             Err(e) => (alloc_host()?, SqPlace::CmbFull(e)),
         },
-        Some(_) => (alloc_host()?, SqPlace::CmbTakesNoSqs),
-        None => (alloc_host()?, SqPlace::NoCmb),
+        CmbSqs::NotSqs => (alloc_host()?, SqPlace::CmbTakesNoSqs),
+        CmbSqs::NoCmb => (alloc_host()?, SqPlace::NoCmb),
+        CmbSqs::OwnersOnly => (alloc_host()?, SqPlace::CmbOwners),
     };
     sq.fill(0, sq.len(), 0).map_err(P2pRefusal::SqRing)?;
     let raw = match create_raw(ctrl, &sq, cq, depth, irq) {
@@ -173,21 +177,19 @@ pub(super) fn p2p_queue(
     };
     // The controller takes SQ tails from the shadow buffer when shadow doorbells are
     // on, so a NIC writing the MMIO doorbell would be ignored.
-    if info.shadow_doorbells_in_use {
+    if ctrl.shadow_doorbells_in_use() {
         return Err(P2pRefusal::ShadowDoorbells.into());
     }
     let access = Access::LOCAL_WRITE | Access::REMOTE_WRITE;
     let sq_mr = if place.in_cmb() {
-        let base = ctrl.cmb().map_or(0, |c| c.iova());
-        let off = sq.iova().wrapping_sub(base);
-        let fd = ns
-            .device
+        let off = ctrl.cmb_offset(&sq);
+        let fd = ctrl
             .export_cmb(off..off + sq.len() as u64)
             .map_err(P2pRefusal::CmbExport)?;
         MemoryRegion::register_dmabuf(pd, fd.as_raw_fd(), 0, sq.len(), off, access)
             .map_err(P2pRefusal::CmbSqMr)?
     } else {
-        // SAFETY: as in `attach::build`: VFIO-mapped memory that the queue pair keeps
+        // SAFETY: as in `attach::build`: the driver's DMA memory that the queue pair keeps
         // alive until after the MR (field order of `Attachment`), touched only through
         // DmaBuffer's raw accessors.
         unsafe { MemoryRegion::register(pd, sq.as_ptr(), sq.len(), access) }
@@ -245,6 +247,7 @@ mod tests {
             SqPlace::CmbFull(io_err()),
             SqPlace::CmbTakesNoSqs,
             SqPlace::NoCmb,
+            SqPlace::CmbOwners,
             SqPlace::CmbRefused(io_err()),
         ] {
             assert!(!p.in_cmb(), "{p}");
