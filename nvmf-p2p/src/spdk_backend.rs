@@ -471,9 +471,11 @@ impl SpdkController {
         let _serial = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let t0 = Instant::now();
         // SAFETY: the controller is attached; admin use is serialised by `admin` and the
         // caller keeps the I/O queue pairs idle, as spdk_nvme_ctrlr_reset requires.
         let rc = unsafe { sys::spdk_nvme_ctrlr_reset(self.ctrlr.as_ptr()) };
+        tracing::info!(bdf = %self.bdf, rc, took_ms = t0.elapsed().as_millis() as u64, "controller reset by SPDK (spdk_nvme_ctrlr_reset)");
         if rc != 0 {
             return Err(backend_err(
                 &format!("spdk:{}", self.bdf),

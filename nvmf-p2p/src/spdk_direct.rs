@@ -328,7 +328,7 @@ impl DirectDevice for SpdkDirect {
             Sqe::create_io_sq(qid, depth - 1, qid, sq_iova),
             "Create I/O SQ",
         )?;
-        tracing::debug!(bdf = %self.ctrl.bdf(), qid, depth, shadow = raw.shadow_doorbells(), "direct queue created on SPDK's controller");
+        tracing::info!(bdf = %self.ctrl.bdf(), qid, depth, shadow_doorbells = raw.shadow_doorbells(), "direct queue created on SPDK's controller");
         Ok(raw)
     }
 

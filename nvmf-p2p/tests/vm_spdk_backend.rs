@@ -193,8 +193,9 @@ fn a_bdf_spdk_cannot_claim_is_a_clear_error_at_config_load() {
 /// device (rxe then refuses the MR: `forwarded`, EOPNOTSUPP); data written by direct mode
 /// reads back through standard mode with the kernel initiator and with our initiator, and
 /// what they write reads back through direct mode (pushed and polled completions, QD1 and
-/// QD32); a device reset (SPDK's controller reset) under QD32 direct writes loses no
-/// acknowledged block, and standard mode serves on after it.
+/// QD32); a device reset (SPDK's controller reset) under QD32 direct writes, with pushed
+/// and with polled completions, loses no acknowledged block, and standard mode serves on
+/// after it.
 #[test]
 fn direct_mode_on_an_spdk_namespace() {
     use common::direct::{dd_read, dd_write, expected, DirectTarget, OTHER_HOST};
@@ -221,6 +222,18 @@ fn direct_mode_on_an_spdk_namespace() {
         serve.log_text()
     );
     assert!(a["qid"].as_u64().unwrap_or(0) >= 1, "{a}");
+    // the queue rings through SPDK's shadow doorbell pages: SPDK turned Doorbell Buffer
+    // Config on (QEMU's NVMe offers it), and a tail written only to MMIO would be ignored
+    let log = serve.log_text();
+    let created = log
+        .lines()
+        .find(|l| l.contains("direct queue created on SPDK's controller"))
+        .unwrap_or_else(|| panic!("no direct queue creation logged:\n{log}"));
+    assert!(created.contains("shadow_doorbells=true"), "{created}");
+    assert!(
+        log.contains("the CMB is SPDK's"),
+        "the SQ placement reason does not name SPDK's CMB:\n{log}"
+    );
     let lba_size = a["lba_size"].as_u64().unwrap() as usize;
 
     // 3. direct writes (pushed at QD32, polled at QD1) → standard reads: kernel, ours
@@ -299,10 +312,17 @@ fn direct_mode_on_an_spdk_namespace() {
     // 5. SPDK's controller reset under QD32 direct writes; then standard mode still
     //    serves, and sees every block the load wrote
     t.reset_under_load(&serve, "pushed", "65", "65536");
+    let log = serve.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("controller reset by SPDK") && l.contains("rc=0")),
+        "no SPDK controller reset logged:\n{log}"
+    );
     assert!(
         t.ours_io(65536, 4096, lba_size, None) == expected(65, 65536, 4096, lba_size),
         "blocks written by direct mode across the reset differ through our initiator after it"
     );
+    t.reset_under_load(&serve, "polled", "66", "65536");
     let st = serve.stats();
     eprintln!("direct on spdk: {}", st["direct"]);
     assert!(st["direct"]["refused"].as_u64().unwrap_or(0) >= 1, "{st}");
