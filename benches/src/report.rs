@@ -182,6 +182,12 @@ pub struct CriterionBench {
     pub id: String,
     /// Median time of one iteration, nanoseconds.
     pub ns_per_iter: f64,
+    /// The bounds of criterion's confidence interval of that median (95 % by default),
+    /// nanoseconds per iteration; null when the estimate had none (optional in schema /1).
+    #[serde(default)]
+    pub low_ns: Option<f64>,
+    #[serde(default)]
+    pub high_ns: Option<f64>,
     /// Elements per iteration (the bench's declared throughput), when declared.
     pub elements: Option<u64>,
     pub ns_per_element: Option<f64>,
@@ -228,8 +234,14 @@ pub fn read_criterion(dir: &Path) -> Result<Vec<CriterionBench>, ReportError> {
         throughput: Option<BTreeMap<String, u64>>,
     }
     #[derive(Deserialize)]
+    struct Interval {
+        lower_bound: f64,
+        upper_bound: f64,
+    }
+    #[derive(Deserialize)]
     struct Est {
         point_estimate: f64,
+        confidence_interval: Option<Interval>,
     }
     #[derive(Deserialize)]
     struct Estimates {
@@ -250,9 +262,12 @@ pub fn read_criterion(dir: &Path) -> Result<Vec<CriterionBench>, ReportError> {
                         .as_ref()
                         .and_then(|t| t.get("Elements").copied());
                     let ns = est.median.point_estimate;
+                    let ci = est.median.confidence_interval;
                     out.push(CriterionBench {
                         id: b.full_id,
                         ns_per_iter: ns,
+                        low_ns: ci.as_ref().map(|c| c.lower_bound),
+                        high_ns: ci.as_ref().map(|c| c.upper_bound),
                         elements,
                         ns_per_element: elements.filter(|&n| n > 0).map(|n| ns / n as f64),
                     });
@@ -570,13 +585,18 @@ fn host_tables(out: &mut String, r: &Results) {
         }
     }
     if !h.criterion.is_empty() {
-        out.push_str("\n| criterion bench (host, `bench` profile) | ns per iteration | ns per element |\n|---|---|---|\n");
+        out.push_str("\n| criterion bench (host, `bench` profile) | ns per iteration, median (confidence interval) | elements | ns per element |\n|---|---|---|---|\n");
         for c in &h.criterion {
+            let ci = match (c.low_ns, c.high_ns) {
+                (Some(l), Some(h)) => format!(" ({}–{})", num(l), num(h)),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} |",
+                "| {} | {}{ci} | {} | {} |",
                 c.id,
                 num(c.ns_per_iter),
+                c.elements.map_or("–".into(), |n| n.to_string()),
                 c.ns_per_element.map_or("–".into(), num)
             );
         }

@@ -197,6 +197,12 @@ fn check_schema(path: &Path) -> Value {
         field(c, "ns_per_iter", "number", "criterion");
         field(c, "elements", "number|null", "criterion");
         field(c, "ns_per_element", "number|null", "criterion");
+        // optional in schema /1 (results.json of runs before they were recorded lack them)
+        for k in ["low_ns", "high_ns"] {
+            if let Some(v) = c.get(k) {
+                assert!(v.is_number() || v.is_null(), "criterion.{k}: {v}");
+            }
+        }
     }
     r
 }
@@ -287,6 +293,9 @@ fn report_of_the_fixture_follows_the_schema() {
         "hot_paths/sqe_build"
     );
     assert_eq!(r["host_benches"]["criterion"][0]["ns_per_element"], 2.0);
+    // the median's confidence interval from estimates.json
+    assert_eq!(r["host_benches"]["criterion"][0]["low_ns"], 60.0);
+    assert_eq!(r["host_benches"]["criterion"][0]["high_ns"], 70.0);
 
     assert!(
         check_svgs(&out) >= 3 * 3,
@@ -306,6 +315,12 @@ fn report_of_the_fixture_follows_the_schema() {
         "ratio to the kernel target in the report:\n{md}"
     );
     assert!(md.contains("failed: target did not start"), "{md}");
+    // the timed criterion benches: median (confidence interval), elements, per element
+    assert!(md.contains("## Host-side hot paths"), "{md}");
+    assert!(
+        md.contains("| hot_paths/sqe_build | 64.0 (60.0–70.0) | 32 | 2.00 |"),
+        "criterion table in the report:\n{md}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
