@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Inside the testbed VM (called by scripts/bench): the benchmark matrix of one boot.
-#   $1 = preset (full | quick | smoke), $2 = seconds per point, $3 = rounds,
+#   $1 = preset (full | quick | smoke | demo | direct | driver | targets; docs/bench.md), $2 = seconds per point, $3 = rounds,
 #   $4 = a regex over point names TARGET/INITIATOR/WORKLOAD (. = all), $5 = the directory of
 #   the release binaries (default $NVMF_P2P_ROOT/target/release)
 # Writes $NVMF_P2P_SCRATCH/bench/points.jsonl (one JSON record per measured point, failed
@@ -53,6 +53,25 @@ case $PRESET in
   smoke)
     WORKLOADS="randread-4k-qd32"
     SESSIONS=("kernel fio-libaio" "ours-vfio perf")
+    RXE=() ;;
+  # the presets of the older per-script benches (scripts/demo, bench-direct, bench-driver,
+  # bench-targets are wrappers of scripts/bench --preset NAME)
+  demo)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("kernel fio-libaio" "ours-vfio fio-libaio")
+    RXE=() ;;
+  direct)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("kernel fio-libaio" "ours-vfio perf" "ours-direct-pushed perf" "ours-direct-polled perf"
+              "ours-spdk perf" "ours-spdk-direct-pushed perf")
+    RXE=() ;;
+  driver)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("local-ours perf" "local-spdk spdk_nvme_perf" "local-kernel fio-libaio")
+    RXE=() ;;
+  targets)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("kernel fio-libaio" "spdk fio-libaio" "spdk-irq fio-libaio" "ours-vfio fio-libaio" "ours-spdk fio-libaio")
     RXE=() ;;
   *) echo "bench-guest: unknown preset $PRESET" >&2; exit 2 ;;
 esac
