@@ -4,10 +4,10 @@
 # initiator at one point, and append one JSON record per measured point to $POINTS.
 # The record's fields are documented in docs/bench.md ("points.jsonl").
 #
-# Reused from the older per-script benches: target setup of bench-targets-guest.sh
-# (serve / nvmf_tgt configs, the nvmet helpers of guest-lib.sh), the fio engine options
-# of bench-fio-guest.sh, the perf / spdk_nvme_perf invocations of bench-driver-guest.sh
-# and bench-direct-guest.sh, and the perftest pair of bench-rdma.
+# The only copy of the bench targets' set-up: scripts/demo, bench-targets, bench-direct and
+# bench-driver are presets of scripts/bench (their own guest scripts are gone). The fio
+# engine options come from bench-fio-guest.sh, the perftest pair from bench-rdma, the nvmet
+# helpers from guest-lib.sh.
 
 BIN=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/nvmf-p2p
 ENGINE=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/libnvmf_p2p_fio.so
