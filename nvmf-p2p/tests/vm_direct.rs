@@ -240,11 +240,12 @@ fn direct_mode_end_to_end() {
     // 6. Figures (not assertions), same boot, same namespace: direct mode with pushed and
     //    with polled completions vs standard mode (our initiator, `nvmf-p2p perf`), 4 KiB
     //    random at QD1 and QD32; target process CPU per I/O; RDMA operations per I/O
-    //    (direct: counted by the host). Benchmarks are not part of scripts/test:
-    //    scripts/bench-direct sets the variable.
+    //    (direct: counted by the host). Benchmarks are not part of scripts/test: set
+    //    the variable by hand to see them; scripts/bench's ours-direct-* and
+    //    ours-spdk-direct-* targets measure the same in the benchmark matrix.
     let figures = std::env::var_os("NVMF_P2P_FIGURES").is_some();
     if !figures {
-        eprintln!("figures skipped: NVMF_P2P_FIGURES is not set (scripts/bench-direct sets it)");
+        eprintln!("figures skipped: NVMF_P2P_FIGURES is not set (the benchmark matrix, scripts/bench, has them)");
     }
     let figure_runs: &[(&str, &str)] = if figures {
         &[
