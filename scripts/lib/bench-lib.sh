@@ -188,11 +188,16 @@ norm_spdk_perf() {
 # measure TARGET INIT WORKLOAD RW BS QD ROUND SECS — run, account CPU, append the record
 measure() {
   local target=$1 init=$2 wl=$3 rw=$4 bs=$5 qd=$6 round=$7 secs=$8
-  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 err=null
+  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 err=null w0 w1
+  w0=$(date +%s.%N)
   b0=$(cpu_busy); t0=0; [ "$T_PID" != 0 ] && t0=$(proc_cpu "$T_PID")
   if init_run "$init" "$rw" "$bs" "$qd" "$secs" "$f" && [ -s "$f.norm" ]; then
     b1=$(cpu_busy); t1=0; [ "$T_PID" != 0 ] && t1=$(proc_cpu "$T_PID")
-    jq -c --arg t "$target" --arg i "$init" --arg w "$wl" --arg rw "$rw" --argjson bs "$bs" \
+    w1=$(date +%s.%N)
+    # started_s / wall_s: where a run's time goes (points.jsonl only; results.json keeps
+    # the schema's fields)
+    jq -c --argjson st "$w0" --argjson wall "$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.3f", b - a }')" \
+      --arg t "$target" --arg i "$init" --arg w "$wl" --arg rw "$rw" --argjson bs "$bs" \
       --argjson qd "$qd" --argjson r "$round" --argjson s "$secs" --argjson hz "$HZ" \
       --argjson g $((b1 - b0)) --argjson tc $((t1 - t0)) --argjson haspid "$([ "$T_PID" != 0 ] && echo true || echo false)" \
       '{phase: (if ($t | startswith("local-")) then "local" else "fabric" end), target: $t, initiator: $i,
@@ -200,7 +205,8 @@ measure() {
         round: $r, secs: $s, ok: true, error: null, iops, mib_s, ios,
         lat_us: {p50, p99, p99_9},
         target_cpu_us_per_io: (if $haspid then $tc / $hz / .ios * 1e6 else null end),
-        guest_cpu_us_per_io: ($g / $hz / .ios * 1e6), rdma_ops_per_io}' "$f.norm" >> "$POINTS"
+        guest_cpu_us_per_io: ($g / $hz / .ios * 1e6), rdma_ops_per_io,
+        started_s: $st, wall_s: $wall}' "$f.norm" >> "$POINTS"
     bsay "$target/$init/$wl round $round: $(jq -r '.iops | floor' "$f.norm") IOPS"
   else
     err=$(grep -v '^$' "$f.err" 2>/dev/null | tail -2 | tr '\n' ' ' | cut -c1-300)
