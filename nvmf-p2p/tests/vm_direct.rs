@@ -62,16 +62,7 @@ fn direct_mode_end_to_end() {
     assert_eq!(a["level"], "forwarded", "{a}");
     assert!(a["reason"].as_str().unwrap().contains("EOPNOTSUPP"), "{a}");
     let lba_size = a["lba_size"].as_u64().unwrap() as usize;
-    let st: serde_json::Value = serde_json::from_str(&sh_ok(
-        BIN,
-        &[
-            "stats",
-            "--json",
-            "--socket",
-            serve.sock().to_str().unwrap(),
-        ],
-    ))
-    .unwrap();
+    let st = serve.stats();
     assert!(st["direct"]["refused"].as_u64().unwrap() >= 1, "{st}");
 
     // 3. Direct write → kernel initiator read, with pushed and with polled completions.

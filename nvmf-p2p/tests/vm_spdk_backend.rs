@@ -258,13 +258,12 @@ fn direct_mode_on_an_spdk_namespace() {
             "1",
         ],
     );
-    let addr = env("NVMF_P2P_ADDR");
-    let port = t.port.to_string();
-    common::sh_ok(
-        "nvme",
-        &[
-            "connect", "-t", "rdma", "-n", t.nqn, "-a", &addr, "-s", &port, "-q", OTHER_HOST,
-        ],
+    let c = connect(t.nqn, t.port, OTHER_HOST);
+    assert!(
+        c.status.success(),
+        "nvme connect failed: {}\n{}",
+        String::from_utf8_lossy(&c.stderr),
+        serve.log_text()
     );
     let dev = blockdev_of(t.nqn);
     for (seed, lba) in [(61, 0), (62, 4096)] {
@@ -286,7 +285,7 @@ fn direct_mode_on_an_spdk_namespace() {
         lba_size,
         Some(&expected(64, 12288, blocks, lba_size)),
     );
-    common::sh_ok("nvme", &["disconnect", "-n", t.nqn]);
+    disconnect(t.nqn);
     t.run(
         &serve,
         &[

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::serve::{Serve, BIN};
-use super::{env, sh, sh_ok};
+use super::{env, sh};
 
 /// The host NQN on the direct-mode subsystems' `direct_hosts`.
 pub const DIRECT_HOST: &str =
@@ -130,16 +130,7 @@ impl DirectTarget {
         // Reset once the load's direct queue is up and I/O flows.
         let t0 = Instant::now();
         loop {
-            let st: serde_json::Value = serde_json::from_str(&sh_ok(
-                BIN,
-                &[
-                    "stats",
-                    "--json",
-                    "--socket",
-                    serve.sock().to_str().unwrap(),
-                ],
-            ))
-            .unwrap();
+            let st = serve.stats();
             let flowing = st["direct"]["queues"].as_array().is_some_and(|q| {
                 q.iter().any(|q| {
                     q["completions"] == completions && q["doorbells_forwarded"].as_u64() > Some(20)
@@ -154,15 +145,7 @@ impl DirectTarget {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let reset = sh_ok(
-            BIN,
-            &[
-                "ctl",
-                "--socket",
-                serve.sock().to_str().unwrap(),
-                "reset-device",
-            ],
-        );
+        let reset = serve.ctl("reset-device");
         eprintln!("reset ({completions}): {}", reset.trim());
         let out = load.wait_with_output().unwrap();
         assert!(
