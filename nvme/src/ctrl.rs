@@ -850,24 +850,7 @@ impl Controller {
     ) -> Result<RawQueuePair> {
         let s = &self.shared;
         let max = (s.cap.mqes() as u32 + 1).min(65535) as u16;
-        if depth < 2
-            || depth > max
-            || sq.len() < depth as usize * 64
-            || cq.len() < depth as usize * 16
-        {
-            return Err(Error::InvalidArgument(format!(
-                "raw queue of depth {depth} (max {max}) on rings of {} / {} bytes",
-                sq.len(),
-                cq.len()
-            )));
-        }
-        if !sq.iova().is_multiple_of(PAGE_SIZE as u64)
-            || !cq.iova().is_multiple_of(PAGE_SIZE as u64)
-        {
-            return Err(Error::InvalidArgument(
-                "raw queue rings must be page aligned".into(),
-            ));
-        }
+        RawQueuePair::check_rings(&sq, &cq, depth, max)?;
         let q = s.create_queue(sq.iova(), &cq, depth, interrupts)?;
         Ok(RawQueuePair::new(
             q,
@@ -993,14 +976,7 @@ impl Shared {
         let t = self.opts.admin_timeout;
         rec.cq.fill(0, rec.cq.len(), 0)?;
         if let Some(sh) = &self.shadow {
-            for off in [
-                spec::sq_tail_doorbell(rec.qid, self.cap.dstrd()),
-                spec::cq_head_doorbell(rec.qid, self.cap.dstrd()),
-            ] {
-                let o = off - reg::DOORBELL_BASE;
-                sh.doorbells.write_u32(o, 0)?;
-                sh.event_idx.write_u32(o, 0)?;
-            }
+            sh.clear_slots(rec.qid, self.cap.dstrd())?;
         }
         let create_cq = match rec.iv {
             Some(iv) => Sqe::create_io_cq_irq(rec.qid, rec.depth - 1, rec.cq.iova(), iv),

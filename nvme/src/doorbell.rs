@@ -25,6 +25,22 @@ pub struct ShadowPages {
     pub event_idx: DmaBuffer,
 }
 
+impl ShadowPages {
+    /// Zeroes queue `qid`'s shadow and EventIdx slots (CAP.DSTRD `dstrd`) before the
+    /// queue is created: a queue of that qid before may have left values there.
+    pub fn clear_slots(&self, qid: u16, dstrd: u8) -> Result<()> {
+        for off in [
+            spec::sq_tail_doorbell(qid, dstrd),
+            spec::cq_head_doorbell(qid, dstrd),
+        ] {
+            let o = off - reg::DOORBELL_BASE;
+            self.doorbells.write_u32(o, 0)?;
+            self.event_idx.write_u32(o, 0)?;
+        }
+        Ok(())
+    }
+}
+
 /// EventIdx rule: whether moving a doorbell from `old` to `new` must be written to MMIO,
 /// given the controller's EventIdx `event` — true when `event` lies in `[old, new)` walking
 /// forward modulo 2^16, i.e. `(new - event - 1) mod 2^16 < (new - old) mod 2^16`.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use crate::ctrl::NewQueue;
 use crate::dma::DmaBuffer;
 use crate::doorbell::DoorbellPair;
+use crate::error::{Error, Result};
 use crate::irq::EventFd;
+use crate::spec::PAGE_SIZE;
 
 /// Who created a [`RawQueuePair`]'s queues on the controller and deletes them: our driver
 /// ([`Controller::create_raw_queue_pair`](crate::Controller::create_raw_queue_pair)), or
@@ -55,6 +57,31 @@ impl RawQueuePair {
             created: q.generation,
             owner,
         }
+    }
+
+    /// Checks rings for a queue pair of `depth` entries on a controller that takes at
+    /// most `max` (CAP.MQES + 1): `sq` holds `depth` 64-byte entries, `cq` `depth` 16-byte
+    /// entries, both page aligned. Whoever creates the queues calls this first.
+    pub fn check_rings(sq: &DmaBuffer, cq: &DmaBuffer, depth: u16, max: u16) -> Result<()> {
+        if depth < 2
+            || depth > max
+            || sq.len() < depth as usize * 64
+            || cq.len() < depth as usize * 16
+        {
+            return Err(Error::InvalidArgument(format!(
+                "raw queue of depth {depth} (max {max}) on rings of {} / {} bytes",
+                sq.len(),
+                cq.len()
+            )));
+        }
+        if !sq.iova().is_multiple_of(PAGE_SIZE as u64)
+            || !cq.iova().is_multiple_of(PAGE_SIZE as u64)
+        {
+            return Err(Error::InvalidArgument(
+                "raw queue rings must be page aligned".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// A queue pair another driver created: queue `qid` of `depth` entries on the rings

@@ -691,6 +691,14 @@ pub const fn cq_head_doorbell(qid: u16, dstrd: u8) -> usize {
     reg::DOORBELL_BASE + (2 * qid as usize + 1) * (4 << dstrd)
 }
 
+/// (offset in BAR0, length) of the whole pages holding the doorbells of queues 0 to
+/// `queues` for CAP.DSTRD `dstrd` (what a dma-buf of the doorbells covers).
+pub const fn doorbell_pages(queues: u16, dstrd: u8) -> (u64, u64) {
+    let end = cq_head_doorbell(queues, dstrd) + 4;
+    let len = (end - reg::DOORBELL_BASE).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    (reg::DOORBELL_BASE as u64, len as u64)
+}
+
 macro_rules! bits {
     ($(#[$m:meta])* $name:ident : $t:ty, $shift:expr, $width:expr) => {
         $(#[$m])*

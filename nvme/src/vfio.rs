@@ -992,11 +992,7 @@ impl NvmeDevice {
     }
     /// (offset in BAR0, length) of the doorbell page(s) covering every possible queue.
     pub fn doorbell_range(&self) -> (u64, u64) {
-        let cap = self.ctrl.cap();
-        let qmax = self.ctrl.info().io_queues_granted as usize;
-        let end = spec::cq_head_doorbell(qmax as u16, cap.dstrd()) + 4;
-        let len = (end - spec::reg::DOORBELL_BASE).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        (spec::reg::DOORBELL_BASE as u64, len as u64)
+        spec::doorbell_pages(self.ctrl.info().io_queues_granted, self.ctrl.cap().dstrd())
     }
     /// Export the doorbell page of BAR0 as a dma-buf.
     pub fn export_doorbells(&self) -> Result<OwnedFd> {

@@ -29,7 +29,7 @@ use std::ptr::{null_mut, NonNull};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use nvme::spec::{self, reg, Cap, Sqe};
+use nvme::spec::{self, Cap, Sqe};
 use nvme::vfio::VfioDevice;
 use nvme::{DmaBuffer, DmaRegion, DoorbellPair, Mmio, QueueOwner, RawQueuePair, ShadowPages};
 use spdk_sys as sys;
@@ -265,20 +265,7 @@ impl DirectDevice for SpdkDirect {
             });
         }
         let max = self.max_queue_entries().min(65535) as u16;
-        let page = spec::PAGE_SIZE as u64;
-        if depth < 2
-            || depth > max
-            || sq.len() < usize::from(depth) * 64
-            || cq.len() < usize::from(depth) * 16
-            || !sq.iova().is_multiple_of(page)
-            || !cq.iova().is_multiple_of(page)
-        {
-            return Err(nvme::Error::InvalidArgument(format!(
-                "raw queue of depth {depth} (max {max}) on rings of {} / {} bytes (page aligned)",
-                sq.len(),
-                cq.len()
-            )));
-        }
+        RawQueuePair::check_rings(&sq, &cq, depth, max)?;
         let regs = self.bar0()?;
         let shadow = self.shadow_pages();
         // SAFETY: the controller is attached; SPDK's allocator is locked inside.
@@ -298,15 +285,7 @@ impl DirectDevice for SpdkDirect {
             }
         };
         if let Some(sh) = &shadow {
-            // A queue of this qid before may have left values in its slots.
-            for off in [
-                spec::sq_tail_doorbell(qid, dstrd),
-                spec::cq_head_doorbell(qid, dstrd),
-            ] {
-                let o = off - reg::DOORBELL_BASE;
-                sh.doorbells.write_u32(o, 0)?;
-                sh.event_idx.write_u32(o, 0)?;
-            }
+            sh.clear_slots(qid, dstrd)?;
         }
         cq.fill(0, cq.len(), 0)?;
         // Created before the commands: if the CQ or SQ creation fails, dropping it deletes
@@ -343,9 +322,7 @@ impl DirectDevice for SpdkDirect {
     fn doorbell_range(&self) -> (u64, u64) {
         // SAFETY: the controller is attached.
         let queues = unsafe { (*sys::spdk_nvme_ctrlr_get_opts(self.ctrl.raw())).num_io_queues };
-        let end = spec::cq_head_doorbell(queues.min(65535) as u16, self.cap().dstrd()) + 4;
-        let len = (end - reg::DOORBELL_BASE).div_ceil(spec::PAGE_SIZE) * spec::PAGE_SIZE;
-        (reg::DOORBELL_BASE as u64, len as u64)
+        spec::doorbell_pages(queues.min(65535) as u16, self.cap().dstrd())
     }
 
     fn export_doorbells(&self) -> nvme::Result<OwnedFd> {
