@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Inside the testbed VM (called by scripts/bench): the benchmark matrix of one boot.
-#   $1 = preset (full | quick | smoke | demo | direct | driver | targets; docs/bench.md), $2 = seconds per point, $3 = rounds,
+#   $1 = preset (full | quick | smoke | demo | direct | driver | targets | fio; docs/bench.md), $2 = seconds per point, $3 = rounds,
 #   $4 = a regex over point names TARGET/INITIATOR/WORKLOAD (. = all), $5 = the directory of
 #   the release binaries (default $NVMF_P2P_ROOT/target/release)
 # Writes $NVMF_P2P_SCRATCH/bench/points.jsonl (one JSON record per measured point, failed
@@ -34,21 +34,22 @@ declare -A WL=(
 ALL_WL="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 read-128k-qd8 write-128k-qd8 randrw70-4k-qd16"
 CORE_WL="randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd32"
 # sessions: "TARGET INITIATOR,INITIATOR:core,..." — one target up, its initiators in turn;
-# INITIATOR:core runs only the core workloads ($CORE_WL), the others every workload
+# INITIATOR:core runs only the core workloads ($CORE_WL), the others every workload. The
+# targets on the kernel nvme driver come first, so a round rebinds the device once.
 case $PRESET in
   full)
     WORKLOADS=$ALL_WL
-    SESSIONS=("kernel fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core"
+    SESSIONS=("local-kernel fio-libaio" "kernel fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core"
               "spdk fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "spdk-irq fio-libaio:core"
-              "ours-vfio fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core" "ours-spdk fio-libaio,perf:core"
+              "ours-vfio fio-libaio,perf:core,fio-engine:core,spdk_nvme_perf:core,fio-spdk:core" "ours-spdk fio-libaio,perf:core"
               "ours-direct-pushed perf,fio-engine:core" "ours-direct-polled perf,fio-engine:core"
               "ours-spdk-direct-pushed perf:core" "ours-spdk-direct-polled perf:core"
-              "local-ours perf,fio-engine:core" "local-spdk spdk_nvme_perf" "local-kernel fio-libaio")
+              "local-ours perf,fio-engine:core" "local-spdk spdk_nvme_perf,fio-spdk:core")
     RXE=("ib_write_bw 4096 2000" "ib_write_bw 131072 250" "ib_write_lat 4096 500") ;;
   quick)
     WORKLOADS=$CORE_WL
-    SESSIONS=("kernel fio-libaio,perf" "spdk fio-libaio" "ours-vfio fio-libaio,perf" "ours-direct-pushed perf"
-              "local-ours perf" "local-kernel fio-libaio")
+    SESSIONS=("local-kernel fio-libaio" "kernel fio-libaio,perf" "spdk fio-libaio" "ours-vfio fio-libaio,perf"
+              "ours-direct-pushed perf" "local-ours perf")
     RXE=("ib_write_bw 4096 1000" "ib_write_lat 4096 300") ;;
   smoke)
     WORKLOADS="randread-4k-qd32"
@@ -65,9 +66,14 @@ case $PRESET in
     SESSIONS=("kernel fio-libaio" "ours-vfio perf" "ours-direct-pushed perf" "ours-direct-polled perf"
               "ours-spdk perf" "ours-spdk-direct-pushed perf")
     RXE=() ;;
+  fio)
+    WORKLOADS=$CORE_WL
+    SESSIONS=("local-kernel fio-libaio" "kernel fio-libaio" "ours-vfio fio-engine,fio-spdk,fio-libaio"
+              "ours-direct-pushed fio-engine" "local-ours fio-engine" "local-spdk fio-spdk")
+    RXE=() ;;
   driver)
     WORKLOADS=$CORE_WL
-    SESSIONS=("local-ours perf" "local-spdk spdk_nvme_perf" "local-kernel fio-libaio")
+    SESSIONS=("local-kernel fio-libaio" "local-ours perf" "local-spdk spdk_nvme_perf")
     RXE=() ;;
   targets)
     WORKLOADS=$CORE_WL
@@ -109,38 +115,46 @@ jq -n --arg k "$(uname -r)" --arg fio "$(fio --version 2>/dev/null)" \
   '{guest_kernel: $k, fio: $fio, spdk: $spdk, guest_cpu: $cpu, guest_vcpus: $ncpu, guest_mem: $mem}' > "$OUT/meta.json"
 
 # ---------------------------------------------------------------- run
-K=0
-declare -A WARM   # TARGET/INIT -> 1 once warmed up (TCG translates a code path on its first run)
+# The rounds run as one sequence, every other round in reverse order ("serpentine"): each
+# round still visits every point, and the target that ends a round begins the next, so it
+# stays up (and the kernel initiator connected) across the boundary.
+SEQ=()
 for r in $(seq "$ROUNDS"); do
-  cur=
-  for p in "${PLAN[@]}" END; do
-    read -r t i w x <<< "$p"
-    # a new target: the previous one down, this one up (failures become records)
-    if [ "$t" != "$cur" ]; then
-      if [ -n "$cur" ] && [ "$cur" != rxe ]; then target_down "$cur"; fi
-      cur=$t UP=1
-      [ "$t" = END ] && break
-      if [ "$t" != rxe ] && ! target_up "$t" 2> "$OUT/$t-up.err"; then
-        UP=0; bsay "$t: could not start: $(tail -2 "$OUT/$t-up.err" | tr '\n' ' ')"
-      fi
-    fi
-    K=$((K + 1))
-    if [ "$t" = rxe ]; then
-      echo "@@bench:point $K $N rxe rxe/$i/${i#ib_}-$((w / 1024))k $r"
-      rxe_measure "$i" "$w" "$x" "$r"
-      continue
-    fi
-    read -r rw bs qd <<< "${WL[$w]}"
-    echo "@@bench:point $K $N $( [[ $t == local-* ]] && echo local || echo fabric ) $t/$i/$w $r"
-    if [ "$UP" = 0 ]; then
-      emit_failed "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS" "target did not start: $(tail -1 "$OUT/$t-up.err")"
-      continue
-    fi
-    if [ -z "${WARM[$t/$i]:-}" ]; then
-      init_run "$i" randread 4096 8 2 "$OUT/warmup" > /dev/null 2>&1; WARM[$t/$i]=1
-    fi
-    measure "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS"
-  done
+  if ((r % 2)); then for p in "${PLAN[@]}"; do SEQ+=("$r $p"); done
+  else for ((j = ${#PLAN[@]} - 1; j >= 0; j--)); do SEQ+=("$r ${PLAN[j]}"); done; fi
 done
+fast_copies /run/nvmf-p2p-bench || bsay "could not copy the tools into guest memory: they run from the 9p root"
+K=0 cur=
+declare -A WARM   # TARGET/INIT -> 1 once warmed up (TCG translates a code path on its first run)
+for p in "${SEQ[@]}" "0 END"; do
+  read -r r t i w x <<< "$p"
+  # a new target: the previous one down, this one up (failures become records)
+  if [ "$t" != "$cur" ]; then
+    if [ -n "$cur" ] && [ "$cur" != rxe ]; then target_down "$cur"; fi
+    cur=$t UP=1
+    [ "$t" = END ] && break
+    if [ "$t" != rxe ] && ! target_up "$t" 2> "$OUT/$t-up.err"; then
+      UP=0; bsay "$t: could not start: $(tail -2 "$OUT/$t-up.err" | tr '\n' ' ')"
+    fi
+  fi
+  K=$((K + 1))
+  if [ "$t" = rxe ]; then
+    echo "@@bench:point $K $N rxe rxe/$i/${i#ib_}-$((w / 1024))k $r"
+    rxe_measure "$i" "$w" "$x" "$r"
+    continue
+  fi
+  read -r rw bs qd <<< "${WL[$w]}"
+  phase=fabric; [[ $t == local-* ]] && phase=local
+  echo "@@bench:point $K $N $phase $t/$i/$w $r"
+  if [ "$UP" = 0 ]; then
+    emit_failed "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS" "target did not start: $(tail -1 "$OUT/$t-up.err")"
+    continue
+  fi
+  if [ -z "${WARM[$t/$i]:-}" ]; then
+    init_run "$i" randread 4096 8 1 "$OUT/warmup" > /dev/null 2>&1; WARM[$t/$i]=1
+  fi
+  measure "$t" "$i" "$w" "$rw" "$bs" "$qd" "$r" "$SECS"
+done
+perf_stop
 nvme_rebind vfio-pci
 echo "@@bench:done $(grep -c '"ok":true' "$POINTS") of $N points measured"

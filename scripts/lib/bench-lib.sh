@@ -5,22 +5,51 @@
 # The record's fields are documented in docs/bench.md ("points.jsonl").
 #
 # The only copy of the bench targets' set-up: scripts/demo, bench-targets, bench-direct and
-# bench-driver are presets of scripts/bench (their own guest scripts are gone). The fio
-# engine options come from bench-fio-guest.sh, the perftest pair from bench-rdma, the nvmet
-# helpers from guest-lib.sh.
+# bench-driver and bench-fio are presets of scripts/bench (their own guest scripts are
+# gone). The perftest pair and the nvmet helpers come from guest-lib.sh.
 
 BIN=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/nvmf-p2p
 ENGINE=${BENCH_BIN_DIR:-$NVMF_P2P_ROOT/target/release}/libnvmf_p2p_fio.so
 SPDK=${NVMF_P2P_SPDK:-}
+SPDK_BIN=$SPDK/build/bin
 BNQN=nqn.2026-12.io.nvmf-p2p:bench
 DHOST=nqn.2014-08.org.nvmexpress:uuid:6e766d66-7032-7000-8000-0000000000d5
 BSOCK=/run/nvmf-p2p/bench.sock   # guest-local: 9p (the shared tree) cannot hold sockets
 HZ=$(clk_tck)
-proc_cpu() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-bsay() { echo "[bench $(cut -d' ' -f1 /proc/uptime)s] $*" >&2; }
+# The per-point path runs bash builtins, the tool and one jq, nothing else: on the
+# testbed's 9p root an exec costs 0.1 s (/bin/true) to 2 s (nvmf-p2p, 49 shared
+# libraries) under TCG (FACTS.md, "Process start-up in the testbed").
+# proc_cpu PID — user+system jiffies of PID (0 for PID 0 or a process that is gone)
+proc_cpu() {
+  local st f
+  if [ "$1" = 0 ] || ! read -r st 2>/dev/null < "/proc/$1/stat"; then echo 0; return; fi
+  st=${st##*) }          # after "pid (comm) ": field 3 (state) is f[0], utime f[11], stime f[12]
+  read -ra f <<< "$st"
+  echo $((f[11] + f[12]))
+}
+bsay() { local up; read -r up _ < /proc/uptime; echo "[bench ${up}s] $*" >&2; }
+# fast_copies DIR — the bench's tools from guest memory: nvmf-p2p, the fio engine, fio, jq
+# and SPDK's nvmf_tgt and spdk_nvme_perf, with every library they link, copied once into
+# DIR (tmpfs) and found first (PATH, LD_LIBRARY_PATH, BIN, ENGINE, SPDK_BIN). The 9p root
+# reads a binary's pages again on each start; from tmpfs the loader's share of a start
+# drops by about 40 % (FACTS.md, "Process start-up in the testbed").
+fast_copies() {
+  local dir=$1 tools=("$BIN" "$ENGINE") t
+  mkdir -p "$dir/bin" "$dir/lib" || return 1
+  for t in fio jq; do tools+=("$(command -v "$t")"); done
+  for t in nvmf_tgt spdk_nvme_perf; do [ -x "$SPDK_BIN/$t" ] && tools+=("$SPDK_BIN/$t"); done
+  cp "${tools[@]}" "$dir/bin/" || return 1
+  ldd "${tools[@]}" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u | xargs cp -t "$dir/lib/" || return 1
+  BIN=$dir/bin/${BIN##*/} ENGINE=$dir/bin/${ENGINE##*/}
+  [ -x "$dir/bin/spdk_nvme_perf" ] && SPDK_BIN=$dir/bin
+  export PATH=$dir/bin:$PATH LD_LIBRARY_PATH=$dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+}
+# nap SECS — sleep without an exec: a read that times out on a pipe nobody writes
+exec {NAP_FD}<> <(:)
+nap() { read -rt "$1" -u "$NAP_FD" _ || :; }
 
 # wait_up PID CHECK — until CHECK succeeds (0) or PID dies (1), at most 120 s
-wait_up() { local pid=$1 check=$2; for _ in $(seq 600); do eval "$check" && return 0; kill -0 "$pid" 2>/dev/null || return 1; sleep 0.2; done; return 1; }
+wait_up() { local pid=$1 check=$2 k; for ((k = 0; k < 600; k++)); do eval "$check" && return 0; kill -0 "$pid" 2>/dev/null || return 1; nap 0.2; done; return 1; }
 
 # ---------------------------------------------------------------- targets
 # target_up NAME — start target NAME; sets T_PID (0 = no process: kernel, local), T_NQN,
@@ -37,7 +66,7 @@ target_up() {
       T_NQN=$BNQN-kernel
       KNQN=$T_NQN knvmet_start "$bdev" || return 1 ;;
     spdk|spdk-irq)
-      [ -x "$SPDK/build/bin/nvmf_tgt" ] || { echo "SPDK is not built (run scripts/setup)" >&2; return 1; }
+      [ -x "$SPDK_BIN/nvmf_tgt" ] || { echo "SPDK is not built (run scripts/setup)" >&2; return 1; }
       nvme_rebind vfio-pci || return 1
       cat > "$OUT/$name.json" <<JSON
 {"subsystems":[
@@ -51,7 +80,7 @@ target_up() {
 JSON
       local mode=; [ "$name" = spdk-irq ] && mode=--interrupt-mode
       # shellcheck disable=SC2086
-      "$SPDK/build/bin/nvmf_tgt" -m 0x2 -s 512 --iova-mode pa $mode -r /var/tmp/bench-spdk.sock \
+      "$SPDK_BIN/nvmf_tgt" -m 0x2 -s 512 --iova-mode pa $mode -r /var/tmp/bench-spdk.sock \
         --json "$OUT/$name.json" > "$OUT/$name-tgt.log" 2>&1 &
       T_PID=$!
       wait_up $T_PID "nvme discover -t rdma -a $NVMF_P2P_ADDR -s 4420 >/dev/null 2>&1" ||
@@ -104,17 +133,31 @@ target_down() {
     spdk|spdk-irq) [ "$T_PID" != 0 ] && { kill -INT "$T_PID" 2>/dev/null; wait "$T_PID" 2>/dev/null; } ;;
     ours-*) [ "$T_PID" != 0 ] && { kill -TERM "$T_PID" 2>/dev/null; wait "$T_PID" 2>/dev/null; } ;;
   esac
-  T_PID=0
-  nvme_rebind vfio-pci
+  T_PID=0   # the driver stays: the next target_up rebinds only when it needs the other one
 }
 
 # ---------------------------------------------------------------- initiators
+# our perf, one process for the whole boot (`perf --batch`: a run per input line, a JSON
+# line per run), so a point does not pay the binary's start-up
+# (bash sets and unsets PERF / PERF_PID itself, hence the ${...:-} below)
+perf_start() {
+  coproc PERF { exec taskset -c 0 "$BIN" perf --batch 2>> "$OUT/perf-batch.err"; }
+}
+perf_stop() { # end of input first, so it exits on its own; TERM if it does not in 5 s
+  local pid=${PERF_PID:-} wfd=${PERF[1]:-} k
+  [ -n "$pid" ] || return 0
+  [ -n "$wfd" ] && exec {wfd}>&-
+  for ((k = 0; k < 25; k++)); do kill -0 "$pid" 2>/dev/null || break; nap 0.2; done
+  kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  return 0
+}
+
 # init_run INIT RW BS QD SECS OUT — one run of initiator INIT against the target that is
-# up; writes OUT.norm, a JSON object {iops, mib_s, ios, p50, p99, p99_9, rdma_ops_per_io}
-# (null where the tool does not say). RW is a fio rw name; randrw reads 70 %.
+# up; its output goes to $(init_out INIT OUT) (point_record reads it). RW is a fio rw
+# name; randrw reads 70 %.
+init_out() { case $1 in spdk_nvme_perf) echo "$2.txt" ;; *) echo "$2.json" ;; esac; }
 init_run() {
-  local init=$1 rw=$2 bs=$3 qd=$4 secs=$5 out=$6 mix=()
-  rm -f "$out".*
+  local init=$1 rw=$2 bs=$3 qd=$4 secs=$5 out=$6 mix=() line
   case $init in
     fio-libaio)
       local dev=$T_DEV
@@ -123,9 +166,8 @@ init_run() {
         dev=$T_KDEV
       fi
       [ "$rw" = randrw ] && mix=(--rwmixread=70)
-      fio_json "$out.json" "$dev" "$rw" "$bs" "$qd" "$secs" --cpus_allowed=0 "${mix[@]}" 2>/dev/null ||
-        { mv -f "$out.json.err" "$out.err" 2>/dev/null; return 1; }
-      norm_fio "$out.json" > "$out.norm" 2>> "$out.err" ;;
+      fio_json "$out.json" "$dev" "$rw" "$bs" "$qd" "$secs" --cpus_allowed=0 "${mix[@]}" 2> "$out.err" ||
+        { cat "$out.json.err" >> "$out.err" 2>/dev/null; return 1; } ;;
     fio-engine)
       local eng=(--ioengine="external:$ENGINE" --thread=1)
       case $T_KIND/$T_COMPLETIONS in
@@ -135,8 +177,30 @@ init_run() {
       esac
       [ "$rw" = randrw ] && mix=(--rwmixread=70)
       fio --name=job --rw="$rw" --bs="$bs" --iodepth="$qd" --time_based --runtime="$secs" --size=48M \
-          --cpus_allowed=0 --output-format=json "${eng[@]}" "${mix[@]}" > "$out.json" 2> "$out.err" || return 1
-      norm_fio "$out.json" > "$out.norm" 2>> "$out.err" ;;
+          --cpus_allowed=0 --output-format=json "${eng[@]}" "${mix[@]}" > "$out.json" 2> "$out.err" ;;
+    fio-spdk)
+      # SPDK's fio plugins, preloaded as SPDK's docs run them: spdk_nvme over RDMA to a
+      # fabric target (fio splits file names at ':', so the NQN's colons are escaped), and
+      # locally spdk_bdev on an NVMe bdev (its env_context carries the testbed's
+      # --iova-mode pa, FACTS.md "SPDK"; the spdk_nvme plugin has no such option)
+      local plugin=$SPDK/build/fio/spdk_nvme eng
+      if [ "$T_KIND" = local ]; then
+        plugin=$SPDK/build/fio/spdk_bdev
+        [ -f "$OUT/spdk-bdev.json" ] || cat > "$OUT/spdk-bdev.json" <<JSON
+{"subsystems": [{"subsystem": "bdev", "config": [{"method": "bdev_nvme_attach_controller",
+  "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "$NVMF_P2P_BDF"}}]}]}
+JSON
+        eng=(--ioengine=spdk_bdev --filename=Nvme0n1 --spdk_json_conf="$OUT/spdk-bdev.json"
+             --spdk_mem=256 --env_context=--iova-mode=pa)
+      else
+        eng=(--ioengine=spdk --mem_size_mb=256
+             --filename="trtype=RDMA adrfam=IPv4 traddr=$NVMF_P2P_ADDR trsvcid=4420 subnqn=${T_NQN//:/\\:} ns=1")
+      fi
+      [ -f "$plugin" ] || { echo "SPDK's fio plugins are not built (run scripts/setup)" > "$out.err"; return 1; }
+      [ "$rw" = randrw ] && mix=(--rwmixread=70)
+      LD_PRELOAD=$plugin fio --name=job --thread=1 "${eng[@]}" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+          --time_based --runtime="$secs" --cpus_allowed=0 --output-format=json "${mix[@]}" \
+          > "$out.json" 2> "$out.err" ;;
     perf)
       local args=(-w "$rw" -o "$bs" -q "$qd" -t "$secs" --json)
       [ "$rw" = randrw ] && args+=(-M 70)
@@ -144,75 +208,93 @@ init_run() {
       else args+=(--traddr "$NVMF_P2P_ADDR" --subnqn "$T_NQN")
         [ -n "$T_COMPLETIONS" ] && args+=(--direct --hostnqn "$DHOST" --completions "$T_COMPLETIONS")
       fi
-      taskset -c 0 "$BIN" perf "${args[@]}" > "$out.json" 2> "$out.err" || return 1
-      norm_perf "$out.json" > "$out.norm" 2>> "$out.err" ;;
+      if [ -z "${PERF_PID:-}" ] || ! kill -0 "$PERF_PID" 2>/dev/null; then perf_start; fi
+      echo "${args[*]}" >&"${PERF[1]}"
+      if ! IFS= read -r -t $((secs + 120)) line <&"${PERF[0]:-0}"; then
+        echo "perf --batch gave no answer in $((secs + 120)) s (restarted for the next point)" > "$out.err"
+        perf_stop; return 1
+      fi
+      echo "$line" > "$out.json" ;;
     spdk_nvme_perf)
-      [ -x "$SPDK/build/bin/spdk_nvme_perf" ] || { echo "SPDK is not built (run scripts/setup)" > "$out.err"; return 1; }
+      [ -x "$SPDK_BIN/spdk_nvme_perf" ] || { echo "SPDK is not built (run scripts/setup)" > "$out.err"; return 1; }
       local trid="trtype:PCIe traddr:$NVMF_P2P_BDF"
       [ "$T_KIND" = fabric ] && trid="trtype:RDMA adrfam:IPv4 traddr:$NVMF_P2P_ADDR trsvcid:4420 subnqn:$T_NQN"
       [ "$rw" = randrw ] && mix=(-M 70)
-      # exit status 0 even when it attached nothing: norm_spdk_perf fails without a Total line
-      "$SPDK/build/bin/spdk_nvme_perf" -r "$trid" -q "$qd" -o "$bs" -w "$rw" "${mix[@]}" -t "$secs" \
-        -c 0x1 -s 256 --iova-mode pa -L > "$out.txt" 2> "$out.err" || return 1
-      norm_spdk_perf "$out.txt" "$secs" > "$out.norm" || { tail -3 "$out.txt" >> "$out.err"; rm -f "$out.norm"; return 1; } ;;
+      # exit status 0 even when it attached nothing: NORM_SPDK_PERF fails without a Total line
+      "$SPDK_BIN/spdk_nvme_perf" -r "$trid" -q "$qd" -o "$bs" -w "$rw" "${mix[@]}" -t "$secs" \
+        -c 0x1 -s 256 --iova-mode pa -L > "$out.txt" 2> "$out.err" ;;
     *) echo "unknown initiator $init" > "$out.err"; return 1 ;;
   esac
 }
 
-# norm_fio FILE — reads and writes summed; percentiles of reads (of writes for write-only)
-norm_fio() {
-  jq -c '.jobs[0] as $j | ($j.read.total_ios + $j.write.total_ios) as $n
-    | (if $j.read.total_ios > 0 then $j.read else $j.write end).clat_ns.percentile as $p
-    | {iops: ($j.read.iops + $j.write.iops), mib_s: (($j.read.bw_bytes + $j.write.bw_bytes) / 1048576),
-       ios: $n, p50: ($p["50.000000"] / 1000), p99: ($p["99.000000"] / 1000),
-       p99_9: (if $p["99.900000"] then $p["99.900000"] / 1000 else null end), rdma_ops_per_io: null}
-    | if .ios > 0 then . else error("no I/O") end' "$1"
-}
-norm_perf() {
-  jq -c 'if .ios > 0 and .errors == 0 then . else error("no I/O or errors") end
-    | {iops, mib_s, ios, p50: .lat_us.p50, p99: .lat_us.p99, p99_9: .lat_us.p99_9,
-       rdma_ops_per_io: (.direct.rdma_ops_per_io // null)}' "$1"
-}
-# norm_spdk_perf FILE SECS — its "Total" line and the -L summary percentiles (µs)
-norm_spdk_perf() {
-  awk -v secs="$2" '
-    /^Total/ { sub(/^[^:]*:/, ""); iops = $1; mib = $2 }
-    /^ *50\.00000% :/ { p50 = $3 + 0 } /^ *99\.00000% :/ { p99 = $3 + 0 } /^ *99\.90000% :/ { p999 = $3 + 0 }
-    function j(v) { return v == "" ? "null" : v }
-    END { if (iops == "" || iops + 0 == 0) exit 1
-          printf "{\"iops\":%s,\"mib_s\":%s,\"ios\":%d,\"p50\":%s,\"p99\":%s,\"p99_9\":%s,\"rdma_ops_per_io\":null}\n",
-            iops, mib, iops * secs, j(p50), j(p99), j(p999) }' "$1"
+# The tools' outputs, normalised by jq to {iops, mib_s, ios, p50, p99, p99_9,
+# rdma_ops_per_io} (null where a tool does not say); point_record runs one of these and the
+# record in one jq process.
+# fio: reads and writes summed; percentiles of reads (of writes for write-only)
+NORM_FIO='.jobs[0] as $j | ($j.read.total_ios + $j.write.total_ios) as $n
+  | (if $j.read.total_ios > 0 then $j.read else $j.write end).clat_ns.percentile as $p
+  | {iops: ($j.read.iops + $j.write.iops), mib_s: (($j.read.bw_bytes + $j.write.bw_bytes) / 1048576),
+     ios: $n, p50: ($p["50.000000"] / 1000), p99: ($p["99.000000"] / 1000),
+     p99_9: (if $p["99.900000"] then $p["99.900000"] / 1000 else null end), rdma_ops_per_io: null}
+  | if .ios > 0 then . else error("no I/O") end'
+# perf --batch: its JSON line, or {"error": ...}
+NORM_PERF='if .error then error(.error) elif .ios > 0 and .errors == 0 then . else error("no I/O or errors") end
+  | {iops, mib_s, ios, p50: .lat_us.p50, p99: .lat_us.p99, p99_9: .lat_us.p99_9,
+     rdma_ops_per_io: (.direct.rdma_ops_per_io // null)}'
+# spdk_nvme_perf (text, jq -R -s): its "Total" line and the -L summary percentiles (µs).
+# Its exit status is 0 even when it attached nothing: no Total line is a failure here.
+NORM_SPDK_PERF='def pct($p): [scan("(?m)^\\s*" + $p + "%\\s*:\\s*([0-9.]+)us")] | if length > 0 then last[0] | tonumber else null end;
+  ([scan("(?m)^Total[^:]*:\\s*([0-9.]+)\\s+([0-9.]+)")] | last) as $tot
+  | if $tot == null or ($tot[0] | tonumber) == 0 then error("no Total line: spdk_nvme_perf attached nothing or measured no I/O") else . end
+  | {iops: ($tot[0] | tonumber), mib_s: ($tot[1] | tonumber), ios: (($tot[0] | tonumber) * $s | floor),
+     p50: pct("50\\.00000"), p99: pct("99\\.00000"), p99_9: pct("99\\.90000"), rdma_ops_per_io: null}'
+# the point's record (fields: docs/bench.md, "points.jsonl"); started_s / wall_s: where a
+# run's time goes (points.jsonl only; results.json keeps the schema's fields)
+RECORD='{phase: (if ($t | startswith("local-")) then "local" else "fabric" end), target: $t, initiator: $i,
+    workload: $w, rw: $rw, bs: $bs, qd: $qd, read_pct: (if $rw == "randrw" then 70 else null end),
+    round: $r, secs: $s, ok: true, error: null, iops, mib_s, ios,
+    lat_us: {p50, p99, p99_9},
+    target_cpu_us_per_io: (if $haspid then $tc / $hz / .ios * 1e6 else null end),
+    guest_cpu_us_per_io: ($g / $hz / .ios * 1e6), rdma_ops_per_io,
+    started_s: $w0, wall_s: ((($w1 - $w0) * 1000 | round) / 1000)}'
+# point_record INIT FILE TARGET WORKLOAD RW BS QD ROUND SECS W0 W1 GUEST_TICKS TARGET_TICKS
+# HAS_PID — the record of one measured point on stdout (jq's error on stderr when the
+# tool's output holds no result)
+point_record() {
+  local norm raw=()
+  case $1 in
+    fio-libaio|fio-engine|fio-spdk) norm=$NORM_FIO ;;
+    perf) norm=$NORM_PERF ;;
+    spdk_nvme_perf) norm=$NORM_SPDK_PERF raw=(-R -s) ;;
+    *) echo "no normaliser for initiator $1" >&2; return 1 ;;
+  esac
+  jq -c "${raw[@]}" --arg i "$1" --arg t "$3" --arg w "$4" --arg rw "$5" --argjson bs "$6" \
+    --argjson qd "$7" --argjson r "$8" --argjson s "$9" --argjson w0 "${10}" --argjson w1 "${11}" \
+    --argjson g "${12}" --argjson tc "${13}" --argjson haspid "${14}" --argjson hz "$HZ" \
+    "$norm | $RECORD" "$2"
 }
 
 # ---------------------------------------------------------------- one point
 # measure TARGET INIT WORKLOAD RW BS QD ROUND SECS — run, account CPU, append the record
 measure() {
   local target=$1 init=$2 wl=$3 rw=$4 bs=$5 qd=$6 round=$7 secs=$8
-  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 err=null w0 w1
-  w0=$(date +%s.%N)
-  b0=$(cpu_busy); t0=0; [ "$T_PID" != 0 ] && t0=$(proc_cpu "$T_PID")
-  if init_run "$init" "$rw" "$bs" "$qd" "$secs" "$f" && [ -s "$f.norm" ]; then
-    b1=$(cpu_busy); t1=0; [ "$T_PID" != 0 ] && t1=$(proc_cpu "$T_PID")
-    w1=$(date +%s.%N)
-    # started_s / wall_s: where a run's time goes (points.jsonl only; results.json keeps
-    # the schema's fields)
-    jq -c --argjson st "$w0" --argjson wall "$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.3f", b - a }')" \
-      --arg t "$target" --arg i "$init" --arg w "$wl" --arg rw "$rw" --argjson bs "$bs" \
-      --argjson qd "$qd" --argjson r "$round" --argjson s "$secs" --argjson hz "$HZ" \
-      --argjson g $((b1 - b0)) --argjson tc $((t1 - t0)) --argjson haspid "$([ "$T_PID" != 0 ] && echo true || echo false)" \
-      '{phase: (if ($t | startswith("local-")) then "local" else "fabric" end), target: $t, initiator: $i,
-        workload: $w, rw: $rw, bs: $bs, qd: $qd, read_pct: (if $rw == "randrw" then 70 else null end),
-        round: $r, secs: $s, ok: true, error: null, iops, mib_s, ios,
-        lat_us: {p50, p99, p99_9},
-        target_cpu_us_per_io: (if $haspid then $tc / $hz / .ios * 1e6 else null end),
-        guest_cpu_us_per_io: ($g / $hz / .ios * 1e6), rdma_ops_per_io,
-        started_s: $st, wall_s: $wall}' "$f.norm" >> "$POINTS"
-    bsay "$target/$init/$wl round $round: $(jq -r '.iops | floor' "$f.norm") IOPS"
-  else
-    err=$(grep -v '^$' "$f.err" 2>/dev/null | tail -2 | tr '\n' ' ' | cut -c1-300)
-    bsay "$target/$init/$wl round $round: failed: ${err:-no result}"
-    emit_failed "$target" "$init" "$wl" "$rw" "$bs" "$qd" "$round" "$secs" "${err:-no result}"
+  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 w0 w1 rec err haspid=false
+  [ "$T_PID" != 0 ] && haspid=true
+  w0=$EPOCHREALTIME b0=$(cpu_busy) t0=$(proc_cpu "$T_PID")
+  if init_run "$init" "$rw" "$bs" "$qd" "$secs" "$f"; then
+    b1=$(cpu_busy) t1=$(proc_cpu "$T_PID") w1=$EPOCHREALTIME
+    if rec=$(point_record "$init" "$(init_out "$init" "$f")" "$target" "$wl" "$rw" "$bs" "$qd" "$round" \
+               "$secs" "$w0" "$w1" $((b1 - b0)) $((t1 - t0)) "$haspid" 2>> "$f.err"); then
+      echo "$rec" >> "$POINTS"
+      [[ $rec =~ \"iops\":([0-9]+) ]] || BASH_REMATCH=(x ?)
+      bsay "$target/$init/$wl round $round: ${BASH_REMATCH[1]} IOPS"
+      return 0
+    fi
   fi
+  err=$(grep -v '^$' "$f.err" 2>/dev/null | tail -2 | tr '\n' ' ' | cut -c1-300)
+  err=${err#jq: error (at *): }   # a normaliser's error("...") reads as the reason itself
+  bsay "$target/$init/$wl round $round: failed: ${err:-no result}"
+  emit_failed "$target" "$init" "$wl" "$rw" "$bs" "$qd" "$round" "$secs" "${err:-no result}"
 }
 emit_failed() { # TARGET INIT WORKLOAD RW BS QD ROUND SECS ERROR
   jq -nc --arg t "$1" --arg i "$2" --arg w "$3" --arg rw "$4" --argjson bs "$5" --argjson qd "$6" \

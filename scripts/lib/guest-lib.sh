@@ -82,8 +82,13 @@ kconnect() {
 }
 kdisconnect() { nvme disconnect -n "$1" >/dev/null; }
 
-# cpu_busy — busy jiffies of all CPUs so far (user+nice+system+irq+softirq+steal)
-cpu_busy() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+# cpu_busy — busy jiffies of all CPUs so far (user+nice+system+irq+softirq+steal); bash
+# builtins only: on the testbed's 9p root every exec costs 0.1-2 s (FACTS.md)
+cpu_busy() {
+  local _cpu u n s _idle _iow irq sirq st
+  read -r _cpu u n s _idle _iow irq sirq st _ < /proc/stat
+  echo $((u + n + s + irq + sirq + st))
+}
 clk_tck() { getconf CLK_TCK; }
 
 # fio_json OUT DEV RW BS QD SECS [extra fio args] — run fio, JSON to OUT

@@ -28,13 +28,13 @@ pub enum Workload {
 #[derive(clap::Args)]
 pub struct Args {
     /// Target address (NVMe-oF over RDMA).
-    #[arg(long, required_unless_present = "local", conflicts_with = "local")]
+    #[arg(long, required_unless_present_any = ["local", "batch"], conflicts_with = "local")]
     pub traddr: Option<IpAddr>,
     /// Target port.
     #[arg(long, default_value_t = 4420)]
     pub trsvcid: u16,
     /// Subsystem NQN to connect to.
-    #[arg(long, required_unless_present = "local")]
+    #[arg(long, required_unless_present_any = ["local", "batch"])]
     pub subnqn: Option<String>,
     /// Our host NQN (the same default as `nvmf-p2p direct` and the fio engine; list it
     /// in the subsystem's hosts, and direct_hosts for --direct).
@@ -80,6 +80,21 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Read runs from standard input, one per line (this command's flags, e.g.
+    /// `-w randread -q 32 -t 4 --traddr 10.0.0.1 --subnqn NQN`), and print each run's
+    /// result as one JSON line (`{"error": ...}` for a run that failed) as soon as it is
+    /// done; exits at the end of input. One process for many runs: a benchmark's point
+    /// then does not pay the binary's start-up (seconds under the testbed's TCG).
+    #[arg(long, exclusive = true)]
+    pub batch: bool,
+}
+
+/// One line of `--batch` input, parsed with the command's own flags.
+#[derive(clap::Parser)]
+#[command(name = "perf", no_binary_name = true)]
+struct BatchLine {
+    #[command(flatten)]
+    args: Args,
 }
 
 pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
@@ -255,6 +270,48 @@ impl Pattern {
 }
 
 pub fn run(a: Args) -> CliResult {
+    if a.batch {
+        return run_batch(std::io::stdin().lock(), std::io::stdout().lock());
+    }
+    let report = measure(&a)?;
+    if a.json {
+        print_json(&report)
+    } else {
+        report.print_text();
+        Ok(())
+    }
+}
+
+/// `--batch`: one run per input line, one JSON line per run; a line that does not parse
+/// or a run that fails gives `{"error": ...}` and the next line runs.
+fn run_batch(input: impl std::io::BufRead, mut out: impl std::io::Write) -> CliResult {
+    let io = |e: std::io::Error| CliError::new(format!("perf --batch: {e}"));
+    for line in input.lines() {
+        let line = line.map_err(io)?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.is_empty() {
+            continue;
+        }
+        let result = match <BatchLine as clap::Parser>::try_parse_from(words) {
+            Ok(BatchLine { args }) if args.batch => {
+                Err(CliError::new("--batch cannot be given on an input line"))
+            }
+            Ok(BatchLine { args }) => measure(&args),
+            Err(e) => Err(CliError::new(e.render().to_string().trim_end())),
+        };
+        let json = match result {
+            Ok(report) => serde_json::to_string(&report),
+            Err(CliError(e)) => serde_json::to_string(&serde_json::json!({ "error": e })),
+        }
+        .map_err(|e| CliError::new(e.to_string()))?;
+        writeln!(out, "{json}").map_err(io)?;
+        out.flush().map_err(io)?;
+    }
+    Ok(())
+}
+
+/// One run, as `--json` prints it.
+fn measure(a: &Args) -> Result<Report, CliError> {
     if a.qd == 0 {
         return Err(CliError::new("--queue-depth must be at least 1"));
     }
@@ -264,16 +321,11 @@ pub fn run(a: Args) -> CliResult {
                 "--queues applies to --traddr runs; --local uses one queue",
             ))
         }
-        Some(bdf) => run_local(bdf, &a)?,
-        None if a.direct => super::perf_direct::run(&a)?,
-        None => run_remote(&a)?,
+        Some(bdf) => run_local(bdf, a)?,
+        None if a.direct => super::perf_direct::run(a)?,
+        None => run_remote(a)?,
     };
-    if a.json {
-        print_json(&report)
-    } else {
-        report.print_text();
-        Ok(())
-    }
+    Ok(report)
 }
 
 fn terr(e: transport::Error) -> CliError {
@@ -709,6 +761,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn batch_answers_every_line_and_goes_on_after_a_bad_one() {
+        let input = "-w bogus -t 1 --local x\n\n--batch\n-q 0 -t 1 --local 0000:ff:1f.7\n";
+        let mut out = Vec::new();
+        run_batch(input.as_bytes(), &mut out).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let err = |i: usize| lines[i]["error"].as_str().unwrap_or_default().to_string();
+        assert!(err(0).contains("bogus"), "{}", err(0));
+        assert!(err(1).contains("--batch"), "{}", err(1));
+        assert!(err(2).contains("--queue-depth must be at least 1"), "{}", err(2));
+    }
+
+    #[test]
     fn sizes_parse_with_suffixes_and_reject_nonsense() {
         assert_eq!(parse_size("4k"), Ok(4096));
         assert_eq!(parse_size("128K"), Ok(128 << 10));
@@ -734,6 +803,7 @@ mod tests {
             workload: w,
             rwmixread: 70,
             secs: 1,
+            batch: false,
             no_shadow_doorbells: false,
             direct: false,
             queues: 1,
