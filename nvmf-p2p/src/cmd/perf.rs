@@ -774,7 +774,11 @@ mod tests {
         let err = |i: usize| lines[i]["error"].as_str().unwrap_or_default().to_string();
         assert!(err(0).contains("bogus"), "{}", err(0));
         assert!(err(1).contains("--batch"), "{}", err(1));
-        assert!(err(2).contains("--queue-depth must be at least 1"), "{}", err(2));
+        assert!(
+            err(2).contains("--queue-depth must be at least 1"),
+            "{}",
+            err(2)
+        );
     }
 
     #[test]
