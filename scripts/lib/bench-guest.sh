@@ -128,8 +128,10 @@ K=0 cur=
 declare -A WARM   # TARGET/INIT -> 1 once warmed up (TCG translates a code path on its first run)
 for p in "${SEQ[@]}" "0 END"; do
   read -r r t i w x <<< "$p"
-  # a new target: the previous one down, this one up (failures become records)
+  # a new target: the previous session's records written (one jq), the previous target
+  # down, this one up (failures become records)
   if [ "$t" != "$cur" ]; then
+    flush_points
     if [ -n "$cur" ] && [ "$cur" != rxe ]; then target_down "$cur"; fi
     cur=$t UP=1
     [ "$t" = END ] && break

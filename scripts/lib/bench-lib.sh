@@ -153,7 +153,7 @@ perf_stop() { # end of input first, so it exits on its own; TERM if it does not 
 }
 
 # init_run INIT RW BS QD SECS OUT — one run of initiator INIT against the target that is
-# up; its output goes to $(init_out INIT OUT) (point_record reads it). RW is a fio rw
+# up; its output goes to $(init_out INIT OUT) (flush_points reads it). RW is a fio rw
 # name; randrw reads 70 %.
 init_out() { case $1 in spdk_nvme_perf) echo "$2.txt" ;; *) echo "$2.json" ;; esac; }
 init_run() {
@@ -228,7 +228,7 @@ JSON
 }
 
 # The tools' outputs, normalised by jq to {iops, mib_s, ios, p50, p99, p99_9,
-# rdma_ops_per_io} (null where a tool does not say); point_record runs one of these and the
+# rdma_ops_per_io} (null where a tool does not say); flush_points runs them and the
 # record in one jq process.
 # fio: reads and writes summed; percentiles of reads (of writes for write-only)
 NORM_FIO='.jobs[0] as $j | ($j.read.total_ios + $j.write.total_ios) as $n
@@ -257,54 +257,77 @@ RECORD='{phase: (if ($t | startswith("local-")) then "local" else "fabric" end),
     target_cpu_us_per_io: (if $haspid then $tc / $hz / .ios * 1e6 else null end),
     guest_cpu_us_per_io: ($g / $hz / .ios * 1e6), rdma_ops_per_io,
     started_s: $w0, wall_s: ((($w1 - $w0) * 1000 | round) / 1000)}'
-# point_record INIT FILE TARGET WORKLOAD RW BS QD ROUND SECS W0 W1 GUEST_TICKS TARGET_TICKS
-# HAS_PID — the record of one measured point on stdout (jq's error on stderr when the
-# tool's output holds no result)
-point_record() {
-  local norm raw=()
-  case $1 in
-    fio-libaio|fio-engine|fio-spdk) norm=$NORM_FIO ;;
-    perf) norm=$NORM_PERF ;;
-    spdk_nvme_perf) norm=$NORM_SPDK_PERF raw=(-R -s) ;;
-    *) echo "no normaliser for initiator $1" >&2; return 1 ;;
-  esac
-  jq -c "${raw[@]}" --arg i "$1" --arg t "$3" --arg w "$4" --arg rw "$5" --argjson bs "$6" \
-    --argjson qd "$7" --argjson r "$8" --argjson s "$9" --argjson w0 "${10}" --argjson w1 "${11}" \
-    --argjson g "${12}" --argjson tc "${13}" --argjson haspid "${14}" --argjson hz "$HZ" \
-    "$norm | $RECORD" "$2"
+FAILED='{phase: (if $t == "rxe" then "rxe" elif ($t | startswith("local-")) then "local" else "fabric" end),
+    target: $t, initiator: $i, workload: $w, rw: $rw, bs: $bs, qd: $qd,
+    read_pct: (if $rw == "randrw" then 70 else null end), round: $r,
+    secs: $s, ok: false, error: $e, iops: null, mib_s: null, ios: null,
+    lat_us: {p50: null, p99: null, p99_9: null}, target_cpu_us_per_io: null,
+    guest_cpu_us_per_io: null, rdma_ops_per_io: null}'
+# One jq process turns every measured point of a target session into its record, at the
+# session's end (flush_points): a jq start costs 0.5 s under TCG, most of what a point's
+# accounting used to cost. Point K waits in PENDING as jq arguments: --rawfile oK (the
+# tool's output), --rawfile eK (its stderr) and --argjson mK (the accounting).
+FLUSH_PROG="def nfio: $NORM_FIO;
+def nperf: $NORM_PERF;
+def nspdk(\$s): $NORM_SPDK_PERF;
+def record(\$m): \$m.t as \$t | \$m.i as \$i | \$m.w as \$w | \$m.rw as \$rw | \$m.bs as \$bs | \$m.qd as \$qd
+  | \$m.r as \$r | \$m.s as \$s | \$m.w0 as \$w0 | \$m.w1 as \$w1 | \$m.g as \$g | \$m.tc as \$tc
+  | \$m.haspid as \$haspid | $RECORD;
+def failed(\$m; \$e): \$m.t as \$t | \$m.i as \$i | \$m.w as \$w | \$m.rw as \$rw | \$m.bs as \$bs | \$m.qd as \$qd
+  | \$m.r as \$r | \$m.s as \$s | $FAILED;
+\$ARGS.named as \$a
+| range(0; [\$a | keys[] | select(startswith(\"m\"))] | length) as \$k
+| \$a[\"m\\(\$k)\"] as \$m
+| try (\$a[\"o\\(\$k)\"] | if \$m.i == \"spdk_nvme_perf\" then nspdk(\$m.s) elif \$m.i == \"perf\" then fromjson | nperf
+       else fromjson | nfio end | record(\$m))
+  catch failed(\$m; ([tostring] + (\$a[\"e\\(\$k)\"] | split(\"\\n\") | map(select(length > 0)) | .[-2:]))
+                     | join(\" \") | .[0:300])"
+PENDING=() PEND_IDS=() NPEND=0   # PEND_IDS: "TARGET INIT WORKLOAD RW BS QD ROUND SECS" per point
+flush_points() {
+  local rec n=0 k
+  [ "$NPEND" -gt 0 ] || return 0
+  while IFS= read -r rec; do
+    n=$((n + 1))
+    echo "$rec" >> "$POINTS"
+    if [[ $rec =~ \"target\":\"([^\"]*)\",\"initiator\":\"([^\"]*)\",\"workload\":\"([^\"]*)\".*\"round\":([0-9]+).*\"ok\":true.*\"iops\":([0-9]+) ]]; then
+      bsay "${BASH_REMATCH[1]}/${BASH_REMATCH[2]}/${BASH_REMATCH[3]} round ${BASH_REMATCH[4]}: ${BASH_REMATCH[5]} IOPS"
+    elif [[ $rec =~ \"target\":\"([^\"]*)\",\"initiator\":\"([^\"]*)\",\"workload\":\"([^\"]*)\".*\"round\":([0-9]+).*\"error\":\"([^\"]*)\" ]]; then
+      bsay "${BASH_REMATCH[1]}/${BASH_REMATCH[2]}/${BASH_REMATCH[3]} round ${BASH_REMATCH[4]}: failed: ${BASH_REMATCH[5]}"
+    fi
+  done < <(jq -nc --argjson hz "$HZ" "${PENDING[@]}" "$FLUSH_PROG" 2>> "$OUT/flush.err")
+  # jq failing as a whole (it gives a record per point otherwise) loses no point either
+  for ((k = n; k < NPEND; k++)); do
+    # shellcheck disable=SC2086
+    emit_failed ${PEND_IDS[k]} "accounting failed: $(tail -1 "$OUT/flush.err" 2>/dev/null | cut -c1-200)"
+  done
+  PENDING=() PEND_IDS=() NPEND=0
 }
 
 # ---------------------------------------------------------------- one point
-# measure TARGET INIT WORKLOAD RW BS QD ROUND SECS — run, account CPU, append the record
+# measure TARGET INIT WORKLOAD RW BS QD ROUND SECS — run and account one point; its
+# record is written by the next flush_points (a failed run's at once, after the pending)
 measure() {
   local target=$1 init=$2 wl=$3 rw=$4 bs=$5 qd=$6 round=$7 secs=$8
-  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 w0 w1 rec err haspid=false
+  local f=$OUT/$target--$init--$wl-r$round b0 t0 b1 t1 w0 w1 err haspid=false
   [ "$T_PID" != 0 ] && haspid=true
   w0=$EPOCHREALTIME b0=$(cpu_busy) t0=$(proc_cpu "$T_PID")
   if init_run "$init" "$rw" "$bs" "$qd" "$secs" "$f"; then
     b1=$(cpu_busy) t1=$(proc_cpu "$T_PID") w1=$EPOCHREALTIME
-    if rec=$(point_record "$init" "$(init_out "$init" "$f")" "$target" "$wl" "$rw" "$bs" "$qd" "$round" \
-               "$secs" "$w0" "$w1" $((b1 - b0)) $((t1 - t0)) "$haspid" 2>> "$f.err"); then
-      echo "$rec" >> "$POINTS"
-      [[ $rec =~ \"iops\":([0-9]+) ]] || BASH_REMATCH=(x ?)
-      bsay "$target/$init/$wl round $round: ${BASH_REMATCH[1]} IOPS"
-      return 0
-    fi
+    [ -f "$f.err" ] || : > "$f.err"
+    PENDING+=(--rawfile "o$NPEND" "$(init_out "$init" "$f")" --rawfile "e$NPEND" "$f.err"
+              --argjson "m$NPEND" "{\"t\":\"$target\",\"i\":\"$init\",\"w\":\"$wl\",\"rw\":\"$rw\",\"bs\":$bs,\"qd\":$qd,\"r\":$round,\"s\":$secs,\"w0\":$w0,\"w1\":$w1,\"g\":$((b1 - b0)),\"tc\":$((t1 - t0)),\"haspid\":$haspid}")
+    PEND_IDS+=("$target $init $wl $rw $bs $qd $round $secs")
+    NPEND=$((NPEND + 1))
+    return 0
   fi
+  flush_points
   err=$(grep -v '^$' "$f.err" 2>/dev/null | tail -2 | tr '\n' ' ' | cut -c1-300)
-  err=${err#jq: error (at *): }   # a normaliser's error("...") reads as the reason itself
   bsay "$target/$init/$wl round $round: failed: ${err:-no result}"
   emit_failed "$target" "$init" "$wl" "$rw" "$bs" "$qd" "$round" "$secs" "${err:-no result}"
 }
 emit_failed() { # TARGET INIT WORKLOAD RW BS QD ROUND SECS ERROR
   jq -nc --arg t "$1" --arg i "$2" --arg w "$3" --arg rw "$4" --argjson bs "$5" --argjson qd "$6" \
-    --argjson r "$7" --argjson s "$8" --arg e "$9" \
-    '{phase: (if $t == "rxe" then "rxe" elif ($t | startswith("local-")) then "local" else "fabric" end),
-      target: $t, initiator: $i, workload: $w, rw: $rw, bs: $bs, qd: $qd,
-      read_pct: (if $rw == "randrw" then 70 else null end), round: $r,
-      secs: $s, ok: false, error: $e, iops: null, mib_s: null, ios: null,
-      lat_us: {p50: null, p99: null, p99_9: null}, target_cpu_us_per_io: null,
-      guest_cpu_us_per_io: null, rdma_ops_per_io: null}' >> "$POINTS"
+    --argjson r "$7" --argjson s "$8" --arg e "$9" "$FAILED" >> "$POINTS"
 }
 
 # ---------------------------------------------------------------- rxe ceilings (perftest)
